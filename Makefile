@@ -1,0 +1,30 @@
+# Quick start: `make run` then `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+ART    := artifacts/gemma3-270m
+PROMPT ?= The capital of France is
+
+.PHONY: venv export run test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[xla,test]"
+	touch $@
+
+$(ART)/manifest.json: $(VENV)/.installed
+	$(PY) -m compile.export --target xla --out $(ART)
+
+export: $(ART)/manifest.json
+
+run: export
+	$(PY) -m runtime.generate --artifacts $(ART) --prompt "$(PROMPT)" --max-new-tokens 48
+
+test: venv
+	$(PY) -m pytest tests -q --durations=15
+
+clean:
+	rm -rf artifacts .pytest_cache

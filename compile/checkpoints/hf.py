@@ -1,0 +1,188 @@
+"""Hugging Face checkpoints (`config.json`, `*.safetensors`, `tokenizer.model`) of Gemma 1/2/3 text.
+
+Safetensors are read by parsing the header and memory-mapping the data (bf16 included, via
+ml_dtypes), which also lets a truncated file be named exactly. HF stores linear weights [out, in].
+Gemma 1's `post_attention_layernorm` is its pre-FFN norm; in Gemma 2/3 it normalizes the attention
+output and `pre_feedforward_layernorm` is the pre-FFN norm.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..config import GLOBAL, LOCAL, GemmaConfig, _pattern, match_variant
+from . import Checkpoint, CheckpointError, check_params
+
+MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end} "
+                                  f"but the file has {size} bytes")
+        dt = np.dtype(_DTYPES[info["dtype"]])
+        out[name] = data[8 + n + begin: 8 + n + end].view(dt).reshape(info["shape"])
+    return out
+
+
+def config_from_hf(d: dict, path: Path) -> GemmaConfig:
+    mt = d.get("model_type")
+    if mt == "gemma3" and "text_config" in d:
+        d = {**d["text_config"], "model_type": "gemma3_text"}
+        mt = "gemma3_text"
+    if mt not in MODEL_TYPES:
+        raise CheckpointError(f"{path}: unsupported architecture {mt!r}; "
+                              f"supported: {', '.join(MODEL_TYPES)}")
+    family = MODEL_TYPES[mt]
+    try:
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        common = dict(family=family, vocab_size=d["vocab_size"], d_model=d["hidden_size"],
+                      num_layers=d["num_hidden_layers"], num_heads=heads,
+                      num_kv_heads=d.get("num_key_value_heads", heads), head_dim=head_dim,
+                      ffn_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
+                      query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", head_dim)))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: config.json lacks {e.args[0]}") from None
+    layers = common["num_layers"]
+    extra = {}
+    if family == 1:
+        base = float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1e4)))
+        extra.update(rope_base_global=base, rope_base_local=base)
+    else:
+        types = d.get("layer_types")
+        layer_types = (tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+                       if types else _pattern(family, layers))
+        extra.update(sliding_window=d.get("sliding_window", 4096), layer_types=layer_types,
+                     post_norms=True, attn_softcap=d.get("attn_logit_softcapping"),
+                     final_softcap=d.get("final_logit_softcapping"))
+        if family == 2:
+            base = float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1e4)))
+            extra.update(rope_base_global=base, rope_base_local=base)
+        else:
+            rp = d.get("rope_parameters") or {}
+            if "full_attention" in rp:   # transformers >= 5
+                full, slide = rp["full_attention"], rp.get("sliding_attention", {})
+            else:                         # transformers 4: flat keys
+                full = {"rope_theta": d.get("rope_theta", 1e6), **(d.get("rope_scaling") or {})}
+                slide = {"rope_theta": d.get("rope_local_base_freq", 1e4)}
+            rtype = full.get("rope_type", full.get("type", "default"))
+            if rtype not in ("default", "linear"):
+                raise CheckpointError(f"{path}: unsupported rope type {rtype!r}")
+            extra.update(qk_norm=True, rope_base_global=float(full.get("rope_theta", 1e6)),
+                         rope_base_local=float(slide.get("rope_theta", 1e4)),
+                         rope_scale_global=float(full.get("factor", 1.0)) if rtype == "linear" else 1.0)
+    cfg = GemmaConfig(name="from-hf", **common, **extra)
+    import dataclasses
+    return dataclasses.replace(cfg, name=match_variant(cfg))
+
+
+def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:
+    """(our name, kind) where kind is 'linear', 'norm' or 'embed'; None for tensors we ignore."""
+    for pre in _PREFIXES:
+        if hf_name.startswith(pre):
+            name = hf_name[len(pre):]
+            break
+    else:
+        return None
+    if name == "embed_tokens.weight":
+        return "embed", "embed"
+    if name == "norm.weight":
+        return "final_norm", "norm"
+    parts = name.split(".")
+    if parts[0] != "layers" or parts[-1] != "weight":
+        return None
+    i, rest = parts[1], ".".join(parts[2:-1])
+    table = {
+        "self_attn.q_proj": ("q_proj", "linear"), "self_attn.k_proj": ("k_proj", "linear"),
+        "self_attn.v_proj": ("v_proj", "linear"), "self_attn.o_proj": ("o_proj", "linear"),
+        "mlp.gate_proj": ("gate_proj", "linear"), "mlp.up_proj": ("up_proj", "linear"),
+        "mlp.down_proj": ("down_proj", "linear"), "input_layernorm": ("attn_norm", "norm"),
+        "self_attn.q_norm": ("q_norm", "norm"), "self_attn.k_norm": ("k_norm", "norm"),
+        "pre_feedforward_layernorm": ("ffn_norm", "norm"),
+        "post_feedforward_layernorm": ("post_ffn_norm", "norm"),
+        "post_attention_layernorm": ("ffn_norm" if cfg.family == 1 else "post_attn_norm", "norm"),
+    }
+    if rest not in table:
+        return None
+    ours, kind = table[rest]
+    return f"layers.{i}.{ours}", kind
+
+
+def load_hf(path: Path, progress=None) -> Checkpoint:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = config_from_hf(json.loads(cfg_file.read_text()), cfg_file)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weight files")
+    params = {}
+    bar = progress(total=len(files), desc="load safetensors", unit="file") if progress else None
+    for f in files:
+        for hf_name, w in read_safetensors(f).items():
+            mapped = _hf_to_ours(cfg, hf_name)
+            if mapped is None:
+                continue
+            ours, kind = mapped
+            w = np.asarray(w, dtype=np.float32)
+            params[ours] = np.ascontiguousarray(w.T) if kind == "linear" else w
+            if kind == "embed" and w.shape[0] > cfg.vocab_size:
+                raise CheckpointError(f"{f}: embedding has {w.shape[0]} rows, vocab is "
+                                      f"{cfg.vocab_size}")
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    check_params(cfg, params, path)
+    tok_file = path / "tokenizer.model"
+    if not tok_file.exists():
+        raise CheckpointError(f"{path}: no tokenizer.model (SentencePiece) file")
+    model_bytes = tok_file.read_bytes()
+    special = _special_ids(model_bytes, tok_file)
+    return Checkpoint(cfg, params, model_bytes, special, source={"format": "hf", "path": str(path)})
+
+
+def _special_ids(model_bytes: bytes, tok_file: Path) -> dict[str, int]:
+    from sentencepiece import sentencepiece_model_pb2 as spm
+    from .. import tokenizer as tok
+    m = spm.ModelProto()
+    try:
+        m.ParseFromString(model_bytes)
+    except Exception as e:
+        raise CheckpointError(f"{tok_file}: not a SentencePiece model: {e}") from e
+    t = m.trainer_spec
+    try:
+        return tok.special_ids([p.piece for p in m.pieces], bos_id=t.bos_id, eos_id=t.eos_id,
+                               pad_id=t.pad_id, unk_id=t.unk_id)
+    except ValueError as e:
+        raise CheckpointError(f"{tok_file}: {e}") from e

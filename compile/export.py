@@ -1,0 +1,257 @@
+"""`python -m compile.export`: checkpoint -> traced signatures -> artifacts + manifest.
+
+The export is staged in a hidden sibling directory and published only after every target passed
+its parity check, so an interrupted or failed export never leaves a directory that looks complete.
+Exporting more targets into an existing directory of the same model and contract adds them to its
+manifest (replacing the same target's older artifact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoints, targets
+from . import signatures as sg
+from .checkpoints import Checkpoint, CheckpointError
+from .config import get_variant
+from .model import init_params
+from .tokenizer import tiny_tokenizer
+
+SCHEMA_VERSION = 1
+PARITY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew to the Moon; "
+               "they returned safely. Gemma models are lightweight, open models built from the same "
+               "research as Gemini. Water boils at 100 degrees Celsius at sea level. ")
+PARITY_DECODE_STEPS = 8
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def random_checkpoint(variant: str, seed: int = 0) -> Checkpoint:
+    """Random weights for a registry variant (meant for `-tiny` ones) with a tiny tokenizer."""
+    cfg = get_variant(variant)
+    if cfg.num_params() > 2_000_000_000:
+        raise CheckpointError(f"refusing to make {cfg.num_params():,} random parameters for "
+                              f"{variant}; use a -tiny variant")
+    model_bytes, special = tiny_tokenizer(cfg.vocab_size)
+    if cfg.vocab_size > 512:
+        raise CheckpointError("random checkpoints need a tiny vocabulary (use a -tiny variant)")
+    return Checkpoint(cfg, init_params(cfg, seed), model_bytes, special,
+                      source={"format": "random", "variant": variant, "seed": seed})
+
+
+def load_checkpoint(spec: str | None, progress=None) -> Checkpoint:
+    if spec and spec.startswith("random:"):
+        return random_checkpoint(spec.split(":", 1)[1])
+    return checkpoints.load(spec, progress=progress)
+
+
+def parity_tokens(contract: sg.Contract, encode, bos: int) -> tuple[np.ndarray, int]:
+    """A fixed text's ids long enough for two prefill chunks plus decode steps, and where the
+    decoded part starts."""
+    lengths = contract.prefill_lengths
+    prefill = min(lengths[-1] + max(1, lengths[0] // 2), contract.max_context - PARITY_DECODE_STEPS)
+    total = prefill + PARITY_DECODE_STEPS
+    ids = [bos]
+    text_ids = encode(PARITY_TEXT)
+    while len(ids) < total:
+        ids += text_ids
+    ids = np.asarray(ids[:total], np.int32) % contract.config.vocab_size
+    return ids, prefill
+
+
+def _file_record(root: Path, rel: str) -> dict:
+    from runtime.manifest import sha256_file
+    p = root / rel
+    return {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+def _manifest(ck: Checkpoint, contract: sg.Contract, tokenizer_file: str, tok_sha: str) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"variant": ck.config.name, "config": ck.config.to_dict(), "source": ck.source},
+        "tokenizer": {"file": tokenizer_file, "sha256": tok_sha, **ck.special_ids},
+        "signatures": contract.to_manifest(),
+        "artifacts": {},
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def export(ck: Checkpoint, contract: sg.Contract, target_names: list[str], out: Path,
+           options: dict | None = None, progress=None, log=print) -> dict:
+    """Writes (or adds to) the artifact directory `out`; returns its manifest."""
+    import jax
+    from runtime.manifest import sha256_file
+
+    options = dict(options or {})
+    mods = [targets.get(t) for t in target_names]
+    out = Path(out)
+    existing = None
+    if (out / "manifest.json").exists():
+        existing = json.loads((out / "manifest.json").read_text())
+        if existing.get("model", {}).get("config") != ck.config.to_dict() or \
+                existing.get("signatures") != contract.to_manifest():
+            raise ExportError(f"{out} holds artifacts of a different model or signature set; "
+                              f"choose another --out or delete it")
+    elif out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists, is not empty and has no manifest.json; "
+                          f"choose another --out or delete it")
+
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        (stage / "tokenizer.model").write_bytes(ck.tokenizer_model)
+        manifest = _manifest(ck, contract, "tokenizer.model", sha256_file(stage / "tokenizer.model"))
+        t0 = time.perf_counter()
+        traced = _trace(contract, ck.params, progress)
+        log(f"traced {len(traced)} signatures in {time.perf_counter() - t0:.1f}s")
+        for mod in mods:
+            t0 = time.perf_counter()
+            record = mod.write(traced, ck.params, stage / mod.NAME, options, progress)
+            record["files"] = {role: _file_record(stage, f"{mod.NAME}/{rel}")
+                               for role, rel in record["files"].items()}
+            manifest["artifacts"][mod.NAME] = {
+                "target": mod.NAME, "dir": mod.NAME, **record,
+                "export_s": round(time.perf_counter() - t0, 2),
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            log(f"wrote {mod.NAME} artifact in {time.perf_counter() - t0:.1f}s")
+        _write_json(stage / "manifest.json", manifest)
+        _check_parity(ck, contract, stage, manifest, mods, progress, log)
+        _write_json(stage / "manifest.json", manifest)
+        return _publish(stage, out, manifest, existing, [m.NAME for m in mods])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _trace(contract, params, progress):
+    from . import trace
+    return trace.trace(contract, params, progress=progress)
+
+
+def _check_parity(ck, contract, stage: Path, manifest: dict, mods, progress, log) -> None:
+    import runtime
+    from . import trace
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_proto=ck.tokenizer_model)
+    tokens, start = parity_tokens(contract, sp.encode, ck.special_ids["bos"])
+    ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
+    failures = []
+    for mod in mods:
+        gen = runtime.load(stage, target=mod.NAME)
+        got = gen.logits(tokens, start=start)
+        figures = {
+            "tokens": int(len(tokens)), "prefill_tokens": int(start),
+            "decode_steps": int(len(tokens) - start),
+            "max_abs_diff": float(np.max(np.abs(got - ref))),
+            "max_abs_ref": float(np.max(np.abs(ref))),
+            "max_rel_diff": float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-6)),
+            "mean_abs_diff": float(np.mean(np.abs(got - ref))),
+            "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+            "tolerance": mod.PARITY,
+        }
+        manifest["artifacts"][mod.NAME]["parity"] = figures
+        log(f"parity {mod.NAME}: max |diff| {figures['max_abs_diff']:.2e}, "
+            f"top-1 agreement {figures['top1_agreement']:.0%} over {figures['decode_steps']} "
+            f"decode steps after {start} prefill tokens")
+        if figures["max_rel_diff"] > mod.PARITY["max_rel_diff"] or \
+                figures["top1_agreement"] < mod.PARITY["min_top1"]:
+            failures.append(f"{mod.NAME}: max |diff| {figures['max_abs_diff']:.3g} = "
+                            f"{figures['max_rel_diff']:.3g} of max |logit| (limit "
+                            f"{mod.PARITY['max_rel_diff']}), top-1 agreement "
+                            f"{figures['top1_agreement']:.2f} (minimum {mod.PARITY['min_top1']})")
+    if failures:
+        raise ExportError("artifact parity check failed against the JAX reference: "
+                          + "; ".join(failures))
+
+
+def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, names) -> dict:
+    if existing is None:
+        if out.exists():
+            out.rmdir()   # empty, checked above
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage, out)
+        return manifest
+    # Merge into an existing directory: move new target dirs in, then replace the manifest last.
+    merged = dict(existing)
+    merged["artifacts"] = {**existing.get("artifacts", {}), **manifest["artifacts"]}
+    for name in names:
+        old = out / name
+        trash = out / f".{name}.old-{os.getpid()}"
+        if old.exists():
+            os.replace(old, trash)
+        os.replace(stage / name, old)
+        shutil.rmtree(trash, ignore_errors=True)
+    shutil.copy2(stage / "tokenizer.model", out / "tokenizer.model")
+    _write_json(out / "manifest.json", merged)
+    return merged
+
+
+def _parse_lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compile.export",
+                                description="Compile a Gemma checkpoint ahead of time.")
+    p.add_argument("--target", action="append", default=None,
+                   help=f"target to build, repeatable or comma-separated: "
+                        f"{', '.join(targets.AVAILABLE)}, or all (default: xla)")
+    p.add_argument("--checkpoint", default=None,
+                   help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M); "
+                        "random:VARIANT-tiny makes random weights for testing")
+    p.add_argument("--out", default=None, help="artifact directory (default: artifacts/<variant>)")
+    p.add_argument("--prefill-lengths", type=_parse_lengths, default=sg.DEFAULT_PREFILL_LENGTHS,
+                   help="static prefill lengths, comma-separated (default: 32,128,512)")
+    p.add_argument("--max-context", type=int, default=sg.DEFAULT_MAX_CONTEXT,
+                   help="KV cache length (default: 2048)")
+    args = p.parse_args(argv)
+
+    try:
+        names = []
+        for t in args.target or ["xla"]:
+            names += [x.strip() for x in t.split(",") if x.strip()]
+        names = list(targets.AVAILABLE) if "all" in names else list(dict.fromkeys(names))
+        for n in names:
+            targets.get(n)
+        from tqdm import tqdm
+        t0 = time.perf_counter()
+        ck = load_checkpoint(args.checkpoint, progress=tqdm)
+        print(f"loaded {ck.config.name} ({ck.config.num_params() / 1e6:.0f}M parameters) from "
+              f"{ck.source.get('path', ck.source.get('format'))} in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
+        contract = sg.Contract(ck.config, args.prefill_lengths, args.max_context)
+        out = Path(args.out or f"artifacts/{ck.config.name}")
+        manifest = export(ck, contract, names, out, progress=tqdm,
+                          log=lambda m: print(m, file=sys.stderr))
+    except (CheckpointError, ExportError, ValueError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    total = sum(f["bytes"] for n in names for f in manifest["artifacts"][n]["files"].values())
+    print(f"exported {ck.config.name} [{', '.join(names)}] to {out}/ "
+          f"({total / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s): "
+          f"signatures {', '.join(s['name'] for s in manifest['signatures']['entries'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""XLA target: jax.export-serialized StableHLO per signature, for cpu, cuda and tpu.
+
+Files: `weights.safetensors` (the flat params, stored once) and `{signature}.jaxexport` for each
+signature. The exported functions take `(weights, inputs)` as traced, so the runtime feeds the
+weights it loaded once to every signature. The modules run on any platform listed in the manifest;
+JAX compiles them on load (deviceless TPU executables are a separate target).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jaxlib
+from safetensors.numpy import save_file
+
+NAME = "xla"
+# fp32 end to end: only summation order differs from the reference (max |diff| / max |logit|).
+PARITY = {"max_rel_diff": 2e-4, "min_top1": 1.0}
+
+
+def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"weights": "weights.safetensors"}
+    bar = progress(total=len(traced) + 1, desc="write xla", unit="file") if progress else None
+    save_file(dict(params), str(out_dir / files["weights"]))
+    if bar:
+        bar.update()
+    platforms = None
+    for name, t in traced.items():
+        (out_dir / f"{name}.jaxexport").write_bytes(t.exported.serialize())
+        files[name] = f"{name}.jaxexport"
+        platforms = list(t.exported.platforms)
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    return {"files": files, "platforms": platforms, "quantization": "none",
+            "weights_dtype": str(next(iter(params.values())).dtype),
+            "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                         "serialization": traced[next(iter(traced))].exported.calling_convention_version}}

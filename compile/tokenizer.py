@@ -1,0 +1,86 @@
+"""SentencePiece tokenizer models for the artifact directory.
+
+GGUF files carry the vocabulary (pieces, scores, types) but no SentencePiece file: we rebuild a
+`ModelProto` from it (BPE, byte fallback, identity normalizer, no dummy prefix, whitespace escaped as
+U+2581), which tokenizes as llama.cpp does. GGUF marks every special token CONTROL, `<unk>` included;
+SentencePiece refuses a model without an UNKNOWN piece, so the unk id is retyped UNKNOWN.
+GGUF spells USER_DEFINED pieces (Gemma's whitespace runs) with raw spaces; llama.cpp matches them in
+the raw text, SentencePiece matches user-defined pieces after escaping whitespace, so their spaces
+are written as U+2581 for the same result.
+"""
+
+from __future__ import annotations
+
+from sentencepiece import sentencepiece_model_pb2 as spm
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+
+
+def build_sentencepiece(pieces, scores, types, *, bos_id, eos_id, pad_id, unk_id) -> bytes:
+    m = spm.ModelProto()
+    t = m.trainer_spec
+    t.model_type = spm.TrainerSpec.BPE
+    t.vocab_size = len(pieces)
+    t.byte_fallback = True
+    t.bos_id, t.eos_id, t.pad_id, t.unk_id = bos_id, eos_id, pad_id, unk_id
+    n = m.normalizer_spec
+    n.name = "identity"
+    n.add_dummy_prefix = False
+    n.remove_extra_whitespaces = False
+    n.escape_whitespaces = True
+    for i, (piece, score, typ) in enumerate(zip(pieces, scores, types)):
+        p = m.pieces.add()
+        p.piece = piece.replace(" ", "\u2581") if typ == USER_DEFINED else piece
+        p.score = float(score)
+        p.type = UNKNOWN if i == unk_id else int(typ)
+    return m.SerializeToString()
+
+
+def special_ids(pieces, *, bos_id, eos_id, pad_id, unk_id) -> dict[str, int]:
+    index = {p: i for i, p in enumerate(pieces) if p in (START_OF_TURN, END_OF_TURN)}
+    missing = [p for p in (START_OF_TURN, END_OF_TURN) if p not in index]
+    if missing:
+        raise ValueError(f"tokenizer has no {', '.join(missing)} piece: not a Gemma vocabulary")
+    return {"bos": bos_id, "eos": eos_id, "pad": pad_id, "unk": unk_id,
+            "start_of_turn": index[START_OF_TURN], "end_of_turn": index[END_OF_TURN]}
+
+
+def sentencepiece_from_gguf(reader) -> tuple[bytes, dict[str, int]]:
+    f = reader.fields
+
+    def scalar(key, default):
+        return int(f[key].contents()) if key in f else default
+
+    pieces = f["tokenizer.ggml.tokens"].contents()
+    scores = f["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in f else [0.0] * len(pieces)
+    types = f["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in f else [NORMAL] * len(pieces)
+    ids = dict(bos_id=scalar("tokenizer.ggml.bos_token_id", 2),
+               eos_id=scalar("tokenizer.ggml.eos_token_id", 1),
+               pad_id=scalar("tokenizer.ggml.padding_token_id", 0),
+               unk_id=scalar("tokenizer.ggml.unknown_token_id", 3))
+    return build_sentencepiece(pieces, scores, types, **ids), special_ids(pieces, **ids)
+
+
+def tiny_tokenizer(vocab_size: int) -> tuple[bytes, dict[str, int]]:
+    """A small byte-fallback BPE vocabulary with Gemma's special pieces, for tiny test models."""
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", START_OF_TURN, END_OF_TURN]
+    types = [CONTROL] * len(pieces)
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    types += [BYTE] * 256
+    chars = "▁etaoinshrdlcumwfgypbvkjxqzETAOINSHRDLCUMWFGYPBVKJXQZ0123456789.,!?'\n"
+    merges = ["▁t", "th", "▁th", "he", "▁the", "in", "er", "an", "re", "on", "▁a", "en", "at", "ou",
+              "ed", "nd", "▁o", "▁w", "is", "it", "▁s", "▁c", "es", "or", "▁f", "▁b", "▁p", "al"]
+    normal = list(chars) + merges
+    normal = normal[: vocab_size - len(pieces)]
+    pieces += normal
+    types += [NORMAL] * len(normal)
+    while len(pieces) < vocab_size:
+        pieces.append(f"<unused{len(pieces)}>")
+        types.append(UNUSED)
+    scores = [0.0] * len(pieces)
+    for rank, i in enumerate(range(262, len(pieces))):
+        scores[i] = -float(rank) if types[i] == NORMAL else 0.0
+    ids = dict(bos_id=2, eos_id=1, pad_id=0, unk_id=3)
+    return build_sentencepiece(pieces, scores, types, **ids), special_ids(pieces, **ids)

@@ -1,0 +1,26 @@
+"""gemma-aot runtime: loads an artifact directory and generates. Never imports `compile`:
+`manifest.json` is the whole contract.
+
+    import runtime
+    gen = runtime.load("artifacts/gemma3-270m")          # target="auto"
+    print(gen.generate("The capital of France is", max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .generator import ContextOverflowError, Generator
+from .manifest import ArtifactError, Manifest
+from .tokenizer import Tokenizer
+
+__all__ = ["load", "Generator", "Tokenizer", "Manifest", "ArtifactError", "ContextOverflowError"]
+
+
+def load(artifact_dir: str | Path, target: str = "auto") -> Generator:
+    from . import backends
+    manifest = Manifest.read(artifact_dir)
+    chosen = backends.choose(manifest, target)
+    tok = manifest.tokenizer
+    tokenizer = Tokenizer(manifest.path(tok["file"]), tok)
+    return Generator(backends.open_backend(manifest, chosen), manifest, tokenizer)

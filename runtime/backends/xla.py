@@ -1,0 +1,62 @@
+"""Runs the XLA artifact (jax.export StableHLO) with JAX on the default device (CPU, CUDA or TPU).
+
+Weights are put on the device once; the KV cache stays on the device between calls and its input
+buffers are donated, so XLA can update them in place rather than copy the cache every token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TARGET = "xla"
+
+
+class XlaBackend:
+    target = TARGET
+
+    def __init__(self, manifest, record: dict):
+        import jax
+        import jax.numpy as jnp
+        from jax import export
+        from safetensors.numpy import load_file
+
+        self._jax, self._jnp = jax, jnp
+        files = record["files"]
+        self.platform = jax.default_backend()
+        if self.platform not in record.get("platforms", []):
+            raise RuntimeError(f"the xla artifact was exported for {record.get('platforms')}, "
+                               f"this machine's JAX platform is {self.platform}")
+        weights = load_file(str(manifest.path(files["weights"]["path"])))
+        self.weights = jax.device_put(weights)
+        self._fns = {}
+        for s in manifest.signatures:
+            exp = export.deserialize(bytearray(manifest.path(files[s["name"]]["path"]).read_bytes()))
+            self._fns[s["name"]] = jax.jit(_with_inputs(exp), donate_argnums=(1,))
+        decode = manifest.signature("decode")
+        self._kv = [(t["name"], tuple(t["shape"]), t["dtype"]) for t in decode["inputs"]
+                    if t["name"].startswith("kv_cache_")]
+
+    def new_state(self):
+        jnp = self._jnp
+        return {name: jnp.zeros(shape, dtype) for name, shape, dtype in self._kv}
+
+    def _run(self, name, tokens, start, state):
+        jnp = self._jnp
+        n = tokens.shape[0]
+        out = self._fns[name](self.weights, state, jnp.asarray(tokens.reshape(1, n), jnp.int32),
+                              jnp.arange(start, start + n, dtype=jnp.int32))
+        return out, {k: out[k] for k, _, _ in self._kv}
+
+    def prefill(self, signature, tokens, start, state):
+        return self._run(signature, np.asarray(tokens, np.int32), start, state)[1]
+
+    def decode(self, token, pos, state):
+        out, state = self._run("decode", np.array([token], np.int32), pos, state)
+        return np.asarray(out["logits"][0, 0]), state
+
+
+def _with_inputs(exp):
+    """Split the KV state from the per-call inputs so only the cache buffers are donated."""
+    def call(weights, state, tokens, input_pos):
+        return exp.call(weights, {**state, "tokens": tokens, "input_pos": input_pos})
+    return call

@@ -1,0 +1,49 @@
+"""`python -m runtime.generate`: stream a completion to stdout, speed to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.generate",
+                                description="Generate text from a gemma-aot artifact directory.")
+    p.add_argument("--artifacts", required=True, help="artifact directory (has manifest.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
+    p.add_argument("--target", default="auto", help="artifact to run (default: auto)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+
+    import runtime
+    try:
+        gen = runtime.load(args.artifacts, target=args.target)
+        print(f"[{gen.manifest.variant} on {gen.target}]", file=sys.stderr)
+        for piece in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, chat=args.chat):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except (runtime.ArtifactError, ValueError, TypeError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    sys.stdout.write("\n")
+    s = gen.last_stats
+    prefill = s["prompt_tokens"] / s["prefill_s"] if s.get("prefill_s") else 0.0
+    decode = (s["generated_tokens"] - 1) / s["decode_s"] if s.get("decode_s") and \
+        s["generated_tokens"] > 1 else 0.0
+    print(f"prompt {s['prompt_tokens']} tokens, {prefill:.1f} tok/s prefill (incl. compile on "
+          f"first use); generated {s['generated_tokens']} tokens, {decode:.1f} tok/s decode; "
+          f"finish: {s['finish_reason']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The generation loop: chunked prefill, decode, sampling, stop tokens, streaming.
+
+Prefill covers every prompt token but the last, in chunks over the exported prefill lengths (the
+largest that fits first, the final remainder padded into the smallest length that holds it); the
+last prompt token goes through `decode`, whose logits give the first new token. A chunk never
+reaches past the cache end (writes there would be clamped onto valid slots); near the end of the
+context the remainder is decoded token by token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+
+from . import sampling
+from .backends.base import Backend
+from .manifest import Manifest
+from .tokenizer import Tokenizer
+
+
+class ContextOverflowError(ValueError):
+    pass
+
+
+def plan_chunks(start: int, count: int, lengths: list[int], max_context: int
+                ) -> list[tuple[int, int]]:
+    """Split `count` tokens from position `start` into (bucket length, real tokens) chunks;
+    bucket length 1 means a decode step."""
+    plan, pos, left = [], start, count
+    while left > 0:
+        fits = [n for n in lengths if pos + n <= max_context]
+        covering = [n for n in fits if n >= left]
+        if covering:
+            plan.append((min(covering), left))
+        elif fits:
+            plan.append((max(fits), max(fits)))
+        else:
+            plan.append((1, 1))
+        pos += plan[-1][1]
+        left -= plan[-1][1]
+    return plan
+
+
+class Generator:
+    def __init__(self, backend: Backend, manifest: Manifest, tokenizer: Tokenizer):
+        self.backend = backend
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.max_context = manifest.max_context
+        self.prefill_lengths = manifest.prefill_lengths
+        self.stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
+        self.last_stats: dict = {}
+
+    @property
+    def target(self) -> str:
+        return self.backend.target
+
+    def __repr__(self):
+        return f"Generator(variant={self.manifest.variant!r}, target={self.target!r})"
+
+    # -- cache filling ------------------------------------------------------------------------
+
+    def _fill(self, ids: list[int], state, start: int = 0):
+        """Run ids through the cache from position `start` without logits; returns the state."""
+        pos = start
+        for bucket, real in plan_chunks(start, len(ids), self.prefill_lengths, self.max_context):
+            chunk = ids[pos - start: pos - start + real]
+            if bucket == 1:
+                _, state = self.backend.decode(chunk[0], pos, state)
+            else:
+                tokens = np.full(bucket, self.tokenizer.pad_id, np.int32)
+                tokens[:real] = chunk
+                state = self.backend.prefill(f"prefill_{bucket}", tokens, pos, state)
+            pos += real
+        return state
+
+    def logits(self, token_ids, start: int = 0) -> np.ndarray:
+        """Logits [T - start, V] for positions start..T-1 of token_ids: tokens before `start` go
+        through chunked prefill, the rest through decode one at a time."""
+        ids = [int(t) for t in token_ids]
+        if not 0 <= start < len(ids):
+            raise ValueError(f"start must be in [0, {len(ids)}), got {start}")
+        self._check_fits(len(ids), 0)
+        state = self._fill(ids[:start], self.backend.new_state())
+        rows = []
+        for pos in range(start, len(ids)):
+            row, state = self.backend.decode(ids[pos], pos, state)
+            rows.append(row)
+        return np.stack(rows)
+
+    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if prompt_len + max_new_tokens > self.max_context:
+            raise ContextOverflowError(
+                f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                f"model's max context of {self.max_context} tokens")
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def stream_ids(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None) -> Iterator[int]:
+        sampling.validate(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        ids = [int(t) for t in prompt_ids]
+        self._check_fits(len(ids), max_new_tokens)
+        rng = np.random.default_rng(seed)
+        stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "finish_reason": "length"}
+        self.last_stats = stats
+        t0 = time.perf_counter()
+        state = self._fill(ids[:-1], self.backend.new_state())
+        logits, state = self.backend.decode(ids[-1], len(ids) - 1, state)
+        t1 = time.perf_counter()
+        stats["prefill_s"] = t1 - t0
+        pos = len(ids)
+        for n in range(max_new_tokens):
+            token = sampling.sample(logits, temperature, top_k, top_p, rng)
+            if token in self.stop_ids:
+                stats["finish_reason"] = "stop"
+                break
+            stats["generated_tokens"] = n + 1
+            yield token
+            if n + 1 == max_new_tokens:
+                break
+            logits, state = self.backend.decode(token, pos, state)
+            pos += 1
+        stats["decode_s"] = time.perf_counter() - t1
+
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """Yields text pieces as they become complete characters."""
+        prompt_ids = self.tokenizer.prompt_ids(prompt, chat=chat)
+        out: list[int] = []
+        emitted = ""
+        for token in self.stream_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed):
+            out.append(token)
+            text = self.tokenizer.decode(out)
+            if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for its other bytes
+                continue
+            if len(text) > len(emitted) and text.startswith(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        text = self.tokenizer.decode(out)
+        if text != emitted and text.startswith(emitted):
+            yield text[len(emitted):]
+
+    def generate(self, prompt, **kwargs) -> str:
+        return "".join(self.stream(prompt, **kwargs))

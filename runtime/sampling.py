@@ -1,0 +1,40 @@
+"""Host-side sampling over one logits vector (numpy). temperature 0 is greedy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def validate(temperature, top_k, top_p) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        k = min(top_k, z.size)
+        kth = np.partition(z, -k)[-k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]   # smallest set with mass >= top_p
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(rng.choice(p.size, p=p))

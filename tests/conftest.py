@@ -1,0 +1,50 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_LENGTHS = (4, 8)
+TINY_CONTEXT = 64
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real: runs the real Gemma 3 270M model (slow)")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """name -> artifact dir, exported through the real CLI path (export()) for a few variants."""
+    from compile import export as ex
+    from compile import signatures as sg
+    cache = {}
+
+    def get(variant: str) -> Path:
+        if variant not in cache:
+            ck = ex.random_checkpoint(variant)
+            out = tmp_path_factory.mktemp("art") / variant
+            ex.export(ck, sg.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT), ["xla"], out,
+                      log=lambda m: None)
+            cache[variant] = out
+        return cache[variant]
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    from compile.checkpoints import default_checkpoint
+    return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def real_artifacts(tmp_path_factory, real_gguf) -> Path:
+    from compile import checkpoints, export as ex
+    from compile import signatures as sg
+    ck = checkpoints.load(real_gguf)
+    out = tmp_path_factory.mktemp("real") / "gemma3-270m"
+    ex.export(ck, sg.Contract(ck.config), ["xla"], out, log=lambda m: None)
+    return out

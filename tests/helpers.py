@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny Hugging Face checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compile.config import LOCAL, GemmaConfig
+from compile.tokenizer import tiny_tokenizer
+
+# One tiny config per architecture switch: Gemma 1 with one KV head and with full heads, Gemma 2,
+# Gemma 3 without and with the x8 global RoPE scaling, Gemma 3 27B's query scale.
+TINY_VARIANTS = ["gemma-2b-tiny", "gemma-7b-tiny", "gemma2-2b-tiny", "gemma2-27b-tiny",
+                 "gemma3-270m-tiny", "gemma3-4b-tiny"]
+
+
+def hf_config(cfg: GemmaConfig):
+    import transformers as tf
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                  intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                  head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                  hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1,
+                  pad_token_id=0, max_position_embeddings=4096)
+    types = ["sliding_attention" if cfg.layer_type(i) == LOCAL else "full_attention"
+             for i in range(cfg.num_layers)]
+    if cfg.family == 1:
+        return tf.GemmaConfig(**common, rope_parameters={"rope_type": "default",
+                                                         "rope_theta": cfg.rope_base_global})
+    if cfg.family == 2:
+        return tf.Gemma2Config(**common, query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
+                               sliding_window=cfg.sliding_window, layer_types=types,
+                               attn_logit_softcapping=cfg.attn_softcap,
+                               final_logit_softcapping=cfg.final_softcap,
+                               rope_parameters={"rope_type": "default",
+                                                "rope_theta": cfg.rope_base_global})
+    full = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
+    if cfg.rope_scale_global != 1.0:
+        full = {"rope_type": "linear", "factor": cfg.rope_scale_global,
+                "rope_theta": cfg.rope_base_global}
+    return tf.Gemma3TextConfig(**common, query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
+                               sliding_window=cfg.sliding_window, layer_types=types,
+                               rope_parameters={"full_attention": full, "sliding_attention": {
+                                   "rope_type": "default", "rope_theta": cfg.rope_base_local}})
+
+
+def write_hf_checkpoint(cfg: GemmaConfig, path: Path, seed: int = 0):
+    """A transformers model with random weights (norm scales too), saved as an HF directory with a
+    tiny SentencePiece tokenizer. Returns the torch model in eval mode."""
+    import torch
+    import transformers as tf
+    torch.manual_seed(seed)
+    hf_cfg = hf_config(cfg)
+    cls = {1: tf.GemmaForCausalLM, 2: tf.Gemma2ForCausalLM, 3: tf.Gemma3ForCausalLM}[cfg.family]
+    hf_cfg._attn_implementation = "eager"
+    model = cls(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2)
+            elif "embed" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    model.save_pretrained(path)
+    model_bytes, _ = tiny_tokenizer(cfg.vocab_size)
+    (Path(path) / "tokenizer.model").write_bytes(model_bytes)
+    return model

@@ -1,0 +1,136 @@
+"""Bad inputs get specific errors, and the CLIs print them without a traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import runtime
+from compile import checkpoints
+from compile.checkpoints import CheckpointError
+from conftest import ROOT
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_missing_checkpoint():
+    with pytest.raises(CheckpointError, match="checkpoint not found: /nonexistent/model.gguf"):
+        checkpoints.load("/nonexistent/model.gguf")
+
+
+def test_truncated_gguf(real_gguf, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    with open(real_gguf, "rb") as f:
+        bad.write_bytes(f.read(50_000_000))
+    with pytest.raises(CheckpointError, match=r"cut\.gguf: truncated: tensor \S+ ends at byte"):
+        checkpoints.load(bad)
+    tiny = tmp_path / "header.gguf"
+    tiny.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(CheckpointError, match="header.gguf: not a readable GGUF file"):
+        checkpoints.load(tiny)
+
+
+def test_unknown_architecture_gguf(tmp_path):
+    import gguf
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="llama.gguf: unsupported architecture 'llama'; "
+                                              "supported: gemma, gemma2, gemma3"):
+        checkpoints.load(path)
+
+
+def test_hf_directory_errors(tmp_path):
+    import json
+    from compile.config import get_variant
+    from helpers import write_hf_checkpoint
+    d = tmp_path / "m"
+    write_hf_checkpoint(get_variant("gemma-2b-tiny"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'llama'"):
+        checkpoints.load(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    with pytest.raises(CheckpointError, match=r"tensor for layers\.0\.gate_proj has shape "
+                                              r"\(64, 128\), expected \(64, 96\)"):
+        checkpoints.load(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor \S+ ends"):
+        checkpoints.load(d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weight files"):
+        checkpoints.load(d)
+
+
+def test_prompt_over_max_context(tiny_artifacts):
+    gen = runtime.load(tiny_artifacts("gemma3-270m-tiny"))
+    with pytest.raises(runtime.ContextOverflowError, match="max context of 64 tokens"):
+        gen.generate("the " * 80, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -1.0}, "temperature must be"),
+    ({"temperature": 0.7, "top_p": 2.0}, "top_p must be"),
+    ({"temperature": 0.7, "top_k": -3}, "top_k must be"),
+])
+def test_invalid_sampling_values(tiny_artifacts, kwargs, message):
+    gen = runtime.load(tiny_artifacts("gemma3-270m-tiny"))
+    with pytest.raises(ValueError, match=message):
+        gen.generate("the", max_new_tokens=2, **kwargs)
+
+
+def test_missing_artifact_dir_and_target(tiny_artifacts, tmp_path):
+    with pytest.raises(runtime.ArtifactError, match="artifact directory not found"):
+        runtime.load(tmp_path / "nothing")
+    with pytest.raises(runtime.ArtifactError, match="has no manifest.json"):
+        runtime.load(tmp_path)
+    with pytest.raises(runtime.ArtifactError, match=r"no 'onnx' artifact \(have: xla\)"):
+        runtime.load(tiny_artifacts("gemma-2b-tiny"), target="onnx")
+
+
+def test_clis_report_errors_without_traceback(tiny_artifacts, tmp_path):
+    art = str(tiny_artifacts("gemma3-270m-tiny"))
+    cases = [
+        (["-m", "compile.export", "--checkpoint", "/nonexistent.gguf", "--out", str(tmp_path / "o")],
+         "error: checkpoint not found: /nonexistent.gguf"),
+        (["-m", "compile.export", "--checkpoint", "random:gemma3-270m-tiny", "--target", "coreml",
+          "--out", str(tmp_path / "o")], "error: unknown target 'coreml'; available: xla"),
+        (["-m", "runtime.generate", "--artifacts", art, "--prompt", "the " * 80],
+         "tokens + max_new_tokens 128 exceeds the model's max context of 64"),
+        (["-m", "runtime.generate", "--artifacts", art, "--prompt", "x", "--top-p", "0"],
+         "error: top_p must be in (0, 1]"),
+        (["-m", "runtime.generate", "--artifacts", str(tmp_path), "--prompt", "x"],
+         "has no manifest.json"),
+    ]
+    for args, message in cases:
+        r = _cli(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_export_and_generate(tmp_path):
+    out = tmp_path / "tiny"
+    r = _cli("-m", "compile.export", "--checkpoint", "random:gemma-7b-tiny", "--out", str(out),
+             "--prefill-lengths", "4,8", "--max-context", "32")
+    assert r.returncode == 0, r.stderr
+    assert f"exported gemma-7b-tiny [xla] to {out}/" in r.stdout
+    assert "parity xla: max |diff|" in r.stderr
+    r = _cli("-m", "runtime.generate", "--artifacts", str(out), "--prompt", "the cat",
+             "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s decode" in r.stderr and "[gemma-7b-tiny on xla]" in r.stderr
+    gen = runtime.load(out)
+    assert r.stdout.rstrip("\n") == gen.generate("the cat", max_new_tokens=5)

@@ -1,0 +1,111 @@
+"""Level 1: exact small-array checks of the building blocks and the runtime's bookkeeping."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compile import model
+from compile import signatures as sg
+from compile.config import VARIANTS, get_variant
+from runtime import sampling
+from runtime.generator import plan_chunks
+
+
+def test_rms_norm_scales_by_one_plus_weight():
+    x = np.array([[3.0, 4.0]], np.float32)
+    w = np.array([0.0, 1.0], np.float32)
+    rms = np.sqrt((9 + 16) / 2)
+    got = np.asarray(model.rms_norm(jnp.asarray(x), jnp.asarray(w), 0.0))
+    np.testing.assert_allclose(got, [[3 / rms, 2 * 4 / rms]], rtol=1e-6)
+
+
+def test_rope_rotates_halves():
+    # H = 4: pairs (x0, x2) rotate at frequency 1, (x1, x3) at base**-0.5.
+    x = jnp.asarray(np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(1, 1, 1, 4))
+    pos = jnp.asarray([2], jnp.int32)
+    got = np.asarray(model.rope(x, pos, base=100.0, scale=1.0)).ravel()
+    a0, a1 = 2.0, 2.0 / 10.0
+    want = [1 * np.cos(a0) - 3 * np.sin(a0), 2 * np.cos(a1) - 4 * np.sin(a1),
+            3 * np.cos(a0) + 1 * np.sin(a0), 4 * np.cos(a1) + 2 * np.sin(a1)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    scaled = np.asarray(model.rope(x, jnp.asarray([16], jnp.int32), base=100.0, scale=8.0)).ravel()
+    np.testing.assert_allclose(scaled, got, rtol=1e-6)   # linear scaling divides the position
+
+
+def test_registry_dimensions():
+    assert VARIANTS["gemma-2b"].num_kv_heads == 1
+    assert VARIANTS["gemma-7b"].num_kv_heads == VARIANTS["gemma-7b"].num_heads
+    g2 = VARIANTS["gemma2-9b"]
+    assert (g2.attn_softcap, g2.final_softcap, g2.sliding_window) == (50.0, 30.0, 4096)
+    assert g2.layer_types[:2] == ("local", "global")
+    assert VARIANTS["gemma2-27b"].query_pre_attn_scalar == 4608 / 32
+    g3 = VARIANTS["gemma3-270m"]
+    assert g3.layer_types[:6] == ("local",) * 5 + ("global",)
+    assert (g3.rope_base_local, g3.rope_base_global, g3.sliding_window) == (1e4, 1e6, 512)
+    assert VARIANTS["gemma3-4b"].rope_scale_global == 8.0
+    assert VARIANTS["gemma3-4b"].sliding_window == 1024
+    assert 250e6 < g3.num_params() < 290e6
+    assert 2.4e9 < VARIANTS["gemma-2b"].num_params() < 2.6e9
+    with pytest.raises(KeyError, match="unknown Gemma variant 'gemma4'"):
+        get_variant("gemma4")
+
+
+def test_contract_shapes_and_names():
+    c = sg.Contract(get_variant("gemma3-270m"))
+    names = [s.name for s in c.signatures()]
+    assert names == ["prefill_32", "prefill_128", "prefill_512", "decode"]
+    dec = c.signature("decode")
+    shapes = {t.name: t.shape for t in dec.inputs}
+    assert shapes["tokens"] == (1, 1) and shapes["input_pos"] == (1,)
+    assert shapes["kv_cache_k_0"] == (1, 1, 2048, 256)
+    assert shapes["kv_cache_v_17"] == (1, 1, 256, 2048)
+    assert [t.name for t in dec.outputs][0] == "logits"
+    assert "logits" not in [t.name for t in c.signature("prefill_32").outputs]
+    with pytest.raises(ValueError, match="exceeds max context"):
+        sg.Contract(get_variant("gemma3-270m"), (32, 4096), 2048)
+
+
+@pytest.mark.parametrize("start,count,want", [
+    (0, 0, []),
+    (0, 3, [(4, 3)]),
+    (0, 8, [(8, 8)]),
+    (0, 13, [(8, 8), (8, 5)]),
+    (0, 20, [(8, 8), (8, 8), (4, 4)]),
+    (58, 5, [(4, 4), (1, 1)]),    # near the end of a 64-slot cache: never past it
+    (62, 2, [(1, 1), (1, 1)]),
+])
+def test_plan_chunks(start, count, want):
+    plan = plan_chunks(start, count, [4, 8], 64)
+    assert plan == want
+    assert sum(r for _, r in plan) == count
+    pos = start
+    for n, real in plan:
+        assert pos + n <= 64
+        pos += real
+
+
+def test_sampling_greedy_and_filters():
+    logits = np.array([0.0, 3.0, 2.9, -1.0])
+    assert sampling.sample(logits) == 1
+    rng = np.random.default_rng(0)
+    draws = {sampling.sample(logits, 1.0, top_k=2, rng=rng) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sampling.sample(logits, 1.0, top_p=0.3, rng=rng) for _ in range(50)}
+    assert draws == {1}
+    a = [sampling.sample(logits, 0.8, seed_rng, None, np.random.default_rng(7))
+         for seed_rng in [None] * 5]
+    b = [sampling.sample(logits, 0.8, None, None, np.random.default_rng(7)) for _ in range(5)]
+    assert a == b
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-0.5, top_k=None, top_p=None), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan"), top_k=None, top_p=None), "temperature must be"),
+    (dict(temperature=1.0, top_k=-1, top_p=None), "top_k must be an integer >= 0"),
+    (dict(temperature=1.0, top_k=2.5, top_p=None), "top_k must be an integer"),
+    (dict(temperature=1.0, top_k=None, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_k=None, top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_sampling_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sampling.validate(**kwargs)

@@ -1,0 +1,91 @@
+"""Level 2: every XLA artifact reproduces the JAX reference; the manifest is complete and exact."""
+
+import json
+
+import numpy as np
+import pytest
+
+import runtime
+from compile import checkpoints, export as ex, trace
+from compile import signatures as sg
+from compile.config import get_variant
+from helpers import TINY_VARIANTS
+from runtime.manifest import sha256_file
+
+
+@pytest.mark.parametrize("variant", ["gemma-2b-tiny", "gemma2-2b-tiny", "gemma3-270m-tiny"])
+def test_artifact_logits_match_reference(tiny_artifacts, variant):
+    out = tiny_artifacts(variant)
+    gen = runtime.load(out)
+    assert gen.target == "xla"
+    ck = ex.random_checkpoint(variant)
+    contract = sg.Contract(ck.config, (4, 8), 64)
+    tokens = np.random.default_rng(5).integers(0, ck.config.vocab_size, 40).astype(np.int32)
+    want = trace.reference_logits(contract, ck.params, tokens)
+    got = gen.logits(tokens, start=21)             # prefill 21 = 8 + 8 + 8 (5 real), decode 19
+    np.testing.assert_allclose(got, want[21:], atol=5e-5, rtol=0)
+    np.testing.assert_allclose(gen.logits(tokens[:6]), want[:6], atol=5e-5, rtol=0)
+
+
+def test_manifest_records_files_parity_and_contract(tiny_artifacts):
+    out = tiny_artifacts("gemma3-270m-tiny")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["schema_version"] == 1
+    assert m["model"]["variant"] == "gemma3-270m-tiny"
+    assert m["model"]["config"] == get_variant("gemma3-270m-tiny").to_dict()
+    assert m["tokenizer"]["file"] == "tokenizer.model"
+    assert {m["tokenizer"][k] for k in ("bos", "eos", "end_of_turn")} == {2, 1, 5}
+    assert [s["name"] for s in m["signatures"]["entries"]] == ["prefill_4", "prefill_8", "decode"]
+    assert m["signatures"]["kv_layout"] == {"k": "BKSH", "v": "BKHS"}
+    art = m["artifacts"]["xla"]
+    assert set(art["platforms"]) == {"cpu", "cuda", "tpu"}
+    assert set(art["files"]) == {"weights", "prefill_4", "prefill_8", "decode"}
+    for f in art["files"].values():
+        p = out / f["path"]
+        assert p.stat().st_size == f["bytes"] and sha256_file(p) == f["sha256"]
+    parity = art["parity"]
+    assert parity["prefill_tokens"] > 8 and parity["decode_steps"] > 0   # chunks and decode
+    assert parity["top1_agreement"] == 1.0 and parity["max_rel_diff"] < 2e-4
+    # weights are stored once, not inside each serialized module
+    sizes = {role: f["bytes"] for role, f in art["files"].items()}
+    assert all(sizes["weights"] > 5 * sizes[s] for s in sizes if s != "weights")
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    ck = ex.random_checkpoint("gemma-2b-tiny")
+    out = tmp_path / "art"
+    from compile.targets import xla
+    monkeypatch.setitem(xla.PARITY, "max_rel_diff", -1.0)   # no artifact can pass
+    with pytest.raises(ex.ExportError, match="parity check failed"):
+        ex.export(ck, sg.Contract(ck.config, (4,), 32), ["xla"], out, log=lambda m: None)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_adds_to_existing_directory_and_refuses_other_models(tmp_path):
+    ck = ex.random_checkpoint("gemma-2b-tiny")
+    contract = sg.Contract(ck.config, (4,), 32)
+    out = tmp_path / "art"
+    ex.export(ck, contract, ["xla"], out, log=lambda m: None)
+    first = json.loads((out / "manifest.json").read_text())
+    ex.export(ck, contract, ["xla"], out, log=lambda m: None)   # re-export replaces in place
+    second = json.loads((out / "manifest.json").read_text())
+    assert set(second["artifacts"]) == {"xla"}
+    assert second["artifacts"]["xla"]["files"].keys() == first["artifacts"]["xla"]["files"].keys()
+    assert second["artifacts"]["xla"]["created"] >= first["artifacts"]["xla"]["created"]
+    assert runtime.load(out).logits([2, 7, 9]).shape == (3, ck.config.vocab_size)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.model", "xla"]
+    other = ex.random_checkpoint("gemma3-270m-tiny")
+    with pytest.raises(ex.ExportError, match="different model"):
+        ex.export(other, sg.Contract(other.config, (4,), 32), ["xla"], out, log=lambda m: None)
+
+
+def test_truncated_artifact_file_is_refused(tiny_artifacts, tmp_path):
+    import shutil
+    src = tiny_artifacts("gemma-2b-tiny")
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    w = out / "xla" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(runtime.ArtifactError, match="truncated or replaced"):
+        runtime.load(out)
