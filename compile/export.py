@@ -250,6 +250,10 @@ def main(argv=None) -> int:
     print(f"exported {ck.config.name} [{', '.join(names)}] to {out}/ "
           f"({total / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s): "
           f"signatures {', '.join(s['name'] for s in manifest['signatures']['entries'])}")
+    for n in names:
+        for f in manifest["artifacts"][n]["files"].values():
+            print(f"  {out / f['path']}  {f['bytes'] / 1e6:.1f} MB")
+    print(f"  {out / 'manifest.json'}")
     return 0
 
 

@@ -59,7 +59,7 @@ def trace(contract: sg.Contract, params: dict, platforms=PLATFORMS, progress=Non
           ) -> dict[str, Traced]:
     wspecs = weight_specs(params)
     sigs = contract.signatures()
-    bar = progress(total=len(sigs), desc="trace", unit="signature") if progress else None
+    bar = progress(total=len(sigs), desc="trace+lower", unit="signature") if progress else None
     out = {}
     for s in sigs:
         fn = signature_fn(contract, s)

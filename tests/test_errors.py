@@ -134,3 +134,11 @@ def test_cli_export_and_generate(tmp_path):
     assert "tok/s decode" in r.stderr and "[gemma-7b-tiny on xla]" in r.stderr
     gen = runtime.load(out)
     assert r.stdout.rstrip("\n") == gen.generate("the cat", max_new_tokens=5)
+
+
+def test_runtime_never_imports_compile(tiny_artifacts):
+    code = ("import sys, runtime; g = runtime.load(sys.argv[1]); g.generate('the', max_new_tokens=2);"
+            "bad = [m for m in sys.modules if m == 'compile' or m.startswith('compile.')];"
+            "assert not bad, bad")
+    r = _cli("-c", code, str(tiny_artifacts("gemma-2b-tiny")))
+    assert r.returncode == 0, r.stderr
