@@ -5,6 +5,10 @@ target and weight file shares one naming. Linear weights are stored [in, out] an
 2-D matmuls: every target lowers those to its fastest kernel (FULLY_CONNECTED, MatMul/MatMulNBits,
 dot) without reshaping einsums.
 
+The tied embedding is `embed` [V, D]. A target that quantizes may add `embed_q` (int8 [V, D]) and
+`embed_scale` (float [V]) for the lookup, keeping `embed` for the output projection only: the two
+then live in separate buffers that its quantizer can treat independently.
+
 The KV cache is a plain value passed in and returned (layout in `signatures`). With `cache=None` the
 model attends over the given tokens only: that full forward is the reference every cached path and
 every artifact is checked against.
@@ -131,7 +135,12 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
     int k (the last k positions), None for "none".
     """
-    x = params["embed"][tokens] * jnp.asarray(cfg.embed_scale, params["embed"].dtype)  # [B, T, D]
+    if "embed_q" in params:   # int8 lookup table with per-row scales (quantized TFLite artifacts)
+        rows = params["embed_q"][tokens].astype(jnp.float32)                      # [B, T, D]
+        x = rows * params["embed_scale"][tokens][..., None]
+    else:
+        x = params["embed"][tokens]                                                # [B, T, D]
+    x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     new_cache = {} if cache is not None else None
     for i in range(cfg.num_layers):
         p = {name.split(".", 2)[2]: w for name, w in params.items()

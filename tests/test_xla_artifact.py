@@ -55,7 +55,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     ck = ex.random_checkpoint("gemma-2b-tiny")
     out = tmp_path / "art"
     from compile.targets import xla
-    monkeypatch.setitem(xla.PARITY, "max_rel_diff", -1.0)   # no artifact can pass
+    monkeypatch.setattr(xla, "tolerance", lambda o: {"max_rel_diff": -1.0, "min_top1": 1.0})
     with pytest.raises(ex.ExportError, match="parity check failed"):
         ex.export(ck, sg.Contract(ck.config, (4,), 32), ["xla"], out, log=lambda m: None)
     assert not out.exists()

@@ -1,7 +1,8 @@
 """Export targets. Each target is one module exposing the same small interface:
 
     NAME: str                       the manifest key and the artifact's subdirectory
-    PARITY: dict                    tolerances the exporter checks ({"max_rel_diff", "min_top1"})
+    QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
+    def tolerance(options) -> dict  parity limits the exporter checks ({"max_rel_diff", "min_top1"})
     def write(traced, params, out_dir, options, progress) -> dict
         lowers the traced signatures, writes files under out_dir, and returns the target-specific
         part of the manifest's artifact record ("files" maps roles to paths relative to out_dir).
@@ -13,10 +14,17 @@ from __future__ import annotations
 
 import importlib
 
-AVAILABLE = ("xla",)
+AVAILABLE = ("xla", "tflite")
 
 
 def get(name: str):
     if name not in AVAILABLE:
         raise ValueError(f"unknown target {name!r}; available: {', '.join(AVAILABLE)}")
     return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+
+
+def check_options(mod, options: dict) -> None:
+    quant = options.get("quant") or mod.DEFAULT_QUANT
+    if quant not in mod.QUANTS:
+        raise ValueError(f"target {mod.NAME!r} does not support --quant {quant}; "
+                         f"it supports: {', '.join(mod.QUANTS)}")

@@ -2,7 +2,7 @@
 
 `target="auto"` picks, among the artifacts the manifest lists whose backend imports here, the one
 with the best measured decode speed recorded in the manifest (`benchmark.decode_tok_s`), else the
-first in PREFERENCE order. Only the xla backend exists so far; onnx and tflite plug in here.
+first in PREFERENCE order.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import importlib
 
 from ..manifest import ArtifactError, Manifest
 
-BACKENDS = {"xla": ("runtime.backends.xla", "XlaBackend")}
-PREFERENCE = ("xla",)
+BACKENDS = {"xla": ("runtime.backends.xla", "XlaBackend"),
+            "tflite": ("runtime.backends.tflite", "TfliteBackend")}
+PREFERENCE = ("xla", "tflite")
+_IMPORTS = {"xla": "jax", "tflite": "ai_edge_litert.interpreter"}
 
 
 def available(manifest: Manifest) -> dict[str, str | None]:
@@ -22,9 +24,8 @@ def available(manifest: Manifest) -> dict[str, str | None]:
         if target not in BACKENDS:
             out[target] = f"no runtime backend for target {target!r} in this version"
             continue
-        module = BACKENDS[target][0]
         try:
-            importlib.import_module(module)
+            importlib.import_module(_IMPORTS[target])
         except ImportError as e:
             out[target] = f"cannot import its backend: {e}"
             continue

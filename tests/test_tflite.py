@@ -1,0 +1,126 @@
+"""TFLite target: every signature vs the JAX reference, the op list, quantization, the bundle."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import runtime
+from compile import export as ex, trace
+from compile import signatures as sg
+
+CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
+
+
+def _export(tmp_path, variant, contract=CONTRACT, **options):
+    ck = ex.random_checkpoint(variant)
+    out = tmp_path / variant
+    ex.export(ck, sg.Contract(ck.config, **contract), ["tflite"], out, options,
+              log=lambda m: None)
+    return ck, out
+
+
+@pytest.mark.parametrize("variant", ["gemma-2b-tiny", "gemma2-2b-tiny", "gemma3-270m-tiny"])
+def test_fp32_tflite_matches_reference(tmp_path, variant):
+    ck, out = _export(tmp_path, variant, quant="none")
+    gen = runtime.load(out, target="tflite")
+    assert gen.backend.num_threads >= 1
+    tokens = np.random.default_rng(2).integers(0, ck.config.vocab_size, 36).astype(np.int32)
+    want = trace.reference_logits(sg.Contract(ck.config, **CONTRACT), ck.params, tokens)
+    got = gen.logits(tokens, start=21)             # prefill 8 + 8 + 8 (5 real), then decode
+    np.testing.assert_allclose(got, want[21:], atol=5e-5, rtol=0)
+    m = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
+    assert m["quantization"] == "none" and m["parity"]["top1_agreement"] == 1.0
+
+
+def _cache_consumers(path, cache_shapes):
+    """(op name, subgraph) for every op that takes a tensor shaped like a whole KV cache."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+    m = fu.read_model(str(path))
+    op_names = {v: k for k, v in vars(qtyping.BuiltinOperator).items() if not k.startswith("_")}
+    out = []
+    for si, sub in enumerate(m.subgraphs):
+        for op in sub.operators:
+            code = m.operatorCodes[op.opcodeIndex]
+            code = max(code.builtinCode, code.deprecatedBuiltinCode)
+            if any(i >= 0 and tuple(int(d) for d in sub.tensors[i].shape) in cache_shapes
+                   for i in op.inputs):
+                out.append((op_names.get(code, code), si))
+    return out
+
+
+def test_no_op_copies_or_transposes_a_whole_cache(tmp_path):
+    # prefill lengths chosen so no activation (scores: S x G*T) shares a cache's shape
+    lengths = dict(prefill_lengths=(3, 8), max_context=64)
+    ck, out = _export(tmp_path, "gemma3-270m-tiny", lengths, quant="none")
+    contract = sg.Contract(ck.config, **lengths)
+    consumers = _cache_consumers(out / "tflite" / "model.tflite",
+                                 {contract.k_shape(), contract.v_shape()})
+    assert consumers, "no op reads the caches?"
+    assert {name for name, _ in consumers} <= {"DYNAMIC_UPDATE_SLICE", "BATCH_MATMUL"}, consumers
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_tflite(tmp_path, quant):
+    ck, out = _export(tmp_path, "gemma3-270m-tiny", quant=quant)
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
+    assert art["quantization"] == quant
+    parity = art["parity"]
+    assert parity["top1_agreement"] >= 0.9 and parity["mean_abs_diff"] > 0
+    assert art["files"]["model"]["bytes"] < art["weights_bytes_fp32"]
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(out / "tflite" / "model.tflite"))
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    fc = {details[o["inputs"][1]]["dtype"] for o in ops if o["op_name"] == "FULLY_CONNECTED"}
+    assert fc == {np.int8}                                      # int4 is packed in int8 storage
+    tables = [details[o["inputs"][0]] for o in ops if o["op_name"] == "GATHER_ND"
+              and tuple(details[o["inputs"][0]]["shape"]) == (512, 64)]
+    assert [t["dtype"] for t in tables] == [np.int8]            # the embedding lookup table
+    gen = runtime.load(out)
+    assert gen.target == "tflite"
+    assert len(gen.generate("the cat", max_new_tokens=4)) > 0
+
+
+def test_float_embedding_keeps_output_layer_float(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+    _, out = _export(tmp_path, "gemma3-270m-tiny", quant="int8", float_embedding=True)
+    it = Interpreter(model_path=str(out / "tflite" / "model.tflite"))
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    vocab_weights = [details[o["inputs"][1]]["dtype"] for o in it._get_ops_details()
+                     if o["op_name"] == "FULLY_CONNECTED"
+                     and tuple(details[o["inputs"][1]]["shape"]) == (512, 64)]
+    assert vocab_weights == [np.float32]
+
+
+def test_bad_quant_and_corrupt_tflite(tiny_artifacts, tmp_path):
+    ck = ex.random_checkpoint("gemma-2b-tiny")
+    with pytest.raises(ValueError, match="target 'tflite' does not support --quant int3; "
+                                         "it supports: none, int8, int4"):
+        ex.export(ck, sg.Contract(ck.config, **CONTRACT), ["tflite"], tmp_path / "x",
+                  {"quant": "int3"}, log=lambda m: None)
+    with pytest.raises(ValueError, match="target 'xla' does not support --quant int8"):
+        ex.export(ck, sg.Contract(ck.config, **CONTRACT), ["xla"], tmp_path / "x",
+                  {"quant": "int8"}, log=lambda m: None)
+    assert not (tmp_path / "x").exists()
+
+    _, out = _export(tmp_path, "gemma-2b-tiny", quant="none")
+    model = out / "tflite" / "model.tflite"
+    data = bytearray(model.read_bytes())
+    data[8:64] = b"\xff" * 56                     # same size, garbled header
+    model.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="LiteRT cannot load .*model.tflite"):
+        runtime.load(out, target="tflite")
+
+
+def test_litertlm_bundle_structure(tmp_path):
+    _, out = _export(tmp_path, "gemma3-270m-tiny", quant="int8")
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
+    bundle = out / art["files"]["litertlm"]["path"]
+    assert bundle.name == "gemma3-270m-tiny-int8.litertlm"
+    head = bundle.read_bytes()[:32]
+    assert head[:8] == b"LITERTLM"
+    assert int.from_bytes(head[8:12], "little") == 1              # major version
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2  # noqa: F401 (installed)
