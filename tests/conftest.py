@@ -41,10 +41,33 @@ def real_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_artifacts(tmp_path_factory, real_gguf) -> Path:
-    from compile import checkpoints, export as ex
+def real_artifacts(tmp_path_factory, real_checkpoint) -> Path:
+    from compile import export as ex
     from compile import signatures as sg
-    ck = checkpoints.load(real_gguf)
+    ck = real_checkpoint
     out = tmp_path_factory.mktemp("real") / "gemma3-270m"
     ex.export(ck, sg.Contract(ck.config), ["xla"], out, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(real_gguf):
+    from compile import checkpoints
+    return checkpoints.load(real_gguf)
+
+
+@pytest.fixture(scope="session")
+def real_tflite(tmp_path_factory, real_checkpoint):
+    """quant -> artifact directory of the real 270M's TFLite target (exported on first use)."""
+    from compile import export as ex
+    from compile import signatures as sg
+    cache = {}
+
+    def get(quant: str) -> Path:
+        if quant not in cache:
+            out = tmp_path_factory.mktemp("real-tflite") / f"gemma3-270m-{quant}"
+            ex.export(real_checkpoint, sg.Contract(real_checkpoint.config), ["tflite"], out,
+                      {"quant": quant}, log=lambda m: None)
+            cache[quant] = out
+        return cache[quant]
+    return get
