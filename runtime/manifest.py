@@ -114,4 +114,5 @@ class Manifest:
                 raise ArtifactError(f"{target} artifact: {p} has {p.stat().st_size} bytes, the "
                                     f"manifest records {f['bytes']} (truncated or replaced)")
             if verify_hash and sha256_file(p) != f["sha256"]:
-                raise ArtifactError(f"{target} artifact: {p} does not match its sha256")
+                raise ArtifactError(f"{target} artifact: {p} does not match the sha256 the "
+                                    f"manifest records (corrupt or replaced)")

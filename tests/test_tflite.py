@@ -109,9 +109,12 @@ def test_bad_quant_and_corrupt_tflite(tiny_artifacts, tmp_path):
     _, out = _export(tmp_path, "gemma-2b-tiny", quant="none")
     model = out / "tflite" / "model.tflite"
     data = bytearray(model.read_bytes())
-    data[8:64] = b"\xff" * 56                     # same size, garbled header
-    model.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="LiteRT cannot load .*model.tflite"):
+    garbled = bytes(data[:8]) + b"\xff" * 56 + bytes(data[64:])   # same size, garbled header
+    model.write_bytes(garbled)
+    with pytest.raises(runtime.ArtifactError, match="model.tflite does not match the sha256"):
+        runtime.load(out, target="tflite")
+    model.write_bytes(b"\0" * len(data))
+    with pytest.raises(RuntimeError, match="LiteRT cannot load .*model.tflite: not a TFLite"):
         runtime.load(out, target="tflite")
 
 
@@ -124,3 +127,27 @@ def test_litertlm_bundle_structure(tmp_path):
     assert head[:8] == b"LITERTLM"
     assert int.from_bytes(head[8:12], "little") == 1              # major version
     from litert_lm_builder.runtime.proto import llm_metadata_pb2  # noqa: F401 (installed)
+
+
+@pytest.mark.real   # slow: writes and runs a 2 GB model
+def test_weights_over_2gb_export_and_run(tmp_path):
+    import dataclasses
+    from compile.checkpoints import Checkpoint
+    from compile.config import get_variant
+    from compile.model import init_params
+    from compile.tokenizer import tiny_tokenizer
+    cfg = dataclasses.replace(get_variant("gemma3-270m-tiny"), name="gemma3-synthetic-2gb",
+                              vocab_size=131_072, d_model=4096, num_layers=1,
+                              layer_types=("local",))
+    params = init_params(cfg, 0)
+    assert sum(v.nbytes for v in params.values()) > 2**31       # past the flatbuffer limit
+    tok, special = tiny_tokenizer(cfg.vocab_size)
+    out = tmp_path / "big"
+    ex.export(Checkpoint(cfg, params, tok, special, source={"format": "random"}),
+              sg.Contract(cfg, (4,), 16), ["tflite"], out, {"quant": "none"}, log=lambda m: None)
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
+    assert art["files"]["model"]["bytes"] > 2**31
+    assert art["parity"]["top1_agreement"] == 1.0 and art["parity"]["max_rel_diff"] < 2e-4
+    del params
+    gen = runtime.load(out, target="tflite")
+    assert gen.logits([2, 70, 80]).shape == (3, cfg.vocab_size)
