@@ -79,6 +79,12 @@ def rope(x, positions, base: float, scale: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def linear(x, w):
+    """x [..., in] times w [in, out]. Spelled as jnp.matmul so that every exporter sees a plain
+    matmul (jax2onnx emits MatMul for it, Einsum for the equivalent `@`)."""
+    return jnp.matmul(x, w)
+
+
 def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
@@ -89,9 +95,9 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache):
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
     local = cfg.layer_type(i) == LOCAL
-    q = (x @ p["q_proj"]).reshape(B, T, N, H)                                      # [B, T, N, H]
-    k = (x @ p["k_proj"]).reshape(B, T, K, H)                                      # [B, T, K, H]
-    v = (x @ p["v_proj"]).reshape(B, T, K, H)                                      # [B, T, K, H]
+    q = linear(x, p["q_proj"]).reshape(B, T, N, H)                                 # [B, T, N, H]
+    k = linear(x, p["k_proj"]).reshape(B, T, K, H)                                 # [B, T, K, H]
+    v = linear(x, p["v_proj"]).reshape(B, T, K, H)                                 # [B, T, K, H]
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps)
@@ -125,7 +131,7 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache):
     scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bkhs->btkgh", probs, values)                           # [B, T, K, G, H]
-    return out.reshape(B, T, N * H) @ p["o_proj"], new_cache                        # [B, T, D]
+    return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache                # [B, T, D]
 
 
 def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | None = None,
@@ -152,7 +158,8 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
             h = rms_norm(h, p["post_attn_norm"], cfg.norm_eps)
         x = x + h
         h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
-        h = (jax.nn.gelu(h @ p["gate_proj"], approximate=True) * (h @ p["up_proj"])) @ p["down_proj"]
+        h = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True) * linear(h, p["up_proj"])
+        h = linear(h, p["down_proj"])
         if cfg.post_norms:
             h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
         x = x + h
@@ -163,5 +170,5 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     if logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    out = x @ params["embed"].T                                                    # [B, T, V]
+    out = linear(x, params["embed"].T)                                             # [B, T, V]
     return _softcap(out.astype(jnp.float32), cfg.final_softcap), new_cache

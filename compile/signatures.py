@@ -46,6 +46,12 @@ def v_name(layer: int) -> str:
     return f"kv_cache_v_{layer}"
 
 
+def onnx_output_name(name: str) -> str:
+    """Formats whose graphs cannot give an output an input's name (ONNX) suffix the updated
+    cache outputs; every other output keeps its contract name."""
+    return name + "_out" if name.startswith("kv_cache_") else name
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

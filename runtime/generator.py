@@ -4,7 +4,8 @@ Prefill covers every prompt token but the last, in chunks over the exported pref
 largest that fits first, the final remainder padded into the smallest length that holds it); the
 last prompt token goes through `decode`, whose logits give the first new token. A chunk never
 reaches past the cache end (writes there would be clamped onto valid slots); near the end of the
-context the remainder is decoded token by token.
+context the remainder is decoded token by token. A backend whose graph takes any token count
+(`dynamic_length`, the ONNX one) gets chunks of at most the largest prefill length, unpadded.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class Generator:
 
     def _fill(self, ids: list[int], state, start: int = 0):
         """Run ids through the cache from position `start` without logits; returns the state."""
+        if getattr(self.backend, "dynamic_length", False):
+            step = self.prefill_lengths[-1]
+            for i in range(0, len(ids), step):
+                state = self.backend.prefill_tokens(ids[i:i + step], start + i, state)
+            return state
         pos = start
         for bucket, real in plan_chunks(start, len(ids), self.prefill_lengths, self.max_context):
             chunk = ids[pos - start: pos - start + real]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-AVAILABLE = ("xla", "tflite")
+AVAILABLE = ("xla", "tflite", "onnx")
 
 
 def get(name: str):

@@ -10,8 +10,8 @@ both attention matmuls read the caches as they are: no op copies or transposes a
 Quantization (ai-edge-quantizer): `int8` = dynamic-range int8 weights, per channel (the default for
 phones); `int4` = blockwise int4 (block 32) dynamic; `none` = fp32. The tied embedding/output matrix
 is quantized too unless `float_embedding` is set: the output projection like every other matmul,
-the lookup table as per-row int8 inside the graph (see `target_weights`). Weights past the 2 GB flatbuffer limit
-are written after the flatbuffer with buffer offsets, which the LiteRT interpreter loads.
+the lookup table as per-row int8 inside the graph (`weights.split_embedding`). Weights past the
+2 GB flatbuffer limit are written after the flatbuffer with buffer offsets, which LiteRT loads.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..weights import split_embedding
 
 NAME = "tflite"
 QUANTS = ("none", "int8", "int4")
@@ -83,24 +85,6 @@ def convert(traced, params: dict, work: Path, progress=None) -> bytes:
     return model
 
 
-def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8: table ~= q * scale[:, None]."""
-    scale = np.abs(table).max(axis=1) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def target_weights(params: dict, quant: str, float_embedding: bool) -> dict:
-    """The weights the TFLite graph is built on. When quantizing the embedding, the lookup reads
-    an int8 copy and `embed` feeds only the logits projection: a buffer shared by the lookup and
-    the projection would otherwise be duplicated by the quantizer into every signature."""
-    if quant == "none" or float_embedding:
-        return dict(params)
-    q, scale = int8_rows(params["embed"])
-    return {**params, "embed_q": q, "embed_scale": scale}
-
-
 def _logits_projection(model: bytes, vocab: int) -> str | None:
     """Name of the output tensor of the FULLY_CONNECTED that projects onto the vocabulary."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
@@ -144,7 +128,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="tflite-", dir=out_dir.parent))
     float_embedding = bool(options.get("float_embedding"))
     try:
-        model = convert(traced, target_weights(params, quant, float_embedding), work, progress)
+        model = convert(traced, split_embedding(params, quant, float_embedding), work, progress)
         model = quantize(model, quant, float_embedding, params["embed"].shape[0])
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,9 +12,10 @@ import importlib
 from ..manifest import ArtifactError, Manifest
 
 BACKENDS = {"xla": ("runtime.backends.xla", "XlaBackend"),
-            "tflite": ("runtime.backends.tflite", "TfliteBackend")}
-PREFERENCE = ("xla", "tflite")
-_IMPORTS = {"xla": "jax", "tflite": "ai_edge_litert.interpreter"}
+            "tflite": ("runtime.backends.tflite", "TfliteBackend"),
+            "onnx": ("runtime.backends.onnx", "OnnxBackend")}
+PREFERENCE = ("tflite", "onnx", "xla")   # without measurements: fastest measured on CPU first
+_IMPORTS = {"xla": "jax", "tflite": "ai_edge_litert.interpreter", "onnx": "onnxruntime"}
 
 
 def available(manifest: Manifest) -> dict[str, str | None]:

@@ -1,0 +1,134 @@
+"""ONNX target for ONNX Runtime (CPU and CUDA): one `model.onnx` serving every signature.
+
+The model function is the same one every target traces, lowered with jax2onnx, but with the token
+dimension T symbolic (bounded by the max context) instead of one static graph per signature: ORT's
+Python API cannot share weights (or their pre-packed forms) between sessions, so one graph that
+runs any prefill length and the one-token decode keeps the weights stored and resident once. Inputs
+and outputs carry the contract's names; since an ONNX graph cannot reuse an input name for an
+output, each updated cache comes out as `{name}_out` (see `signatures.onnx_output_name`).
+
+Export: jax2onnx -> ORT basic optimizations (constant folding turns transposed weights into plain
+MatMul initializers) -> quantization with ORT's own tools (`int4`: MatMulNBits, blockwise 32,
+symmetric, accuracy level 4; `int8`: dynamic int8 MatMul) -> saved with external data
+(`model.onnx.data`), so models past the 2 GB protobuf limit work. The saved model is the optimized
+one: the runtime does not redo those passes at load.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import model as gemma
+from .. import signatures as sg
+from ..weights import split_embedding
+
+NAME = "onnx"
+QUANTS = ("none", "int8", "int4")
+DEFAULT_QUANT = "none"
+DATA_FILE = "model.onnx.data"
+
+
+def tolerance(options: dict) -> dict:
+    quant = options.get("quant") or DEFAULT_QUANT
+    if quant == "none":
+        return {"max_rel_diff": 2e-4, "min_top1": 1.0}
+    return {"max_rel_diff": 1.0, "min_top1": 0.9 if quant == "int8" else 0.75}
+
+
+def lower(contract: sg.Contract, params: dict, path: Path) -> None:
+    """jax2onnx with the token dimension symbolic; writes path (+ external data)."""
+    import jax
+    import jax.numpy as jnp
+    from jax2onnx import to_onnx
+
+    cfg = contract.config
+    kv = contract.kv_specs()
+    weights = {k: jnp.asarray(v) for k, v in params.items()}
+
+    def fn(tokens, input_pos, *cache):
+        logits, new = gemma.forward(cfg, weights, tokens, input_pos,
+                                    {t.name: c for t, c in zip(kv, cache)}, logits="last")
+        return (logits.astype(jnp.float32),) + tuple(new[t.name] for t in kv)
+
+    T, = jax.export.symbolic_shape("T", constraints=(f"T <= {contract.max_context}",))
+    specs = [jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32)]
+    specs += [jax.ShapeDtypeStruct(t.shape, jnp.dtype(t.dtype)) for t in kv]
+    to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
+            input_names=[sg.TOKENS, sg.INPUT_POS] + [t.name for t in kv],
+            output_names=[sg.LOGITS] + [sg.onnx_output_name(t.name) for t in kv])
+
+
+def optimize(src: Path, dst: Path) -> None:
+    """ORT's basic (provider-independent) graph optimizations, saved to dst."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                dst.name + ".data")
+    so.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+def quantize(src: Path, quant: str, float_embedding: bool, vocab: int):
+    import onnx
+    m = onnx.load(str(src))
+    if quant == "none":
+        return m
+    excluded = []
+    if float_embedding:   # the MatMul whose weight has `vocab` columns projects onto the vocabulary
+        inits = {i.name: i for i in m.graph.initializer}
+        excluded = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                    and inits[n.input[1]].dims[-1] == vocab]
+    if quant == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        q = MatMulNBitsQuantizer(m, block_size=32, is_symmetric=True, accuracy_level=4,
+                                 nodes_to_exclude=excluded)
+        q.process()
+        return q.model.model
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    out = src.with_name("int8.onnx")
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=excluded, per_channel=True, use_external_data_format=True)
+    return onnx.load(str(out))
+
+
+def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
+    import onnx
+    quant = options.get("quant") or DEFAULT_QUANT
+    contract = next(iter(traced.values())).contract
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="onnx-", dir=out_dir.parent))
+    bar = progress(total=4, desc="onnx", unit="step") if progress else None
+    try:
+        float_embedding = bool(options.get("float_embedding"))
+        lower(contract, split_embedding(params, quant, float_embedding), work / "raw.onnx")
+        if bar:
+            bar.update()
+        optimize(work / "raw.onnx", work / "opt.onnx")
+        if bar:
+            bar.update()
+        m = quantize(work / "opt.onnx", quant, float_embedding, contract.config.vocab_size)
+        if bar:
+            bar.update()
+        onnx.save_model(m, str(out_dir / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        if bar:
+            bar.update()
+            bar.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ops = {}
+    for n in onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
+            "float_embedding": bool(options.get("float_embedding")),
+            "dynamic_length": True, "max_length": contract.max_context,
+            "output_names": {t.name: sg.onnx_output_name(t.name) for t in contract.kv_specs()},
+            "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            "weights_bytes_fp32": int(sum(v.nbytes for v in params.values()))}
