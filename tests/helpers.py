@@ -65,3 +65,19 @@ def write_hf_checkpoint(cfg: GemmaConfig, path: Path, seed: int = 0):
     model_bytes, _ = tiny_tokenizer(cfg.vocab_size)
     (Path(path) / "tokenizer.model").write_bytes(model_bytes)
     return model
+
+
+def synthetic_over_2gb():
+    """A one-layer Gemma 3 with a 131072 x 4096 embedding: 2.16e9 bytes of fp32 weights, past the
+    2 GB limits of flatbuffers and protobuf."""
+    import dataclasses
+    from compile.checkpoints import Checkpoint
+    from compile.config import get_variant
+    from compile.model import init_params
+    cfg = dataclasses.replace(get_variant("gemma3-270m-tiny"), name="gemma3-synthetic-2gb",
+                              vocab_size=131_072, d_model=4096, num_layers=1,
+                              layer_types=("local",))
+    params = init_params(cfg, 0)
+    assert sum(v.nbytes for v in params.values()) > 2**31
+    tok, special = tiny_tokenizer(cfg.vocab_size)
+    return Checkpoint(cfg, params, tok, special, source={"format": "random"})

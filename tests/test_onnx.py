@@ -102,3 +102,17 @@ def test_corrupt_onnx_is_refused(onnx_artifacts, tmp_path):
     model.write_bytes(b"\x08" + b"\xff" * (model.stat().st_size - 1))
     with pytest.raises(RuntimeError, match="ONNX Runtime cannot load .*model.onnx"):
         runtime.load(out, target="onnx")
+
+
+@pytest.mark.real   # slow: writes and runs a 2 GB model
+def test_weights_over_2gb_export_and_run(tmp_path):
+    from helpers import synthetic_over_2gb
+    ck = synthetic_over_2gb()
+    out = tmp_path / "big"
+    ex.export(ck, sg.Contract(ck.config, (4,), 16), ["onnx"], out, {"quant": "none"},
+              log=lambda m: None)
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
+    assert art["files"]["weights"]["bytes"] > 2**31 > art["files"]["model"]["bytes"]
+    assert art["parity"]["top1_agreement"] == 1.0 and art["parity"]["max_rel_diff"] < 2e-4
+    gen = runtime.load(out, target="onnx")
+    assert gen.logits([2, 70, 80]).shape == (3, ck.config.vocab_size)

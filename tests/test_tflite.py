@@ -131,23 +131,13 @@ def test_litertlm_bundle_structure(tmp_path):
 
 @pytest.mark.real   # slow: writes and runs a 2 GB model
 def test_weights_over_2gb_export_and_run(tmp_path):
-    import dataclasses
-    from compile.checkpoints import Checkpoint
-    from compile.config import get_variant
-    from compile.model import init_params
-    from compile.tokenizer import tiny_tokenizer
-    cfg = dataclasses.replace(get_variant("gemma3-270m-tiny"), name="gemma3-synthetic-2gb",
-                              vocab_size=131_072, d_model=4096, num_layers=1,
-                              layer_types=("local",))
-    params = init_params(cfg, 0)
-    assert sum(v.nbytes for v in params.values()) > 2**31       # past the flatbuffer limit
-    tok, special = tiny_tokenizer(cfg.vocab_size)
+    from helpers import synthetic_over_2gb
+    ck = synthetic_over_2gb()
     out = tmp_path / "big"
-    ex.export(Checkpoint(cfg, params, tok, special, source={"format": "random"}),
-              sg.Contract(cfg, (4,), 16), ["tflite"], out, {"quant": "none"}, log=lambda m: None)
+    ex.export(ck, sg.Contract(ck.config, (4,), 16), ["tflite"], out, {"quant": "none"},
+              log=lambda m: None)
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
     assert art["files"]["model"]["bytes"] > 2**31
     assert art["parity"]["top1_agreement"] == 1.0 and art["parity"]["max_rel_diff"] < 2e-4
-    del params
     gen = runtime.load(out, target="tflite")
-    assert gen.logits([2, 70, 80]).shape == (3, cfg.vocab_size)
+    assert gen.logits([2, 70, 80]).shape == (3, ck.config.vocab_size)
