@@ -40,8 +40,10 @@ def llama(llm, ids, decode_tokens):
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
-    for _ in range(decode_tokens):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    vocab = llm.n_vocab()
+    for _ in range(decode_tokens):   # greedy on the last position's logits
+        last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+        llm.eval([int(np.argmax(last))])
     t2 = time.perf_counter()
     return len(ids) / (t1 - t0), decode_tokens / (t2 - t1)
 
