@@ -157,7 +157,7 @@ def _check_parity(ck, contract, stage: Path, manifest: dict, mods, options, log)
     ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
     failures = []
     for mod in mods:
-        gen = runtime.load(stage, target=mod.NAME)
+        gen = runtime.load(stage, target=mod.NAME, cache_dir=False)   # stage dirs move
         got = gen.logits(tokens, start=start)
         figures = {
             "tokens": int(len(tokens)), "prefill_tokens": int(start),

@@ -17,10 +17,12 @@ from .tokenizer import Tokenizer
 __all__ = ["load", "Generator", "Tokenizer", "Manifest", "ArtifactError", "ContextOverflowError"]
 
 
-def load(artifact_dir: str | Path, target: str = "auto") -> Generator:
+def load(artifact_dir: str | Path, target: str = "auto", **options) -> Generator:
+    """options go to the chosen backend where it takes them: num_threads (tflite, onnx),
+    provider (onnx), cache_dir (xla: a directory, or False for no persistent cache)."""
     from . import backends
     manifest = Manifest.read(artifact_dir)
     chosen = backends.choose(manifest, target)
     tok = manifest.tokenizer
     tokenizer = Tokenizer(manifest.path(tok["file"]), tok)
-    return Generator(backends.open_backend(manifest, chosen), manifest, tokenizer)
+    return Generator(backends.open_backend(manifest, chosen, **options), manifest, tokenizer)

@@ -53,7 +53,12 @@ def choose(manifest: Manifest, target: str = "auto") -> str:
     return min(runnable, key=lambda t: PREFERENCE.index(t) if t in PREFERENCE else len(PREFERENCE))
 
 
-def open_backend(manifest: Manifest, target: str):
+def open_backend(manifest: Manifest, target: str, **options):
+    """Options a backend's constructor does not take (e.g. cache_dir for tflite) are ignored."""
+    import inspect
     manifest.check_files(target)
     module, cls = BACKENDS[target]
-    return getattr(importlib.import_module(module), cls)(manifest, manifest.artifact(target))
+    backend = getattr(importlib.import_module(module), cls)
+    accepted = inspect.signature(backend.__init__).parameters
+    return backend(manifest, manifest.artifact(target),
+                   **{k: v for k, v in options.items() if k in accepted})

@@ -2,6 +2,12 @@
 
 Weights are put on the device once; the KV cache stays on the device between calls and its input
 buffers are donated, so XLA can update them in place rather than copy the cache every token.
+
+Compiled executables go to JAX's persistent compilation cache, by default `xla/jax_cache/` beside
+the artifact (or `$XDG_CACHE_HOME/gemma-aot/jax` when that is not writable, or `cache_dir`; False
+turns it off), so a
+second start loads them instead of compiling. JAX's cache setting is process-wide: the first
+backend to set it wins for the process.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ TARGET = "xla"
 class XlaBackend:
     target = TARGET
 
-    def __init__(self, manifest, record: dict):
+    def __init__(self, manifest, record: dict, cache_dir: str | bool | None = None):
         import jax
         import jax.numpy as jnp
         from jax import export
         from safetensors.numpy import load_file
 
         self._jax, self._jnp = jax, jnp
+        self.cache_dir = None if cache_dir is False else enable_compilation_cache(
+            cache_dir or manifest.path(record["dir"]) / "jax_cache")
         files = record["files"]
         self.platform = jax.default_backend()
         if self.platform not in record.get("platforms", []):
@@ -53,6 +61,29 @@ class XlaBackend:
     def decode(self, token, pos, state):
         out, state = self._run("decode", np.array([token], np.int32), pos, state)
         return np.asarray(out["logits"][0, 0]), state
+
+
+def enable_compilation_cache(preferred) -> str | None:
+    import os
+    from pathlib import Path
+
+    import jax
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    for d in (Path(preferred), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+              / "gemma-aot" / "jax"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                jax.config.update("jax_compilation_cache_dir", str(d))
+                # decode graphs compile in well under a second; cache them all
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+                jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+                return str(d)
+        except OSError:
+            continue
+    return None
 
 
 def _with_inputs(exp):
