@@ -60,15 +60,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import runtime
-    from runtime.manifest import Manifest
-    gen = runtime.load(args.artifacts, target=args.target)
-    if hasattr(gen.backend, "num_threads") and gen.backend.num_threads != args.threads:
-        m = Manifest.read(args.artifacts)
-        import importlib
-        from runtime.backends import BACKENDS
-        mod, cls = BACKENDS[args.target]
-        gen.backend = getattr(importlib.import_module(mod), cls)(
-            m, m.artifact(args.target), num_threads=args.threads)
+    gen = runtime.load(args.artifacts, target=args.target, num_threads=args.threads)
     ids = gen.tokenizer.prompt_ids(TEXT * (args.prompt_tokens // 20 + 1))[:args.prompt_tokens]
 
     llm = None

@@ -24,7 +24,7 @@ def machine() -> list[str]:
         lines.append(f"onnxruntime: unavailable ({e})")
     try:
         importlib.import_module("ai_edge_litert.compiled_model")
-        from runtime.backends.tflite import physical_cores
+        from runtime.backends.base import physical_cores
         lines.append(f"ai-edge-litert: CPU (XNNPACK), {physical_cores()} physical cores")
     except Exception as e:
         lines.append(f"ai-edge-litert: unavailable ({e})")

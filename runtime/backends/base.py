@@ -6,6 +6,7 @@ state is a value it creates, takes and returns, so one backend serves many gener
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,3 +23,26 @@ class Backend(Protocol):
 
     def decode(self, token: int, pos: int, state: Any) -> tuple[np.ndarray, Any]:
         """One token at `pos`: returns (logits [V] float32, new state)."""
+
+
+def physical_cores() -> int:
+    """Physical cores (the interpreter's default is a single thread)."""
+    try:
+        seen = set()
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip() and core is not None:
+                    seen.add((phys, core))
+                    phys = core = None
+        if core is not None:
+            seen.add((phys, core))
+        if seen:
+            return len(seen)
+    except OSError:
+        pass
+    return os.cpu_count() or 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tflite import physical_cores
+from .base import physical_cores
 
 TARGET = "onnx"
 
@@ -44,6 +44,8 @@ class OnnxBackend:
         decode = manifest.signature("decode")
         self._kv = [(t["name"], tuple(t["shape"]), record["output_names"][t["name"]])
                     for t in decode["inputs"] if t["name"].startswith("kv_cache_")]
+        # io.get_outputs() follows the order of the bind_output calls in _run
+        self._output_order = [out for _, _, out in self._kv] + ["logits"]
 
     def new_state(self):
         ov = self._ort.OrtValue
@@ -60,14 +62,13 @@ class OnnxBackend:
             io.bind_output(out_name, self.device)
         io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
-        # io.get_outputs() follows the order of the bind_output calls
-        outputs = dict(zip([out for _, _, out in self._kv] + ["logits"], io.get_outputs()))
+        outputs = dict(zip(self._output_order, io.get_outputs()))
         new_state = {name: outputs[out_name] for name, _, out_name in self._kv}
         logits = outputs["logits"].numpy()[0, -1] if want_logits else None
         return logits, new_state
 
     def prefill(self, signature, tokens, start, state):
-        return self._run(np.asarray(tokens, np.int32), start, state, False)[1]
+        return self.prefill_tokens(tokens, start, state)
 
     def prefill_tokens(self, tokens, start, state):
         """Any number of tokens in one call (the graph's token dimension is dynamic)."""

@@ -9,35 +9,13 @@ per token: on the int8 Gemma 3 270M, 2 threads, that ran decode at 24 tok/s agai
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
+from .base import physical_cores
+
 TARGET = "tflite"
-
-
-def physical_cores() -> int:
-    """Physical cores (the interpreter's default is a single thread)."""
-    try:
-        seen = set()
-        phys = core = None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                elif not line.strip() and core is not None:
-                    seen.add((phys, core))
-                    phys = core = None
-        if core is not None:
-            seen.add((phys, core))
-        if seen:
-            return len(seen)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 class TfliteBackend:
