@@ -12,7 +12,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[xla,tflite,onnx,test]"
+	$(PY) -m pip install -q -e ".[xla,tflite,onnx,tpu,test]"
 	touch $@
 
 $(ART)/manifest.json: $(VENV)/.installed

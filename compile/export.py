@@ -150,13 +150,20 @@ def _trace(contract, params, progress):
 
 def _check_parity(ck, contract, stage: Path, manifest: dict, mods, options, log) -> None:
     import runtime
+    import runtime.backends
     from . import trace
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_proto=ck.tokenizer_model)
     tokens, start = parity_tokens(contract, sp.encode, ck.special_ids["bos"])
     ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
     failures = []
+    here = runtime.backends.reasons(runtime.Manifest.read(stage))
     for mod in mods:
+        if here.get(mod.NAME):
+            manifest["artifacts"][mod.NAME]["parity"] = {"skipped": here[mod.NAME]}
+            log(f"parity {mod.NAME}: not checked, it cannot run on this machine "
+                f"({here[mod.NAME]})")
+            continue
         gen = runtime.load(stage, target=mod.NAME, cache_dir=False)   # stage dirs move
         got = gen.logits(tokens, start=start)
         figures = {
@@ -219,7 +226,8 @@ def main(argv=None) -> int:
                                 description="Compile a Gemma checkpoint ahead of time.")
     p.add_argument("--target", action="append", default=None,
                    help=f"target to build, repeatable or comma-separated: "
-                        f"{', '.join(targets.AVAILABLE)}, or all (default: xla)")
+                        f"{', '.join(targets.AVAILABLE)}, or all (= {', '.join(targets.PORTABLE)}"
+                        f"; default: xla)")
     p.add_argument("--checkpoint", default=None,
                    help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M); "
                         "random:VARIANT-tiny makes random weights for testing")
@@ -229,19 +237,29 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=sg.DEFAULT_MAX_CONTEXT,
                    help="KV cache length (default: 2048)")
     p.add_argument("--quant", default=None,
-                   help="weight quantization: none, int8 or int4 (default: the target's own: "
-                        "none for xla, int8 for tflite)")
+                   help="weight quantization: none, int8 or int4 (bf16 or none for xla-tpu; "
+                        "default: the target's own: none for xla and onnx, int8 for tflite, "
+                        "bf16 for xla-tpu)")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the tied embedding/output layer in float when quantizing")
+    p.add_argument("--tpu-topology", default=None,
+                   help="xla-tpu: the TPU topology to compile for, e.g. v5e:1x1, v5e:2x2, v6e:2x4 "
+                        "(needs the tpu extra; no TPU needed)")
+    p.add_argument("--mesh", default=None,
+                   help="xla-tpu: model=M splits the model over M chips (default: all chips)")
     args = p.parse_args(argv)
 
     try:
         names = []
         for t in args.target or ["xla"]:
             names += [x.strip() for x in t.split(",") if x.strip()]
-        names = list(targets.AVAILABLE) if "all" in names else list(dict.fromkeys(names))
+        if "all" in names:
+            names = [n for n in names if n != "all"] + list(targets.PORTABLE)
+        names = list(dict.fromkeys(names))
+        options = {"quant": args.quant, "float_embedding": args.float_embedding,
+                   "tpu_topology": args.tpu_topology, "mesh": args.mesh}
         for n in names:
-            targets.check_options(targets.get(n), {"quant": args.quant})
+            targets.check_options(targets.get(n), options)
         from tqdm import tqdm
         t0 = time.perf_counter()
         ck = load_checkpoint(args.checkpoint, progress=tqdm)
@@ -250,7 +268,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         contract = sg.Contract(ck.config, args.prefill_lengths, args.max_context)
         out = Path(args.out or f"artifacts/{ck.config.name}")
-        options = {"quant": args.quant, "float_embedding": args.float_embedding}
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))
     except (CheckpointError, ExportError, ValueError, KeyError, OSError) as e:

@@ -18,11 +18,13 @@ __all__ = ["load", "Generator", "Tokenizer", "Manifest", "ArtifactError", "Conte
 
 
 def load(artifact_dir: str | Path, target: str = "auto", **options) -> Generator:
-    """options go to the chosen backend where it takes them: num_threads (tflite, onnx),
-    provider (onnx), cache_dir (xla: a directory, or False for no persistent cache)."""
+    """target: "auto" (the rules in `runtime.backends`; falls back to the next artifact when one
+    fails to open) or a manifest target name. options go to the chosen backend where it takes
+    them: num_threads (tflite, onnx), provider (onnx), cache_dir (xla: a directory, or False for
+    no persistent cache)."""
     from . import backends
     manifest = Manifest.read(artifact_dir)
-    chosen = backends.choose(manifest, target)
+    order = backends.candidates(manifest, target)
     tok = manifest.tokenizer
     tokenizer = Tokenizer(manifest.path(tok["file"]), tok)
-    return Generator(backends.open_backend(manifest, chosen, **options), manifest, tokenizer)
+    return Generator(backends.open_first(manifest, order, **options), manifest, tokenizer)

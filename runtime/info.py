@@ -42,20 +42,27 @@ def main(argv=None) -> int:
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from .devices import query
     print("\n".join(machine()))
+    here = query()
+    print(f"runs on: {here.describe()}; onnxruntime providers: "
+          f"{', '.join(here.ort_providers) or 'none'}")
     print(f"artifacts in {m.root} ({m.variant}):")
-    for target, why in backends.available(m).items():
+    for target, why in backends.reasons(m, here).items():
         a = m.artifact(target)
         size = sum(f["bytes"] for f in a["files"].values()) / 1e6
         parity = a.get("parity", {})
+        top1 = (f"top-1 {parity['top1_agreement']:.0%}" if "top1_agreement" in parity
+                else "top-1  n/a")
         status = "runnable" if why is None else f"not runnable: {why}"
-        print(f"  {target:<8} {a.get('quantization', '?'):<5} {size:8.1f} MB  top-1 "
-              f"{parity.get('top1_agreement', float('nan')):.0%}  {status}")
-    try:
-        print(f"choice: {backends.choose(m, 'auto')}  (runtime.load(DIR, target='auto'))")
-    except ArtifactError as e:
-        print(f"choice: none ({e})")
+        print(f"  {target:<8} {a.get('quantization', '?'):<5} {size:8.1f} MB  {top1}  {status}")
+    order = backends.ranked(m, here)
+    if not order:
+        print("choice: none (no artifact can run here)")
         return 1
+    print(f"choice: {order[0][0]}  ({order[0][1]}; runtime.load(DIR, target='auto'))")
+    if len(order) > 1:
+        print(f"fallbacks, in order: {', '.join(t for t, _ in order[1:])}")
     return 0
 
 

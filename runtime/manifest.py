@@ -7,7 +7,8 @@ Schema (version 1):
   signatures      {"max_context", "prefill_lengths", "kv_layout", "kv_dtype",
                    "entries": [{"name", "kind", "length", "inputs": [...], "outputs": [...]}]}
   artifacts       {target: {"target", "dir", "files": {role: {"path", "sha256", "bytes"}},
-                            "quantization", "parity": {...}, "created", ...target fields}}
+                            "quantization", "parity": {...} or {"skipped": reason}, "created",
+                            ...target fields (xla-tpu: topology, mesh, shardings, versions...)}}
 Paths are relative to the artifact directory.
 """
 

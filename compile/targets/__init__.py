@@ -6,6 +6,11 @@
     def write(traced, params, out_dir, options, progress) -> dict
         lowers the traced signatures, writes files under out_dir, and returns the target-specific
         part of the manifest's artifact record ("files" maps roles to paths relative to out_dir).
+    def check_options(options) -> None   optional: raises ValueError for bad target options before
+                                        any work is done
+
+A target whose artifacts cannot run on the exporting machine (xla-tpu for a TPU topology) is
+published with its parity check recorded as skipped and why.
 
 Targets read `signatures` for names, shapes and layouts and never import each other.
 """
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import importlib
 
-AVAILABLE = ("xla", "tflite", "onnx")
+AVAILABLE = ("xla", "tflite", "onnx", "xla-tpu")
+PORTABLE = ("xla", "tflite", "onnx")   # `--target all`: the ones that need no target options
 
 
 def get(name: str):
@@ -24,6 +30,8 @@ def get(name: str):
 
 
 def check_options(mod, options: dict) -> None:
+    if hasattr(mod, "check_options"):
+        mod.check_options(options)
     quant = options.get("quant") or mod.DEFAULT_QUANT
     if quant not in mod.QUANTS:
         raise ValueError(f"target {mod.NAME!r} does not support --quant {quant}; "

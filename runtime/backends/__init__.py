@@ -1,28 +1,49 @@
 """Backend registry and the choice of artifact.
 
-`target="auto"` picks, among the artifacts the manifest lists whose backend imports here, the one
-with the best measured decode speed recorded in the manifest (`benchmark.decode_tok_s`), else the
-first in PREFERENCE order (their measured CPU decode speed on the default model: tflite int8/int4
-~50-61 tok/s, onnx ~11, xla ~10).
+An artifact can run here when the manifest lists it, this runtime has a backend for its target, the
+backend's package imports, and the backend's `unsupported(record, machine)` finds nothing wrong
+(e.g. an xla-tpu executable needs the same TPU topology and jax/jaxlib/libtpu versions it was
+compiled with). `reasons()` says, for every artifact, why it cannot run here.
+
+`target="auto"` then takes the first runnable artifact in this order:
+  1. TPU visible to JAX: the xla-tpu executable (its topology and versions match), else the portable
+     xla StableHLO compiled on the TPU.
+  2. CUDA GPU visible to JAX: xla on the GPU.
+  3. onnxruntime offers CUDAExecutionProvider (onnxruntime-gpu): onnx on CUDA.
+  4. CPU: the artifact with the best decode speed measured on this kind of machine and recorded in
+     the manifest (`benchmark.decode_tok_s`), else CPU_PREFERENCE: tflite, onnx, xla, xla-tpu (their
+     measured CPU decode speed on the default model: tflite int8/int4 ~50-61 tok/s, onnx ~24,
+     xla ~11; xla-tpu on CPU exists only to test the sharded path).
+`runtime.load` tries them in that order and falls back to the next when one fails to open (say an
+executable the TPU runtime refuses), printing why.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
+from .. import devices as _devices
 from ..manifest import ArtifactError, Manifest
 
 BACKENDS = {"xla": ("runtime.backends.xla", "XlaBackend"),
+            "xla-tpu": ("runtime.backends.xla_tpu", "XlaTpuBackend"),
             "tflite": ("runtime.backends.tflite", "TfliteBackend"),
             "onnx": ("runtime.backends.onnx", "OnnxBackend")}
-PREFERENCE = ("tflite", "onnx", "xla")   # without measurements: fastest measured on CPU first
-_IMPORTS = {"xla": "jax", "tflite": "ai_edge_litert.interpreter", "onnx": "onnxruntime"}
+CPU_PREFERENCE = ("tflite", "onnx", "xla", "xla-tpu")
+_IMPORTS = {"xla": "jax", "xla-tpu": "jax", "tflite": "ai_edge_litert.interpreter",
+            "onnx": "onnxruntime"}
 
 
-def available(manifest: Manifest) -> dict[str, str | None]:
+def _module(target: str):
+    return importlib.import_module(BACKENDS[target][0])
+
+
+def reasons(manifest: Manifest, machine: _devices.Machine | None = None) -> dict[str, str | None]:
     """target -> None if it can run here, else the reason it cannot."""
+    machine = machine or _devices.query()
     out = {}
-    for target in manifest.artifacts:
+    for target, record in manifest.artifacts.items():
         if target not in BACKENDS:
             out[target] = f"no runtime backend for target {target!r} in this version"
             continue
@@ -31,34 +52,84 @@ def available(manifest: Manifest) -> dict[str, str | None]:
         except ImportError as e:
             out[target] = f"cannot import its backend: {e}"
             continue
-        out[target] = None
+        out[target] = _module(target).unsupported(record, machine)
     return out
 
 
-def choose(manifest: Manifest, target: str = "auto") -> str:
-    reasons = available(manifest)
+def ranked(manifest: Manifest, machine: _devices.Machine | None = None) -> list[tuple[str, str]]:
+    """The runnable artifacts in the order `auto` tries them, each with the rule that placed it."""
+    machine = machine or _devices.query()
+    ok = [t for t, why in reasons(manifest, machine).items() if why is None]
+    order: list[tuple[str, str]] = []
+
+    def add(target, rule):
+        if target in ok and target not in [t for t, _ in order]:
+            order.append((target, rule))
+
+    if machine.platform == "tpu":
+        add("xla-tpu", "TPU present and the ahead-of-time executable matches it")
+        add("xla", "TPU present: the portable StableHLO compiled on the TPU")
+    if machine.platform == "cuda":
+        add("xla", "CUDA GPU visible to JAX: StableHLO on the GPU")
+    if "CUDAExecutionProvider" in machine.ort_providers:
+        add("onnx", "onnxruntime has the CUDA execution provider")
+    measured = sorted((t for t in ok if _decode_speed(manifest, t)),
+                      key=lambda t: -_decode_speed(manifest, t))
+    for t in measured:
+        add(t, f"CPU: fastest measured decode ({_decode_speed(manifest, t):.1f} tok/s recorded)")
+    for t in sorted(ok, key=lambda t: CPU_PREFERENCE.index(t) if t in CPU_PREFERENCE
+                    else len(CPU_PREFERENCE)):
+        add(t, "CPU: default preference " + " > ".join(CPU_PREFERENCE))
+    return order
+
+
+def _decode_speed(manifest: Manifest, target: str) -> float:
+    return float(manifest.artifact(target).get("benchmark", {}).get("decode_tok_s") or 0)
+
+
+def choose(manifest: Manifest, target: str = "auto",
+           machine: _devices.Machine | None = None) -> str:
+    return candidates(manifest, target, machine)[0]
+
+
+def candidates(manifest: Manifest, target: str = "auto",
+               machine: _devices.Machine | None = None) -> list[str]:
+    """[target] if it was named and can run here, else the auto order; raises saying why not."""
+    machine = machine or _devices.query()
     if target != "auto":
         manifest.artifact(target)   # raises if missing
-        if reasons.get(target):
-            raise ArtifactError(f"cannot run the {target!r} artifact here: {reasons[target]}")
-        return target
-    runnable = [t for t, why in reasons.items() if why is None]
-    if not runnable:
-        detail = "; ".join(f"{t}: {why}" for t, why in reasons.items()) or "no artifacts"
-        raise ArtifactError(f"{manifest.root}: no artifact can run here ({detail})")
-    measured = [t for t in runnable
-                if manifest.artifact(t).get("benchmark", {}).get("decode_tok_s")]
-    if measured:
-        return max(measured, key=lambda t: manifest.artifact(t)["benchmark"]["decode_tok_s"])
-    return min(runnable, key=lambda t: PREFERENCE.index(t) if t in PREFERENCE else len(PREFERENCE))
+        why = reasons(manifest, machine).get(target)
+        if why:
+            raise ArtifactError(f"cannot run the {target!r} artifact here: {why}")
+        return [target]
+    order = [t for t, _ in ranked(manifest, machine)]
+    if not order:
+        detail = "; ".join(f"{t}: {why}" for t, why in reasons(manifest, machine).items())
+        raise ArtifactError(f"{manifest.root}: no artifact can run here ({detail or 'no artifacts'})")
+    return order
 
 
 def open_backend(manifest: Manifest, target: str, **options):
     """Options a backend's constructor does not take (e.g. cache_dir for tflite) are ignored."""
     import inspect
     manifest.check_files(target)
-    module, cls = BACKENDS[target]
-    backend = getattr(importlib.import_module(module), cls)
+    backend = getattr(_module(target), BACKENDS[target][1])
     accepted = inspect.signature(backend.__init__).parameters
     return backend(manifest, manifest.artifact(target),
                    **{k: v for k, v in options.items() if k in accepted})
+
+
+def open_first(manifest: Manifest, order: list[str], **options):
+    """Opens the first of `order` that loads; a failure moves on to the next, said on stderr."""
+    failures = []
+    for target in order:
+        try:
+            return open_backend(manifest, target, **options)
+        except Exception as e:
+            if len(order) == 1:
+                raise
+            failures.append(f"{target}: {e}")
+            if target != order[-1]:
+                print(f"gemma-aot: could not open the {target} artifact ({e}); falling back",
+                      file=sys.stderr)
+    raise ArtifactError(f"{manifest.root}: no artifact could be opened ({'; '.join(failures)})")

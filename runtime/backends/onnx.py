@@ -21,6 +21,11 @@ def pick_provider(available: list[str]) -> str:
         else "CPUExecutionProvider"
 
 
+
+def unsupported(record: dict, machine) -> str | None:
+    """ONNX Runtime's CPU provider runs on any machine it installs on (CUDA when it offers it)."""
+    return None
+
 class OnnxBackend:
     target = TARGET
     dynamic_length = True   # one graph runs any prefill length: no padding needed

@@ -18,6 +18,11 @@ from .base import physical_cores
 TARGET = "tflite"
 
 
+
+def unsupported(record: dict, machine) -> str | None:
+    """LiteRT's CPU kernels (XNNPACK) run on any machine its wheel installs on."""
+    return None
+
 class TfliteBackend:
     target = TARGET
 

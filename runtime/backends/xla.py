@@ -17,7 +17,27 @@ import numpy as np
 TARGET = "xla"
 
 
-class XlaBackend:
+def unsupported(record: dict, machine) -> str | None:
+    platforms = record.get("platforms") or []
+    if machine.platform not in platforms:
+        return (f"exported for {', '.join(platforms)}; this machine's JAX platform is "
+                f"{machine.platform}")
+    return None
+
+
+class JaxSignatures:
+    """prefill/decode over `_run(name, tokens [T] int32, start, state) -> (outputs, state)`,
+    shared by the JAX backends."""
+
+    def prefill(self, signature, tokens, start, state):
+        return self._run(signature, np.asarray(tokens, np.int32), start, state)[1]
+
+    def decode(self, token, pos, state):
+        out, state = self._run("decode", np.array([token], np.int32), pos, state)
+        return np.asarray(out["logits"][0, 0]), state
+
+
+class XlaBackend(JaxSignatures):
     target = TARGET
 
     def __init__(self, manifest, record: dict, cache_dir: str | bool | None = None):
@@ -29,11 +49,14 @@ class XlaBackend:
         self._jax, self._jnp = jax, jnp
         self.cache_dir = None if cache_dir is False else enable_compilation_cache(
             cache_dir or manifest.path(record["dir"]) / "jax_cache")
+        from ..devices import query
+        from ..manifest import ArtifactError
         files = record["files"]
-        self.platform = jax.default_backend()
-        if self.platform not in record.get("platforms", []):
-            raise RuntimeError(f"the xla artifact was exported for {record.get('platforms')}, "
-                               f"this machine's JAX platform is {self.platform}")
+        machine = query()
+        self.platform = machine.platform
+        why = unsupported(record, machine)
+        if why:
+            raise ArtifactError(f"cannot run the xla artifact here: {why}")
         weights = load_file(str(manifest.path(files["weights"]["path"])))
         self.weights = jax.device_put(weights)
         self._fns = {}
@@ -54,13 +77,6 @@ class XlaBackend:
         out = self._fns[name](self.weights, state, jnp.asarray(tokens.reshape(1, n), jnp.int32),
                               jnp.arange(start, start + n, dtype=jnp.int32))
         return out, {k: out[k] for k, _, _ in self._kv}
-
-    def prefill(self, signature, tokens, start, state):
-        return self._run(signature, np.asarray(tokens, np.int32), start, state)[1]
-
-    def decode(self, token, pos, state):
-        out, state = self._run("decode", np.array([token], np.int32), pos, state)
-        return np.asarray(out["logits"][0, 0]), state
 
 
 def enable_compilation_cache(preferred) -> str | None:

@@ -1,0 +1,75 @@
+"""What this machine offers to run an artifact on. The runtime asks here and nowhere else, so the
+choice of artifact can be tested with simulated machines by replacing `query`.
+
+A `Machine` is JAX's devices on its default platform (`cpu`, `cuda`, `rocm` or `tpu`; empty when JAX
+does not import), the execution providers onnxruntime offers, and the versions an ahead-of-time
+executable must match.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Device:
+    platform: str                     # cpu, cuda, rocm, tpu
+    kind: str                         # as JAX reports it: "cpu", "NVIDIA H100 80GB HBM3", "TPU v5 lite"
+    id: int = 0
+    coords: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Machine:
+    devices: tuple[Device, ...] = ()
+    ort_providers: tuple[str, ...] = ()
+    versions: dict = field(default_factory=dict)     # jax, jaxlib, libtpu (None if absent)
+
+    @property
+    def platform(self) -> str:
+        """JAX's default platform, `cpu` when JAX is absent (the other backends run on the CPU)."""
+        return self.devices[0].platform if self.devices else "cpu"
+
+    def describe(self) -> str:
+        if not self.devices:
+            return "no JAX devices"
+        kinds = sorted({d.kind for d in self.devices})
+        return f"{self.platform}: {len(self.devices)} x {', '.join(kinds)}"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _platform(device) -> str:
+    if device.platform != "gpu":
+        return device.platform
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
+def from_jax(device) -> Device:
+    return Device(_platform(device), device.device_kind, int(device.id),
+                  tuple(getattr(device, "coords", None) or ()))
+
+
+@functools.lru_cache(maxsize=1)
+def query() -> Machine:
+    devices = ()
+    try:
+        import jax
+        devices = tuple(from_jax(d) for d in jax.devices())
+    except Exception:   # JAX absent or no usable backend: the other backends can still run
+        pass
+    providers = ()
+    try:
+        import onnxruntime
+        providers = tuple(onnxruntime.get_available_providers())
+    except Exception:
+        pass
+    return Machine(devices, providers, {d: _version(d) for d in ("jax", "jaxlib", "libtpu")})

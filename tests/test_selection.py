@@ -1,0 +1,137 @@
+"""runtime.load(target="auto"): which artifact runs, by what is present. Real artifacts of every
+target; machines are simulated only at the device-query seam (`runtime.devices.query`)."""
+
+import json
+import shutil
+import sys
+
+import pytest
+
+import runtime
+import runtime.backends as rb
+import runtime.devices as rd
+from compile import export as ex
+from compile import signatures as sg
+from conftest import TINY_CONTEXT, TINY_LENGTHS
+
+HERE = rd.query()
+
+
+@pytest.fixture(scope="module")
+def every_target(tmp_path_factory):
+    ck = ex.random_checkpoint("gemma-2b-tiny")
+    out = tmp_path_factory.mktemp("sel") / "art"
+    ex.export(ck, sg.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT),
+              ["xla", "onnx", "tflite", "xla-tpu"], out, {"tpu_topology": "v5e:2x2"},
+              log=lambda m: None)
+    return out
+
+
+def _copy(src, dst, edit=None, drop=()):
+    """A copy of the artifact directory (target dirs linked), its manifest edited."""
+    dst.mkdir()
+    m = json.loads((src / "manifest.json").read_text())
+    for t in drop:
+        del m["artifacts"][t]
+    if edit:
+        edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    shutil.copy(src / "tokenizer.model", dst)
+    for t in m["artifacts"]:
+        (dst / t).symlink_to(src / t, target_is_directory=True)
+    return dst
+
+
+def _tpu(every_target, kind="TPU v5 lite", n=4, **versions):
+    rec = json.loads((every_target / "manifest.json").read_text())["artifacts"]["xla-tpu"]
+    coords = [tuple(d["coords"]) for d in rec["devices"]] + [(2, 0, 0), (3, 0, 0), (2, 1, 0), (3, 1, 0)]
+    devs = tuple(rd.Device("tpu", kind, i, coords[i]) for i in range(n))
+    return rd.Machine(devs, ("CPUExecutionProvider",), {**HERE.versions, **versions})
+
+
+def test_cpu_machine_takes_the_fastest_cpu_artifact(every_target):
+    m = runtime.Manifest.read(every_target)
+    assert HERE.platform == "cpu"
+    why = rb.reasons(m)
+    assert why["xla"] is None and why["onnx"] is None and why["tflite"] is None
+    assert why["xla-tpu"] == ("compiled for v5e:2x2 (4 x TPU v5 lite); this machine has "
+                              "cpu: 1 x cpu")
+    assert [t for t, _ in rb.ranked(m)] == ["tflite", "onnx", "xla"]
+    assert runtime.load(every_target).backend.target == "tflite"
+
+
+def test_tpu_takes_its_executable_then_stablehlo(every_target):
+    m = runtime.Manifest.read(every_target)
+    order = rb.ranked(m, _tpu(every_target))
+    assert [t for t, _ in order][:2] == ["xla-tpu", "xla"]
+    assert order[0][1] == "TPU present and the ahead-of-time executable matches it"
+
+
+@pytest.mark.parametrize("machine,reason", [
+    (dict(libtpu="0.0.99"), "compiled with libtpu {libtpu}; this machine has libtpu 0.0.99 "
+                            "(executables load only with the exact versions"),
+    (dict(jax="0.9.0"), "compiled with jax {jax}; this machine has jax 0.9.0"),
+    (dict(kind="TPU v6 lite"), "compiled for v5e:2x2 (4 x TPU v5 lite); this machine has "
+                               "tpu: 4 x TPU v6 lite"),
+    (dict(n=8), "compiled for v5e:2x2 (4 x TPU v5 lite); this machine has tpu: 8 x TPU v5 lite"),
+])
+def test_tpu_mismatch_falls_back_to_stablehlo(every_target, machine, reason):
+    m = runtime.Manifest.read(every_target)
+    tpu = _tpu(every_target, **machine)
+    rec = m.artifact("xla-tpu")["versions"]
+    assert rb.reasons(m, tpu)["xla-tpu"].startswith(reason.format(**rec))
+    assert rb.choose(m, machine=tpu) == "xla"
+    with pytest.raises(runtime.ArtifactError, match="cannot run the 'xla-tpu' artifact here"):
+        rb.choose(m, "xla-tpu", machine=tpu)
+
+
+def test_gpu_rules(every_target, tmp_path):
+    m = runtime.Manifest.read(every_target)
+    cuda = rd.Machine((rd.Device("cuda", "NVIDIA H100 80GB HBM3"),), ("CPUExecutionProvider",),
+                      HERE.versions)
+    assert rb.ranked(m, cuda)[0] == ("xla", "CUDA GPU visible to JAX: StableHLO on the GPU")
+    ort_gpu = rd.Machine(HERE.devices, ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                         HERE.versions)
+    assert rb.choose(m, machine=ort_gpu) == "onnx"
+    rocm = rd.Machine((rd.Device("rocm", "AMD Instinct MI300X"),), (), HERE.versions)
+    assert "exported for cpu, cuda, tpu; this machine's JAX platform is rocm" in \
+        rb.reasons(m, rocm)["xla"]
+    # without an xla artifact a CUDA machine still runs the CPU artifacts
+    no_xla = runtime.Manifest.read(_copy(every_target, tmp_path / "a", drop=("xla",)))
+    assert rb.choose(no_xla, machine=cuda) == "tflite"
+
+
+def test_measured_decode_speed_decides_on_cpu(every_target, tmp_path):
+    def edit(m):
+        m["artifacts"]["onnx"]["benchmark"] = {"decode_tok_s": 80.0}
+        m["artifacts"]["tflite"]["benchmark"] = {"decode_tok_s": 60.0}
+    m = runtime.Manifest.read(_copy(every_target, tmp_path / "a", edit=edit))
+    assert rb.ranked(m)[:2] == [
+        ("onnx", "CPU: fastest measured decode (80.0 tok/s recorded)"),
+        ("tflite", "CPU: fastest measured decode (60.0 tok/s recorded)")]
+
+
+def test_a_package_that_does_not_import_is_skipped(every_target, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    m = runtime.Manifest.read(every_target)
+    assert rb.reasons(m)["tflite"].startswith("cannot import its backend:")
+    assert rb.choose(m) == "onnx"
+
+
+def test_no_runnable_artifact_says_why(every_target, tmp_path):
+    only_tpu = _copy(every_target, tmp_path / "a", drop=("xla", "onnx", "tflite"))
+    with pytest.raises(runtime.ArtifactError, match=r"no artifact can run here \(xla-tpu: "
+                                                    r"compiled for v5e:2x2"):
+        runtime.load(only_tpu)
+
+
+def test_load_falls_back_when_an_artifact_fails_to_open(every_target, tmp_path, monkeypatch,
+                                                        capsys):
+    # JAX here has no TPU: told otherwise at the seam, the xla-tpu backend cannot find the chips
+    # its executables were compiled for, and load moves on to the StableHLO
+    monkeypatch.setattr(rd, "query", lambda: _tpu(every_target))
+    gen = runtime.load(every_target, cache_dir=False)
+    assert gen.backend.target == "xla"
+    err = capsys.readouterr().err
+    assert "could not open the xla-tpu artifact (" in err and "falling back" in err
+    assert "JAX reports" in err
