@@ -126,7 +126,21 @@ def test_litertlm_bundle_structure(tmp_path):
     head = bundle.read_bytes()[:32]
     assert head[:8] == b"LITERTLM"
     assert int.from_bytes(head[8:12], "little") == 1              # major version
-    from litert_lm_builder.runtime.proto import llm_metadata_pb2  # noqa: F401 (installed)
+    # LiteRT-LM's engine reads the turn markers its prompt templates spell as text as the
+    # control ids, while our runtime's tokenizer keeps them out of user text
+    import tempfile
+    import litert_lm
+    gen = runtime.load(out, target="tflite")
+    tok, m = gen.tokenizer, json.loads((out / "manifest.json").read_text())["tokenizer"]
+    engine = litert_lm.Engine(str(bundle), backend=litert_lm.Backend.CPU(thread_count=1),
+                              cache_dir=tempfile.mkdtemp(dir=tmp_path))
+    try:
+        got = engine.tokenize("<start_of_turn>user\nthe cat<end_of_turn>\n")
+    finally:
+        engine.close()
+    assert got == ([m["start_of_turn"]] + tok.encode("user\nthe cat") + [m["end_of_turn"]]
+                   + tok.encode("\n"))
+    assert m["start_of_turn"] not in tok.encode("<start_of_turn>user")
 
 
 @pytest.mark.real   # slow: writes and runs a 2 GB model

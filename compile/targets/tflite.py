@@ -163,13 +163,28 @@ def llm_metadata(special: dict, contract) -> bytes:
     return md.SerializeToString()
 
 
+def engine_tokenizer(model_proto: bytes, special: dict) -> bytes:
+    """The tokenizer for LiteRT-LM's engine: its prompt templates (and the Android app's prompts)
+    spell the turn markers as text, so `<start_of_turn>`/`<end_of_turn>` must be USER_DEFINED
+    pieces, matched in text, as in Gemma's own tokenizer. (GGUF types them CONTROL, which
+    SentencePiece never produces from text; our runtime inserts them as ids instead.)"""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    m = sp_pb2.ModelProto()
+    m.ParseFromString(model_proto)
+    for key in ("start_of_turn", "end_of_turn"):
+        m.pieces[int(special[key])].type = sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return m.SerializeToString()
+
+
 def bundle(tflite_path: Path, tokenizer_path: Path, special: dict, contract, out: Path) -> None:
-    """A `.litertlm` file (litert-lm-builder): the TFLite model, the SentencePiece tokenizer and
-    LlmMetadata, as LiteRT-LM's engine and the Android app load it."""
+    """A `.litertlm` file (litert-lm-builder): the TFLite model, the engine's SentencePiece
+    tokenizer and LlmMetadata, as LiteRT-LM's engine and the Android app load it."""
     from litert_lm_builder import litertlm_builder as lb
     from litert_lm_builder import litertlm_core
     md_path = out.with_name(out.name + ".llm_metadata.pb")
     md_path.write_bytes(llm_metadata(special, contract))
+    tok_path = out.with_name(out.name + ".tokenizer.model")
+    tok_path.write_bytes(engine_tokenizer(tokenizer_path.read_bytes(), special))
     try:
         b = lb.LitertLmFileBuilder()
         b.add_system_metadata(lb.Metadata(key="model", value=contract.config.name,
@@ -177,9 +192,10 @@ def bundle(tflite_path: Path, tokenizer_path: Path, special: dict, contract, out
         b.add_system_metadata(lb.Metadata(key="producer", value="gemma-aot",
                                           dtype=lb.DType.STRING))
         b.add_tflite_model(str(tflite_path), lb.TfLiteModelType.PREFILL_DECODE)
-        b.add_sentencepiece_tokenizer(str(tokenizer_path))
+        b.add_sentencepiece_tokenizer(str(tok_path))
         b.add_llm_metadata(str(md_path))
         with litertlm_core.open_file(str(out), "wb") as f:
             b.build(f, validate_metadata=True)
     finally:
         md_path.unlink(missing_ok=True)
+        tok_path.unlink(missing_ok=True)

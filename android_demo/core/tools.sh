@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Puts the Kotlin compiler (npm kotlin-compiler, which bundles kotlin-test-junit) and JUnit 4
+# (Debian junit4) on this machine if missing, then prints the compiler's home directory.
+# Used by `make test` through tests/test_android_demo.py; idempotent and quiet when present.
+set -euo pipefail
+KOTLIN_VERSION=2.4.20
+home="${XDG_CACHE_HOME:-$HOME/.cache}/gemma-aot/kotlinc-$KOTLIN_VERSION"
+if [ ! -x "$home/bin/kotlinc" ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "kotlin-compiler@$KOTLIN_VERSION" >/dev/null 2>&1)
+  mkdir -p "$home"
+  tar xzf "$tmp"/kotlin-compiler-*.tgz -C "$home" --strip-components=1
+  chmod +x "$home"/bin/*
+  rm -rf "$tmp"
+fi
+if [ ! -f /usr/share/java/junit4.jar ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq --no-install-recommends junit4 >/dev/null
+  else
+    sudo apt-get install -y -qq --no-install-recommends junit4 >/dev/null
+  fi
+fi
+echo "$home"

@@ -1,0 +1,98 @@
+"""The Android demo's plain-Kotlin core: its unit tests run here (kotlinc from npm, JUnit from
+Debian) on a `.litertlm` our exporter wrote, and its chat template is held to the Python runtime's
+by a golden file this module writes from `runtime.tokenizer.render_chat`."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from runtime.tokenizer import render_chat
+
+CORE = ROOT / "android_demo" / "core"
+GOLDEN = CORE / "src" / "test" / "resources" / "golden_prompts.json"
+
+U, A, S = "user", "assistant", "system"
+CASES = {
+    "one user turn": [(U, "The capital of France is")],
+    "system prepended to the first user turn": [(S, "Answer in French.  "), (U, "Hello")],
+    "three turns": [(U, "Hi"), (A, "Hello! How can I help?"), (U, "Tell me a joke.")],
+    "python whitespace stripped": [(U, "\x1c\x85\u3000 spaced\ttext\n\n\u00a0\u2028")],
+    "inner newlines kept": [(U, "line one\n\nline two"), (A, "ok\n"), (U, "  again  ")],
+    "turn markers typed by the user stay text": [(U, "say <end_of_turn> now<start_of_turn>")],
+    "unicode": [(U, "日本語で答えて 😀"), (A, "はい、どうぞ。"), (U, "Ça va ? — ¿qué?")],
+    "empty user text": [(U, "")],
+    "zero width space is not whitespace": [(U, "\u200bword\u200b")],
+    "system and several turns": [(S, "You are terse."), (U, "a"), (A, "b"), (U, "c"), (A, "d"),
+                                 (U, "e")],
+    "no messages": [],
+    "only a system message": [(S, "Be nice.")],
+    "assistant first": [(A, "Hi"), (U, "Hello")],
+    "two user turns in a row": [(U, "Hi"), (U, "Hello?")],
+    "system in the middle": [(U, "Hi"), (S, "Be nice.")],
+}
+
+
+def golden_cases() -> list[dict]:
+    out = []
+    for name, turns in CASES.items():
+        messages = [{"role": r, "content": c} for r, c in turns]
+        case = {"name": name, "messages": messages}
+        try:
+            case["prompt"] = render_chat(messages)
+        except ValueError as e:
+            case["error"] = str(e)
+        out.append(case)
+    return out
+
+
+def test_golden_prompts_are_the_python_runtimes():
+    want = golden_cases()
+    if os.environ.get("GEMMA_AOT_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(want, indent=1, ensure_ascii=True) + "\n")
+    assert json.loads(GOLDEN.read_text()) == want, (
+        "the Python runtime's chat template changed: regenerate the Kotlin core's golden file "
+        "with GEMMA_AOT_WRITE_GOLDEN=1 pytest tests/test_android_demo.py, then fix the Kotlin side")
+    assert sum("error" in c for c in want) == 5
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from compile import export as ex
+    from compile import signatures as sg
+    ck = ex.random_checkpoint("gemma3-270m-tiny")
+    out = tmp_path_factory.mktemp("android") / "gemma3-270m-tiny"
+    m = ex.export(ck, sg.Contract(ck.config, (4, 8), 64), ["tflite"], out, {"quant": "int8"},
+                  log=lambda m: None)
+    files = m["artifacts"]["tflite"]["files"]
+    return out / files["litertlm"]["path"], out / files["model"]["path"]
+
+
+def test_kotlin_core_unit_tests(tiny_bundle, tmp_path):
+    bundle, tflite = tiny_bundle
+    home = subprocess.run(["bash", str(CORE / "tools.sh")], capture_output=True, text=True,
+                          check=True, timeout=900).stdout.strip().splitlines()[-1]
+    kotlinc = f"{home}/bin/kotlinc"
+    libs = [f"{home}/lib/kotlin-test.jar", f"{home}/lib/kotlin-test-junit.jar",
+            "/usr/share/java/junit4.jar", "/usr/share/java/hamcrest-core.jar"]
+    main_jar, test_jar = tmp_path / "core.jar", tmp_path / "core-tests.jar"
+
+    def run(*cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        return r.stdout
+
+    run(kotlinc, "-Werror", str(CORE / "src" / "main" / "kotlin"), "-d", str(main_jar))
+    run(kotlinc, str(CORE / "src" / "test" / "kotlin"), "-cp", ":".join([str(main_jar)] + libs),
+        "-d", str(test_jar))
+    classes = sorted(p.stem for p in (CORE / "src" / "test" / "kotlin").rglob("*Test.kt"))
+    out = run("java", f"-Dgolden={GOLDEN}", f"-Dlitertlm={bundle}", f"-Dtflite={tflite}",
+              "-cp", ":".join([str(main_jar), str(test_jar), f"{home}/lib/kotlin-stdlib.jar"] + libs),
+              "org.junit.runner.JUnitCore", *[f"dev.gemmaaot.core.{c}" for c in classes])
+    written = sum(p.read_text().count("@Test\n") for p in (CORE / "src" / "test").rglob("*.kt"))
+    ran = re.search(r"OK \((\d+) tests\)", out)
+    assert ran and int(ran.group(1)) == written >= 20, out[-3000:]
