@@ -245,14 +245,20 @@ def main(argv=None) -> int:
     p.add_argument("--tpu-topology", default=None,
                    help="xla-tpu: the TPU topology to compile for, e.g. v5e:1x1, v5e:2x2, v6e:2x4 "
                         "(needs the tpu extra; no TPU needed)")
+    p.add_argument("--android-demo", nargs="?", const="android_demo/model", default=None,
+                   metavar="DIR", help="also build the tflite target and copy its .litertlm bundle "
+                                       "to DIR (default: android_demo/model), printing the adb "
+                                       "command that puts it on the phone")
     p.add_argument("--mesh", default=None,
                    help="xla-tpu: model=M splits the model over M chips (default: all chips)")
     args = p.parse_args(argv)
 
     try:
         names = []
-        for t in args.target or ["xla"]:
+        for t in args.target or ([] if args.android_demo else ["xla"]):
             names += [x.strip() for x in t.split(",") if x.strip()]
+        if args.android_demo and "tflite" not in names:
+            names.append("tflite")
         if "all" in names:
             names = [n for n in names if n != "all"] + list(targets.PORTABLE)
         names = list(dict.fromkeys(names))
@@ -282,7 +288,25 @@ def main(argv=None) -> int:
         for f in manifest["artifacts"][n]["files"].values():
             print(f"  {out / f['path']}  {f['bytes'] / 1e6:.1f} MB")
     print(f"  {out / 'manifest.json'}")
+    if args.android_demo:
+        copy_for_android(out, manifest, Path(args.android_demo))
     return 0
+
+
+ANDROID_APP_DIR = "/sdcard/Android/data/dev.gemmaaot.chat/files"   # the app's getExternalFilesDir
+
+
+def copy_for_android(out: Path, manifest: dict, dest: Path) -> Path:
+    """Copies the .litertlm bundle where android_demo/README.md's adb command expects it."""
+    bundle = out / manifest["artifacts"]["tflite"]["files"]["litertlm"]["path"]
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / bundle.name
+    tmp = target.with_name(target.name + ".partial")
+    shutil.copyfile(bundle, tmp)
+    os.replace(tmp, target)
+    print(f"android demo: {target} ({target.stat().st_size / 1e6:.1f} MB); put it on the phone with\n"
+          f"  adb push {target} {ANDROID_APP_DIR}/{target.name}")
+    return target
 
 
 if __name__ == "__main__":

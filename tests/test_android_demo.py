@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -62,14 +63,20 @@ def test_golden_prompts_are_the_python_runtimes():
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    from compile import export as ex
-    from compile import signatures as sg
-    ck = ex.random_checkpoint("gemma3-270m-tiny")
-    out = tmp_path_factory.mktemp("android") / "gemma3-270m-tiny"
-    m = ex.export(ck, sg.Contract(ck.config, (4, 8), 64), ["tflite"], out, {"quant": "int8"},
-                  log=lambda m: None)
-    files = m["artifacts"]["tflite"]["files"]
-    return out / files["litertlm"]["path"], out / files["model"]["path"]
+    """The bundle as a user makes it for the app: `compile.export --android-demo DIR`."""
+    tmp = tmp_path_factory.mktemp("android")
+    r = subprocess.run([sys.executable, "-m", "compile.export", "--checkpoint",
+                        "random:gemma3-270m-tiny", "--prefill-lengths", "4,8", "--max-context", "64",
+                        "--out", str(tmp / "art"), "--android-demo", str(tmp / "model")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bundle = tmp / "model" / "gemma3-270m-tiny-int8.litertlm"
+    assert (f"adb push {bundle} /sdcard/Android/data/dev.gemmaaot.chat/files/"
+            f"gemma3-270m-tiny-int8.litertlm") in r.stdout
+    m = json.loads((tmp / "art" / "manifest.json").read_text())
+    assert set(m["artifacts"]) == {"tflite"}              # --android-demo implies the tflite target
+    assert bundle.read_bytes() == (tmp / "art" / "tflite" / bundle.name).read_bytes()
+    return bundle, tmp / "art" / "tflite" / "model.tflite"
 
 
 def test_kotlin_core_unit_tests(tiny_bundle, tmp_path):

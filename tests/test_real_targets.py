@@ -47,6 +47,38 @@ def test_int8_quality_size_and_litert_lm_engine(real_tflite, tmp_path):
     assert theirs[:16] == ours[:16], (text, gen.tokenizer.decode(ours))
 
 
+def test_android_app_prompt_path_in_litert_lm_engine(real_tflite, tmp_path):
+    """The Android demo hands a fresh Session the chat prompt minus what the session adds itself
+    (<bos>, the bundle's user prefix/suffix and model prefix): the model must see exactly our
+    runtime's chat prompt, so the engine's greedy reply equals ours."""
+    import litert_lm
+    from runtime.tokenizer import render_chat
+    out = real_tflite("int8")
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
+    msgs = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And of Italy?"}]
+    full = render_chat(msgs)
+    head, tail = "<bos><start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"
+    session_input = full[len(head):-len(tail)]             # GemmaTemplate.sessionInput in Kotlin
+    gen = runtime.load(out)
+    ours = list(gen.stream_ids(gen.tokenizer.prompt_ids(msgs, chat=True), max_new_tokens=12))
+    engine = litert_lm.Engine(str(out / art["files"]["litertlm"]["path"]),
+                              backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=str(tmp_path))
+    try:
+        session = engine.create_session(apply_prompt_template=True, max_output_tokens=12,
+                                        sampler_config=litert_lm.SamplerConfig(top_k=1))
+        session.run_prefill([session_input])
+        text = session.run_decode().texts[0]
+        session.close()
+    finally:
+        engine.close()
+    theirs = gen.tokenizer.encode(text)
+    assert len(ours) >= 3 and theirs[:len(ours)] == ours[:len(theirs)] and len(theirs) >= 3, \
+        (text, gen.tokenizer.decode(ours))
+
+
 @pytest.fixture(scope="module")
 def real_onnx(tmp_path_factory, real_checkpoint):
     from compile import export as ex

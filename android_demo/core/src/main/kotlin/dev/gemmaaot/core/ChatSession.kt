@@ -11,6 +11,10 @@ data class ChatState(
     val generating: Boolean get() = streaming != null
 }
 
+/** One reply to generate: [prompt] is what the model must see, [engineInput] what to hand a fresh
+ *  LiteRT-LM Session for that (see [GemmaTemplate.sessionInput]). */
+data class Turn(val id: Int, val prompt: String, val engineInput: String)
+
 /**
  * The chat's logic without Android: history, the prompt for the next turn, assembling the streamed
  * reply, stop, new chat, and the speed readout. The engine adapter calls [onPiece] / [onDone] /
@@ -30,18 +34,21 @@ class ChatSession(
     var state = ChatState()
         private set
 
+    /** A reply ends after this many streamed pieces (the engine is asked to stop). */
+    @Volatile var maxNewTokens: Int = SamplerSettings().maxNewTokens
+
     private fun update(f: (ChatState) -> ChatState) {
         val s = synchronized(lock) { f(state).also { state = it } }
         listener(s)
     }
 
     /**
-     * Adds the user's turn and returns (generation id, prompt) for the engine, or throws
-     * IllegalStateException while a reply is streaming and IllegalArgumentException for empty text.
+     * Adds the user's turn and returns what to generate, or throws IllegalStateException while a
+     * reply is streaming and IllegalArgumentException for empty text.
      */
-    fun send(text: String): Pair<Int, String> {
+    fun send(text: String): Turn {
         require(GemmaTemplate.pyStrip(text).isNotEmpty()) { "type a message first" }
-        var out: Pair<Int, String>? = null
+        var out: Turn? = null
         update { s ->
             check(!s.generating) { "wait for the reply, or stop it, before sending" }
             val history = s.messages + ChatMessage(Role.USER, text)
@@ -49,14 +56,14 @@ class ChatSession(
             generation += 1
             stream = StreamText(stopStrings)
             stats.begin()
-            out = generation to GemmaTemplate.render(all)
+            out = Turn(generation, GemmaTemplate.render(all), GemmaTemplate.sessionInput(all))
             s.copy(messages = history, streaming = "", error = null)
         }
         return out!!
     }
 
     /** A streamed piece of generation [id] (stale generations are ignored). Returns true when a
-     *  stop string ended the reply: the caller should stop the engine. */
+     *  stop string or [maxNewTokens] ended the reply: the caller should stop the engine. */
     fun onPiece(id: Int, piece: String): Boolean = onStreamed(id) { it.addText(piece) }
 
     fun onBytes(id: Int, bytes: ByteArray): Boolean = onStreamed(id) { it.addBytes(bytes) }
@@ -68,7 +75,7 @@ class ChatSession(
             if (id != generation || st == null || !s.generating) return@update s
             stats.token()
             add(st)
-            stopped = st.stopped
+            stopped = st.stopped || stats.tokens >= maxNewTokens
             s.copy(streaming = st.text)
         }
         if (stopped) finish(id, null)

@@ -68,6 +68,24 @@ object GemmaTemplate {
         return sb.append(START_OF_TURN).append("model\n").toString()
     }
 
+    /** The turn templates our exporter writes into the bundle's LlmMetadata. */
+    const val USER_PREFIX = "<start_of_turn>user\n"
+    const val USER_SUFFIX = "<end_of_turn>\n"
+    const val MODEL_PREFIX = "<start_of_turn>model\n"
+
+    /**
+     * What to hand a fresh LiteRT-LM `Session` so that the model sees exactly [render]: the session
+     * adds the start token and wraps its input in the bundle's user prefix/suffix and model prefix
+     * (and refuses input that spells the BOS token), so those are left off here.
+     */
+    fun sessionInput(messages: List<ChatMessage>): String {
+        val full = render(messages)
+        val head = BOS + USER_PREFIX
+        val tail = USER_SUFFIX + MODEL_PREFIX
+        check(full.startsWith(head) && full.endsWith(tail) && full.length >= head.length + tail.length)
+        return full.substring(head.length, full.length - tail.length)
+    }
+
     /** Python's str.isspace(): what str.strip() removes (Kotlin's trim() differs, e.g. U+001C). */
     fun isPythonSpace(c: Char): Boolean = c in '\u0009'..'\u000d' || c in '\u001c'..'\u0020' ||
         c == '\u0085' || c == '\u00a0' || c == '\u1680' || c in '\u2000'..'\u200a' ||

@@ -44,6 +44,19 @@ class ChatSessionTest {
     }
 
     @Test
+    fun maxNewTokensEndsTheReply() {
+        val chat = session()
+        chat.maxNewTokens = 3
+        val (id, _) = chat.send("Count")
+        assertFalse(chat.onPiece(id, "1"))
+        assertFalse(chat.onPiece(id, " 2"))
+        assertTrue(chat.onPiece(id, " 3"))
+        assertEquals("1 2 3", chat.state.messages.last().content)
+        assertFalse(chat.onPiece(id, " 4"))
+        assertEquals("1 2 3", chat.state.messages.last().content)
+    }
+
+    @Test
     fun stopKeepsThePartialReplyAndLatePiecesAreIgnored() {
         val chat = session()
         val (id, _) = chat.send("Tell me a story")

@@ -40,6 +40,18 @@ class GemmaTemplateTest {
     }
 
     @Test
+    fun sessionInputIsWhatTheEngineWrapsBackIntoThePrompt() {
+        for (case in golden.filter { it["prompt"] != null }) {
+            val input = GemmaTemplate.sessionInput(messages(case))
+            assertEquals(case["prompt"], GemmaTemplate.BOS + GemmaTemplate.USER_PREFIX + input +
+                GemmaTemplate.USER_SUFFIX + GemmaTemplate.MODEL_PREFIX, "case ${case["name"]}")
+        }
+        assertEquals("Hi<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n<start_of_turn>user\nAnd?",
+            GemmaTemplate.sessionInput(listOf(ChatMessage(Role.USER, "Hi"), ChatMessage(Role.MODEL, "Yo"),
+                                              ChatMessage(Role.USER, "And?"))))
+    }
+
+    @Test
     fun unknownRoleIsRefused() {
         val e = assertFailsWith<IllegalArgumentException> { Role.fromWire("tool") }
         assertEquals("unknown chat role 'tool'; use system, user or assistant", e.message)
