@@ -1,4 +1,4 @@
-"""runtime.info's report, and the XLA backend's persistent compilation cache."""
+"""runtime.info's report, the XLA backend's persistent compilation cache, and the benchmark harness."""
 
 import subprocess
 import sys
@@ -37,3 +37,20 @@ def test_info_reports_artifacts_and_choice(tiny_artifacts, tmp_path):
     assert "choice: xla" in r.stdout
     bad = _py("-m", "runtime.info", "--artifacts", str(tmp_path))
     assert bad.returncode == 1 and "has no manifest.json" in bad.stderr
+
+
+def test_benchmark_runs_and_reports_every_figure(tiny_artifacts, tmp_path):
+    """The harness itself (speed is never asserted): one rep on a tiny artifact, no peers."""
+    import json
+    r = _py("-m", "benchmarks.run", "--artifacts", str(tiny_artifacts("gemma2-2b-tiny")),
+            "--peers", "", "--reps", "1", "--prefill", "4,8", "--short", "4", "--long", "16",
+            "--decode", "4", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    (res,) = report["results"]
+    assert res["name"] == "gemma-aot xla (none)" and res["artifact_bytes"] > 0
+    assert set(res["median"]) == {"load_s", "ttft_4", "prefill_4", "ttft_8", "prefill_8",
+                                  "decode_short", "decode_long", "peak_rss_mb"}
+    assert all(v > 0 for v in res["median"].values())
+    assert report["machine"]["read_bandwidth_gbs"] > 0
+    assert "gemma-aot xla (none)" in r.stdout and "decode @16" in r.stdout

@@ -1,0 +1,405 @@
+"""`python -m benchmarks.run`: our artifacts next to llama.cpp and LiteRT-LM, in one run.
+
+    python -m benchmarks.run [--artifacts DIR ...] [--targets tflite,onnx,xla]
+        [--peers llama.cpp,litert-lm,onnxruntime-genai] [--threads 2] [--reps 3]
+        [--prefill 128,512] [--short 32] [--long 1024] [--decode 32] [--measure-export]
+        [--out benchmarks/results]
+
+Every engine runs in its own worker process, once per repetition, interleaved (ours, peers, ours,
+...), so each has a clean peak RSS and none warms another's caches; figures are medians over the
+repetitions. Measured per engine: load time; prefill tokens/s and time to first token at each
+--prefill length (TTFT = prompt in, first logits out); decode tokens/s at short context (--short
+prompt tokens, then --decode tokens) and long context (--long prompt tokens, then --decode); peak
+RSS; artifact bytes; bytes read per decoded token (weights + the KV cache a step reads) and the
+roofline it implies at the machine's measured read bandwidth. Ratios are to llama.cpp measured in
+the same run. Writes `results.json` and `results.png` (if matplotlib is installed) under --out.
+
+Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
+(`litert-lm-api`) on our `.litertlm`; onnxruntime-genai is reported as absent when it does not
+import. `pip install -e '.[bench]'` installs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
+        "changed how books were made, sold and read across Europe. ")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _prompt_ids(tokenizer_encode, bos: int, n: int) -> list[int]:
+    ids = [bos]
+    text = tokenizer_encode(TEXT)
+    while len(ids) < n:
+        ids += text
+    return ids[:n]
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_ours(spec: dict) -> dict:
+    import runtime
+    t0 = time.perf_counter()
+    gen = runtime.load(spec["artifacts"], target=spec["target"], num_threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    b, tok = gen.backend, gen.tokenizer
+    longest = max(spec["prefill"] + [spec["long"]])
+    ids = _prompt_ids(tok.encode, tok.bos_id, longest + spec["decode"])
+
+    def prefill(n):
+        t = time.perf_counter()
+        state = gen._fill(ids[:n - 1], b.new_state())
+        logits, state = b.decode(ids[n - 1], n - 1, state)
+        return time.perf_counter() - t, logits, state
+
+    def decode(n):
+        _, logits, state = prefill(n)
+        t = time.perf_counter()
+        for pos in range(n, n + spec["decode"]):
+            logits, state = b.decode(int(np.argmax(logits)), pos, state)
+        return spec["decode"] / (time.perf_counter() - t)
+
+    prefill(spec["prefill"][0])   # warm-up: first calls compile or allocate
+    out = {"load_s": load_s}
+    for n in spec["prefill"]:
+        ttft = prefill(n)[0]
+        out[f"ttft_{n}"], out[f"prefill_{n}"] = ttft, n / ttft
+    out["decode_short"] = decode(spec["short"])
+    out["decode_long"] = decode(spec["long"])
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def worker_llama(spec: dict) -> dict:
+    from llama_cpp import Llama
+    t0 = time.perf_counter()
+    llm = Llama(model_path=spec["gguf"], n_ctx=spec["context"], n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+    longest = max(spec["prefill"] + [spec["long"]])
+    ids = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False),
+                      llm.token_bos(), longest + spec["decode"])
+    vocab = llm.n_vocab()
+
+    def prefill(n):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:n])
+        return time.perf_counter() - t
+
+    def decode(n):
+        prefill(n)
+        t = time.perf_counter()
+        for _ in range(spec["decode"]):   # greedy on the last position's logits
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+            llm.eval([int(np.argmax(last))])
+        return spec["decode"] / (time.perf_counter() - t)
+
+    prefill(spec["prefill"][0])
+    out = {"load_s": load_s}
+    for n in spec["prefill"]:
+        ttft = prefill(n)
+        out[f"ttft_{n}"], out[f"prefill_{n}"] = ttft, n / ttft
+    out["decode_short"] = decode(spec["short"])
+    out["decode_long"] = decode(spec["long"])
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def worker_litert_lm(spec: dict) -> dict:
+    """LiteRT-LM's own benchmark mode: it prefills N tokens and decodes K, timing both."""
+    import litert_lm
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        def run(n_prefill, n_decode):
+            return litert_lm.Benchmark(spec["bundle"],
+                                       backend=litert_lm.Backend.CPU(thread_count=spec["threads"]),
+                                       prefill_tokens=n_prefill, decode_tokens=n_decode,
+                                       cache_dir=cache).run()
+        for n in spec["prefill"]:
+            info = run(n, 1)
+            out[f"prefill_{n}"] = info.last_prefill_tokens_per_second
+            out[f"ttft_{n}"] = info.time_to_first_token_in_second
+            out.setdefault("load_s", info.init_time_in_second)
+        out["decode_short"] = run(spec["short"], spec["decode"]).last_decode_tokens_per_second
+        out["decode_long"] = run(spec["long"], spec["decode"]).last_decode_tokens_per_second
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+WORKERS = {"ours": worker_ours, "llama.cpp": worker_llama, "litert-lm": worker_litert_lm}
+
+
+def run_worker(spec: dict) -> dict:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(spec)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- machine facts
+
+def read_bandwidth_gbs(gib: float = 1.0) -> float:
+    """Single-thread streaming read (numpy sum over a float32 array), best of 3."""
+    a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- engines
+
+def engines(args) -> list[dict]:
+    import runtime
+    from runtime.backends import reasons
+    out = []
+    wanted = [t for t in (args.targets or "").split(",") if t]
+    for d in args.artifacts:
+        m = runtime.Manifest.read(d)
+        why = reasons(m)
+        cfg, sig = m.config, m.data["signatures"]
+        kv_bytes = sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+                       for t in m.signature("decode")["inputs"] if t["name"].startswith("kv_cache_"))
+        for target, rec in m.artifacts.items():
+            if (wanted and target not in wanted) or why.get(target):
+                continue
+            size = sum(f["bytes"] for f in rec["files"].values()
+                       if not f["path"].endswith(".litertlm"))
+            out.append({"kind": "ours", "name": f"gemma-aot {target} ({rec.get('quantization')})",
+                        "artifacts": str(m.root), "target": target, "artifact_bytes": size,
+                        # every step reads the whole fixed-length cache
+                        "bytes_per_token": {"short": size + kv_bytes, "long": size + kv_bytes},
+                        "context": sig["max_context"]})
+            if target == "tflite" and "litert-lm" in args.peers:
+                bundle = m.path(rec["files"]["litertlm"]["path"])
+                out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
+                            "bundle": str(bundle), "artifact_bytes": bundle.stat().st_size,
+                            "bytes_per_token": {"short": size + kv_bytes, "long": size + kv_bytes},
+                            "context": sig["max_context"]})
+        cfg_layers = cfg["num_layers"]
+        kv_row = 2 * cfg_layers * cfg["num_kv_heads"] * cfg["head_dim"] * 2   # f16 K and V
+        if "llama.cpp" in args.peers and not any(e["kind"] == "llama.cpp" for e in out):
+            gguf = args.gguf or _default_gguf()
+            size = Path(gguf).stat().st_size
+            out.append({"kind": "llama.cpp", "name": "llama.cpp (GGUF Q4_K_M)", "gguf": str(gguf),
+                        "artifact_bytes": size, "context": sig["max_context"],
+                        # llama.cpp reads only the filled part of its f16 cache
+                        "bytes_per_token": {"short": size + kv_row * (args.short + args.decode),
+                                            "long": size + kv_row * (args.long + args.decode)}})
+    return out
+
+
+def _default_gguf() -> str:
+    from compile.checkpoints import default_checkpoint
+    return str(default_checkpoint())
+
+
+def peer_status(peers: list[str]) -> dict[str, str]:
+    import importlib
+    status = {}
+    for peer, module in (("llama.cpp", "llama_cpp"), ("litert-lm", "litert_lm"),
+                         ("onnxruntime-genai", "onnxruntime_genai")):
+        if peer not in peers:
+            status[peer] = "not requested"
+            continue
+        try:
+            mod = importlib.import_module(module)
+            status[peer] = f"{module} {getattr(mod, '__version__', '')}".strip()
+        except ImportError:
+            status[peer] = f"not installed (pip install {'llama-cpp-python' if peer == 'llama.cpp' else peer})"
+    if status.get("onnxruntime-genai", "").startswith("onnxruntime_genai"):
+        status["onnxruntime-genai"] += " (installed; its model builder has no Gemma 3 GGUF path: not run)"
+    return status
+
+
+# ----------------------------------------------------------------------------- export
+
+def measure_export(targets: list[tuple[str, str]]) -> list[dict]:
+    """Wall time and peak RSS of each export of the default model, each in its own process."""
+    out = []
+    for target, quant in targets:
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [sys.executable, "-m", "compile.export", "--target", target, "--out", f"{d}/a"]
+            if quant:
+                cmd += ["--quant", quant]
+            t = time.perf_counter()
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t
+            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+            out.append({"target": target, "quant": quant or "default", "wall_s": round(wall, 1),
+                        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+                        "ok": os.waitstatus_to_exitcode(status) == 0,
+                        **({} if os.waitstatus_to_exitcode(status) == 0
+                           else {"error": err.strip().splitlines()[-1:]})})
+            print(f"export {target} {quant or ''}: {wall:.0f} s, {usage.ru_maxrss / 1024:.0f} MB peak RSS",
+                  file=sys.stderr)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+FIELDS = ("prefill", "ttft", "decode_short", "decode_long", "peak_rss_mb", "load_s")
+
+
+def summarize(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[-1].get("error", "failed")}
+    return {k: statistics.median(r[k] for r in ok) for k in ok[0]}
+
+
+def table(results: list[dict], args, bandwidth: float) -> str:
+    base = next((r for r in results if r["kind"] == "llama.cpp" and "error" not in r["median"]), None)
+    n_big = max(args.prefill)
+    head = (f"{'engine':<36}{'prefill ' + str(n_big):>12}{'TTFT ' + str(min(args.prefill)):>10}"
+            f"{'decode ≤' + str(args.short + args.decode):>12}{'decode @' + str(args.long):>12}"
+            f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}   vs llama.cpp (prefill/decode)")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m = r["median"]
+        if "error" in m:
+            lines.append(f"{r['name']:<36}failed: {m['error']}")
+            continue
+        roof = bandwidth * 1e9 / r["bytes_per_token"]["short"]
+        ratio = ""
+        if base:
+            b = base["median"]
+            ratio = (f"{m[f'prefill_{n_big}'] / b[f'prefill_{n_big}']:.2f}x / "
+                     f"{m['decode_short'] / b['decode_short']:.2f}x")
+        lines.append(f"{r['name']:<36}{m[f'prefill_{n_big}']:>12.1f}{m[f'ttft_{min(args.prefill)}']:>9.3f}s"
+                     f"{m['decode_short']:>12.1f}{m['decode_long']:>12.1f}{roof:>10.1f}"
+                     f"{m['peak_rss_mb']:>8.0f}{r['artifact_bytes'] / 1e6:>9.0f}   {ratio}")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], args, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in results if "error" not in r["median"]]
+    names = [r["name"] for r in ok]
+    n_big = max(args.prefill)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(ok) + 2))
+    for ax, key, title in ((axes[0], f"prefill_{n_big}", f"prefill {n_big} tokens (tok/s)"),
+                           (axes[1], "decode_short", "decode, short context (tok/s)")):
+        ax.barh(names, [r["median"][key] for r in ok],
+                color=["#888" if r["kind"] != "ours" else "#1a73e8" for r in ok])
+        ax.set_title(title)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
+    fig.suptitle(f"Gemma 3 270M, {args.threads} threads, {cpu_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--artifacts", action="append", default=None,
+                   help="artifact directory, repeatable (default: artifacts/gemma3-270m)")
+    p.add_argument("--targets", default="", help="comma-separated (default: every runnable one)")
+    p.add_argument("--peers", default="llama.cpp,litert-lm,onnxruntime-genai")
+    p.add_argument("--gguf", default=None, help="llama.cpp's model (default: the embedded GGUF)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prefill", default="128,512")
+    p.add_argument("--short", type=int, default=32, help="prompt tokens before short-context decode")
+    p.add_argument("--long", type=int, default=1024, help="prompt tokens before long-context decode")
+    p.add_argument("--decode", type=int, default=32, help="tokens decoded per decode measurement")
+    p.add_argument("--measure-export", action="store_true",
+                   help="also time each export of the default model and its peak RSS")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(WORKERS[spec["kind"]](spec)))
+        return 0
+
+    args.artifacts = args.artifacts or ["artifacts/gemma3-270m"]
+    args.prefill = sorted(int(x) for x in args.prefill.split(","))
+    args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    peers = peer_status(args.peers)
+    args.peers = [k for k, v in peers.items()
+                  if v.startswith(("llama_cpp", "litert_lm"))]
+    todo = engines(args)
+    common = {"threads": args.threads, "prefill": args.prefill, "short": args.short,
+              "long": args.long, "decode": args.decode}
+    for e in todo:
+        if args.long + args.decode > e["context"]:
+            raise SystemExit(f"--long {args.long} + --decode {args.decode} exceeds the max context "
+                             f"{e['context']} of {e['name']}")
+    print(f"{cpu_name()}, {os.cpu_count()} logical CPUs; {args.threads} threads; "
+          f"{args.reps} reps; peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()),
+          file=sys.stderr)
+    bandwidth = read_bandwidth_gbs()
+    print(f"single-thread read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
+    runs = {e["name"]: [] for e in todo}
+    for rep in range(args.reps):
+        for e in todo:
+            r = run_worker({**e, **common})
+            runs[e["name"]].append(r)
+            print(f"rep {rep + 1}/{args.reps} {e['name']}: "
+                  + (r["error"] if "error" in r else
+                     f"prefill {r[f'prefill_{max(args.prefill)}']:.0f} tok/s, "
+                     f"decode {r['decode_short']:.1f} / {r['decode_long']:.1f} tok/s"),
+                  file=sys.stderr)
+    results = [{**e, "runs": runs[e["name"]], "median": summarize(runs[e["name"]])} for e in todo]
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
+                    "platform": platform.platform(), "read_bandwidth_gbs": round(bandwidth, 2)},
+        "settings": {**common, "reps": args.reps}, "peers": peers, "results": results,
+    }
+    if args.measure_export:
+        report["exports"] = measure_export([("xla", None), ("tflite", "int8"), ("tflite", "int4"),
+                                            ("onnx", "int4")])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = table(results, args, bandwidth)
+    print(text)
+    drew = chart(results, args, out / "results.png")
+    print(f"wrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if drew else
+                                             " (no chart: pip install matplotlib)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
