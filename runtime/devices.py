@@ -58,12 +58,15 @@ def from_jax(device) -> Device:
                   tuple(getattr(device, "coords", None) or ()))
 
 
-@functools.lru_cache(maxsize=1)
-def query() -> Machine:
+@functools.lru_cache(maxsize=2)
+def query(jax: bool = True) -> Machine:
+    """jax=False skips JAX (importing it and starting its backends costs a few hundred MB and a
+    second): only JAX's artifacts need to know its devices."""
     devices = ()
     try:
-        import jax
-        devices = tuple(from_jax(d) for d in jax.devices())
+        if jax:
+            import jax as _jax
+            devices = tuple(from_jax(d) for d in _jax.devices())
     except Exception:   # JAX absent or no usable backend: the other backends can still run
         pass
     providers = ()

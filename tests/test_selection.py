@@ -129,9 +129,23 @@ def test_load_falls_back_when_an_artifact_fails_to_open(every_target, tmp_path, 
                                                         capsys):
     # JAX here has no TPU: told otherwise at the seam, the xla-tpu backend cannot find the chips
     # its executables were compiled for, and load moves on to the StableHLO
-    monkeypatch.setattr(rd, "query", lambda: _tpu(every_target))
+    monkeypatch.setattr(rd, "query", lambda jax=True: _tpu(every_target))
     gen = runtime.load(every_target, cache_dir=False)
     assert gen.backend.target == "xla"
     err = capsys.readouterr().err
     assert "could not open the xla-tpu artifact (" in err and "falling back" in err
     assert "JAX reports" in err
+
+
+def test_cpu_artifacts_load_without_starting_jax(every_target):
+    """Naming a non-JAX target (or a directory without JAX artifacts) never imports JAX: its
+    devices matter only to JAX's artifacts, and starting it costs memory and time."""
+    import subprocess
+    from conftest import ROOT
+    code = ("import sys, runtime; g = runtime.load(sys.argv[1], target=sys.argv[2]); "
+            "g.generate('the cat', max_new_tokens=2); print(g.target, 'jax' in sys.modules)")
+    for target in ("tflite", "onnx"):
+        r = subprocess.run([sys.executable, "-c", code, str(every_target), target], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split() == [target, "False"]

@@ -33,17 +33,25 @@ BACKENDS = {"xla": ("runtime.backends.xla", "XlaBackend"),
 CPU_PREFERENCE = ("tflite", "onnx", "xla", "xla-tpu")
 _IMPORTS = {"xla": "jax", "xla-tpu": "jax", "tflite": "ai_edge_litert.interpreter",
             "onnx": "onnxruntime"}
+JAX_TARGETS = ("xla", "xla-tpu")
+
+
+def _machine(targets) -> _devices.Machine:
+    return _devices.query(jax=any(t in JAX_TARGETS for t in targets))
 
 
 def _module(target: str):
     return importlib.import_module(BACKENDS[target][0])
 
 
-def reasons(manifest: Manifest, machine: _devices.Machine | None = None) -> dict[str, str | None]:
-    """target -> None if it can run here, else the reason it cannot."""
-    machine = machine or _devices.query()
+def reasons(manifest: Manifest, machine: _devices.Machine | None = None,
+            only: list[str] | None = None) -> dict[str, str | None]:
+    """target -> None if it can run here, else the reason it cannot (for `only` these targets)."""
+    targets = [t for t in manifest.artifacts if only is None or t in only]
+    machine = machine or _machine(targets)
     out = {}
-    for target, record in manifest.artifacts.items():
+    for target in targets:
+        record = manifest.artifacts[target]
         if target not in BACKENDS:
             out[target] = f"no runtime backend for target {target!r} in this version"
             continue
@@ -58,7 +66,7 @@ def reasons(manifest: Manifest, machine: _devices.Machine | None = None) -> dict
 
 def ranked(manifest: Manifest, machine: _devices.Machine | None = None) -> list[tuple[str, str]]:
     """The runnable artifacts in the order `auto` tries them, each with the rule that placed it."""
-    machine = machine or _devices.query()
+    machine = machine or _machine(manifest.artifacts)
     ok = [t for t, why in reasons(manifest, machine).items() if why is None]
     order: list[tuple[str, str]] = []
 
@@ -95,13 +103,13 @@ def choose(manifest: Manifest, target: str = "auto",
 def candidates(manifest: Manifest, target: str = "auto",
                machine: _devices.Machine | None = None) -> list[str]:
     """[target] if it was named and can run here, else the auto order; raises saying why not."""
-    machine = machine or _devices.query()
     if target != "auto":
         manifest.artifact(target)   # raises if missing
-        why = reasons(manifest, machine).get(target)
+        why = reasons(manifest, machine, only=[target]).get(target)
         if why:
             raise ArtifactError(f"cannot run the {target!r} artifact here: {why}")
         return [target]
+    machine = machine or _machine(manifest.artifacts)
     order = [t for t, _ in ranked(manifest, machine)]
     if not order:
         detail = "; ".join(f"{t}: {why}" for t, why in reasons(manifest, machine).items())
