@@ -1,7 +1,9 @@
 """`python -m compile.export`: checkpoint -> traced signatures -> artifacts + manifest.
 
 The export is staged in a hidden sibling directory and published only after every target passed
-its parity check, so an interrupted or failed export never leaves a directory that looks complete.
+its parity check (a target that cannot run on this machine, such as xla-tpu for a TPU, records the
+check as skipped with the reason), so an interrupted or failed export never leaves a directory that
+looks complete.
 Exporting more targets into an existing directory of the same model and contract adds them to its
 manifest (replacing the same target's older artifact).
 """
