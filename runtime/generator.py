@@ -25,6 +25,43 @@ class ContextOverflowError(ValueError):
     pass
 
 
+class TextStream:
+    """Token ids in, displayable text out. Text waits while it ends inside a UTF-8 sequence, a
+    tail that could still become a stop string is held back, and the first stop string ends the
+    stream (`stopped`) without being shown. Invariant: the pieces returned only ever extend the
+    text shown so far."""
+
+    def __init__(self, tokenizer: Tokenizer, stop=()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for its other bytes
+            return ""
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._show(text[:cut])
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+        return self._show(text[:len(text) - hold])
+
+    def finish(self) -> str:
+        """The rest, at the end of generation (an incomplete tail shows as U+FFFD)."""
+        return "" if self.stopped else self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, ready: str) -> str:
+        if len(ready) > len(self.shown) and ready.startswith(self.shown):
+            piece, self.shown = ready[len(self.shown):], ready
+            return piece
+        return ""
+
+
 def plan_chunks(start: int, count: int, lengths: list[int], max_context: int
                 ) -> list[tuple[int, int]]:
     """Split `count` tokens from position `start` into (bucket length, real tokens) chunks;
@@ -139,22 +176,20 @@ class Generator:
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               chat: bool = False) -> Iterator[str]:
-        """Yields text pieces as they become complete characters."""
-        prompt_ids = self.tokenizer.prompt_ids(prompt, chat=chat)
-        out: list[int] = []
-        emitted = ""
-        for token in self.stream_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed):
-            out.append(token)
-            text = self.tokenizer.decode(out)
-            if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for its other bytes
-                continue
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-                emitted = text
-        text = self.tokenizer.decode(out)
-        if text != emitted and text.startswith(emitted):
-            yield text[len(emitted):]
+               chat: bool = False, stop=()) -> Iterator[str]:
+        """Yields text pieces as they become complete characters; ends at a stop token or before
+        the first of the `stop` strings."""
+        text = TextStream(self.tokenizer, stop)
+        for token in self.stream_ids(self.tokenizer.prompt_ids(prompt, chat=chat), max_new_tokens,
+                                     temperature, top_k, top_p, seed):
+            piece = text.add(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        piece = text.finish()
+        if piece:
+            yield piece
 
     def generate(self, prompt, **kwargs) -> str:
         return "".join(self.stream(prompt, **kwargs))

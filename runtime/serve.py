@@ -18,6 +18,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import sampling
+from .generator import TextStream
 
 
 class RequestError(Exception):
@@ -89,33 +90,24 @@ def parse_request(body: bytes, chat: bool, gen) -> dict:
 
 
 def generate_text(gen, r: dict):
-    """Yields (text piece, None) then (None, finish_reason, completion token count)."""
-    out, emitted, text = [], "", ""
-    finish = "length"
+    """Yields (text piece, None) then (None, (finish_reason, completion token count))."""
+    text, count, finish = TextStream(gen.tokenizer, r["stop"]), 0, "length"
     for token in gen.stream_ids(r["ids"], r["max_tokens"], r["temperature"], r["top_k"],
                                 r["top_p"], r["seed"]):
-        out.append(token)
-        text = gen.tokenizer.decode(out)
-        if text.endswith("\ufffd"):
-            continue
-        cut = min((text.find(s) for s in r["stop"] if s in text), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
+        count += 1
+        piece = text.add(token)
+        if piece:
+            yield piece, None
+        if text.stopped:
+            finish = "stop"
             break
-        # hold back a tail that could still become a stop string
-        hold = max((k for s in r["stop"] for k in range(1, len(s)) if text.endswith(s[:k])),
-                   default=0)
-        ready = text[:len(text) - hold]
-        if len(ready) > len(emitted):
-            yield ready[len(emitted):], None
-            emitted = ready
     else:
-        if len(out) < r["max_tokens"]:
+        if count < r["max_tokens"]:
             finish = "stop"          # a stop token ended it
-        text = gen.tokenizer.decode(out)
-    if len(text) > len(emitted):
-        yield text[len(emitted):], None
-    yield None, (finish, len(out))
+    piece = text.finish()
+    if piece:
+        yield piece, None
+    yield None, (finish, count)
 
 
 class Server(ThreadingHTTPServer):

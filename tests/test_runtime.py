@@ -68,6 +68,16 @@ def test_stream_holds_back_partial_utf8(tiny_gen):
     assert pieces == ["é"]
 
 
+def test_stop_string_split_across_tokens_ends_the_stream(tiny_gen):
+    # byte tokens spell "ab\ncd": the stop string "\nc" spans two tokens and is never shown
+    ids = [6 + b for b in b"ab\ncd"] + [1]
+    pieces = list(tiny_gen(ids).stream("the", max_new_tokens=10, stop=["\nc"]))
+    assert pieces == ["a", "b"] and "".join(pieces) == "ab"
+    # a held-back tail that stops looking like a stop string is released
+    pieces = list(tiny_gen(ids).stream("the", max_new_tokens=10, stop=["\nx"]))
+    assert "".join(pieces) == "ab\ncd" and pieces[2] == "\nc"
+
+
 def test_context_overflow_is_refused(tiny_gen):
     gen = tiny_gen([300])
     with pytest.raises(runtime.ContextOverflowError, match="exceeds the model's max context of 64"):
