@@ -11,7 +11,8 @@ repetitions. Measured per engine: load time; prefill tokens/s and time to first 
 --prefill length (TTFT = prompt in, first logits out); decode tokens/s at short context (--short
 prompt tokens, then --decode tokens) and long context (--long prompt tokens, then --decode); peak
 RSS; artifact bytes; bytes read per decoded token (weights + the KV cache a step reads) and the
-roofline it implies at the machine's measured read bandwidth. Ratios are to llama.cpp measured in
+roofline it implies at the machine's measured read bandwidth; for our artifacts, the top-1
+agreement with the fp32 reference their export measured. Ratios are to llama.cpp measured in
 the same run. Writes `results.json` and `results.png` (if matplotlib is installed) under --out.
 
 Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
@@ -209,6 +210,7 @@ def engines(args) -> list[dict]:
             step = size - lookup + kv_bytes
             out.append({"kind": "ours", "name": f"gemma-aot {target} ({rec.get('quantization')})",
                         "artifacts": str(m.root), "target": target, "artifact_bytes": size,
+                        "top1_vs_fp32": rec.get("parity", {}).get("top1_agreement"),
                         "bytes_per_token": {"short": step, "long": step},
                         "context": sig["max_context"]})
             if target == "tflite" and "litert-lm" in args.peers:
@@ -295,7 +297,7 @@ def table(results: list[dict], args, bandwidth: float) -> str:
     n_big = max(args.prefill)
     head = (f"{'engine':<36}{'prefill ' + str(n_big):>12}{'TTFT ' + str(min(args.prefill)):>10}"
             f"{'decode ≤' + str(args.short + args.decode):>12}{'decode @' + str(args.long):>12}"
-            f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}   vs llama.cpp (prefill/decode)")
+            f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}{'top-1':>7}   vs llama.cpp (prefill/decode)")
     lines = [head, "-" * len(head)]
     for r in results:
         m = r["median"]
@@ -310,8 +312,13 @@ def table(results: list[dict], args, bandwidth: float) -> str:
                      f"{m['decode_short'] / b['decode_short']:.2f}x")
         lines.append(f"{r['name']:<36}{m[f'prefill_{n_big}']:>12.1f}{m[f'ttft_{min(args.prefill)}']:>9.3f}s"
                      f"{m['decode_short']:>12.1f}{m['decode_long']:>12.1f}{roof:>10.1f}"
-                     f"{m['peak_rss_mb']:>8.0f}{r['artifact_bytes'] / 1e6:>9.0f}   {ratio}")
+                     f"{m['peak_rss_mb']:>8.0f}{r['artifact_bytes'] / 1e6:>9.0f}"
+                     f"{_pct(r.get('top1_vs_fp32')):>7}   {ratio}")
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def chart(results: list[dict], args, path: Path) -> bool:

@@ -49,6 +49,7 @@ def test_benchmark_runs_and_reports_every_figure(tiny_artifacts, tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     (res,) = report["results"]
     assert res["name"] == "gemma-aot xla (none)" and res["artifact_bytes"] > 0
+    assert res["top1_vs_fp32"] == 1.0
     assert set(res["median"]) == {"load_s", "ttft_4", "prefill_4", "ttft_8", "prefill_8",
                                   "decode_short", "decode_long", "peak_rss_mb"}
     assert all(v > 0 for v in res["median"].values())
