@@ -14,10 +14,8 @@ if [ ! -x "$home/bin/kotlinc" ]; then
   rm -rf "$tmp"
 fi
 if [ ! -f /usr/share/java/junit4.jar ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get install -y -qq --no-install-recommends junit4 >/dev/null
-  else
-    sudo apt-get install -y -qq --no-install-recommends junit4 >/dev/null
-  fi
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y -qq --no-install-recommends junit4 >/dev/null 2>&1 ||
+    { $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq --no-install-recommends junit4 >/dev/null; }
 fi
 echo "$home"
