@@ -61,6 +61,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _measure(spec: dict, load_s: float, ttft, decode) -> dict:
+    """The figures every timed engine reports: ttft(n) -> seconds to first logits of an n-token
+    prompt, decode(n) -> tokens/s decoding after an n-token prompt."""
+    ttft(spec["prefill"][0])   # warm-up: first calls compile or allocate
+    out = {"load_s": load_s}
+    for n in spec["prefill"]:
+        t = ttft(n)
+        out[f"ttft_{n}"], out[f"prefill_{n}"] = t, n / t
+    out["decode_short"] = decode(spec["short"])
+    out["decode_long"] = decode(spec["long"])
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
 def worker_ours(spec: dict) -> dict:
     import runtime
     t0 = time.perf_counter()
@@ -83,15 +97,7 @@ def worker_ours(spec: dict) -> dict:
             logits, state = b.decode(int(np.argmax(logits)), pos, state)
         return spec["decode"] / (time.perf_counter() - t)
 
-    prefill(spec["prefill"][0])   # warm-up: first calls compile or allocate
-    out = {"load_s": load_s}
-    for n in spec["prefill"]:
-        ttft = prefill(n)[0]
-        out[f"ttft_{n}"], out[f"prefill_{n}"] = ttft, n / ttft
-    out["decode_short"] = decode(spec["short"])
-    out["decode_long"] = decode(spec["long"])
-    out["peak_rss_mb"] = _peak_rss_mb()
-    return out
+    return _measure(spec, load_s, lambda n: prefill(n)[0], decode)
 
 
 def worker_llama(spec: dict) -> dict:
@@ -119,15 +125,7 @@ def worker_llama(spec: dict) -> dict:
             llm.eval([int(np.argmax(last))])
         return spec["decode"] / (time.perf_counter() - t)
 
-    prefill(spec["prefill"][0])
-    out = {"load_s": load_s}
-    for n in spec["prefill"]:
-        ttft = prefill(n)
-        out[f"ttft_{n}"], out[f"prefill_{n}"] = ttft, n / ttft
-    out["decode_short"] = decode(spec["short"])
-    out["decode_long"] = decode(spec["long"])
-    out["peak_rss_mb"] = _peak_rss_mb()
-    return out
+    return _measure(spec, load_s, prefill, decode)
 
 
 def worker_litert_lm(spec: dict) -> dict:
