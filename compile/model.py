@@ -7,7 +7,9 @@ dot) without reshaping einsums.
 
 The tied embedding is `embed` [V, D]. A target that quantizes may add `embed_q` (int8 [V, D]) and
 `embed_scale` (float [V]) for the lookup, keeping `embed` for the output projection only: the two
-then live in separate buffers that its quantizer can treat independently.
+then live in separate buffers that its quantizer can treat independently. A target that stores int8
+weights itself (XLA) replaces each projection by int8 [in, out] plus `{name}_scale` [out] (see
+`project`) and drops `embed`: `embed_q` is then the output projection too.
 
 The KV cache is a plain value passed in and returned (layout in `signatures`). With `cache=None` the
 model attends over the given tokens only: that full forward is the reference every cached path and
@@ -19,12 +21,15 @@ G = N / K query heads per KV head, H head dim, D model dim, F FFN dim, V vocab.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import signatures as sig
 from .config import GemmaConfig, LOCAL
+from .weights import SCALE
 
 
 def param_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
@@ -85,19 +90,31 @@ def linear(x, w):
     return jnp.matmul(x, w)
 
 
+def project(x, p: dict, name: str):
+    """x times the projection `name` of p: a float [in, out] matrix, or an int8 one with
+    per-output-column scales under `name + "_scale"` (the XLA target's int8 weights), dequantized
+    in the dot's own fusion so only int8 bytes are read."""
+    w = p[name]
+    if name + SCALE not in p:
+        return linear(x, w)
+    return linear(x, w.astype(x.dtype)) * p[name + SCALE].astype(x.dtype)
+
+
 def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache):
-    """One attention block. x: [B, T, D]. Returns (out [B, T, D], (k_cache, v_cache) or None)."""
+def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool = False):
+    """One attention block. x: [B, T, D]. Returns (out [B, T, D], (k, v) or None): the updated
+    caches; or with `rows`, where `cache` is the read-only past (layout in `signatures`), only
+    this call's new rows."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
     local = cfg.layer_type(i) == LOCAL
-    q = linear(x, p["q_proj"]).reshape(B, T, N, H)                                 # [B, T, N, H]
-    k = linear(x, p["k_proj"]).reshape(B, T, K, H)                                 # [B, T, K, H]
-    v = linear(x, p["v_proj"]).reshape(B, T, K, H)                                 # [B, T, K, H]
+    q = project(x, p, "q_proj").reshape(B, T, N, H)                                # [B, T, N, H]
+    k = project(x, p, "k_proj").reshape(B, T, K, H)                                # [B, T, K, H]
+    v = project(x, p, "v_proj").reshape(B, T, K, H)                                # [B, T, K, H]
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps)
@@ -107,9 +124,22 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache):
     k = rope(k, positions, base, scale)
 
     k_bksh = k.transpose(0, 2, 1, 3)                                               # [B, K, T, H]
-    v_bkhs = v.transpose(0, 2, 3, 1)                                               # [B, K, H, T]
+    v_bksh = v.transpose(0, 2, 1, 3)                                               # [B, K, T, H]
+    # key segments: (keys [B, K, S, H], values [B, K, S, H] with `rows` else [B, K, H, S],
+    # key positions [S], visible [T, S])
+    v_new = v_bksh if rows else v.transpose(0, 2, 3, 1)
+    new_keys = (k_bksh, v_new, positions, positions[None, :] <= positions[:, None])
     if cache is None:
-        keys, values, key_pos, new_cache = k_bksh, v_bkhs, positions, None
+        segments, new_cache = [new_keys], None
+    elif rows:
+        # read-only past: the P slots just before positions[0] (slots before position 0 masked)
+        k_past, v_past = cache                                  # [B, K, P, H], [B, K, P, H]
+        P = k_past.shape[2]
+        # iota, not arange: under jax2onnx arange loses the symbolic P
+        key_pos = positions[0] - P + jax.lax.broadcasted_iota(jnp.int32, (P,), 0)   # [P]
+        old = jnp.broadcast_to(key_pos >= 0, (T, P))                               # [T, P]
+        segments = [(k_past.astype(x.dtype), v_past.astype(x.dtype), key_pos, old), new_keys]
+        new_cache = (k_bksh.astype(k_past.dtype), v_bksh.astype(v_past.dtype))
     else:
         k_cache, v_cache = cache                                # [B, K, S, H], [B, K, H, S]
         start = positions[0]
@@ -117,26 +147,56 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache):
         k_cache = jax.lax.dynamic_update_slice(
             k_cache, k_bksh.astype(k_cache.dtype), (zero, zero, start, zero))
         v_cache = jax.lax.dynamic_update_slice(
-            v_cache, v_bkhs.astype(v_cache.dtype), (zero, zero, zero, start))
-        keys, values = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
-        key_pos = jnp.arange(k_cache.shape[2], dtype=jnp.int32)                    # [S]
+            v_cache, v_new.astype(v_cache.dtype), (zero, zero, zero, start))
+        slot = jnp.arange(k_cache.shape[2], dtype=jnp.int32)                       # [S]
+        segments = [(k_cache.astype(x.dtype), v_cache.astype(x.dtype),
+                     slot, slot[None, :] <= positions[:, None])]
         new_cache = (k_cache, v_cache)
 
-    qg = q.reshape(B, T, K, G, H)                                                  # [B, T, K, G, H]
-    scores = jnp.einsum("btkgh,bksh->bkgts", qg, keys)                             # [B, K, G, T, S]
-    scores = _softcap(scores, cfg.attn_softcap)
-    visible = key_pos[None, :] <= positions[:, None]                               # [T, S]
-    if local:
-        visible &= key_pos[None, :] > positions[:, None] - cfg.sliding_window
-    scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bkhs->btkgh", probs, values)                           # [B, T, K, G, H]
-    return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache                # [B, T, D]
+    # Attention as batched matmuls over (B, K) with no operand transposed in memory. Spelled per
+    # exporter: jax2onnx lowers jnp.matmul to MatMul (ORT fuses the transposed key operand away)
+    # but dot_general to its slow generic Einsum; jnp.matmul squeezes the size-1 batch dims
+    # (reshaping the cache), where dot_general with (B, K) batch dims becomes TFLite's
+    # BATCH_MATMUL on the cache as it is. `rows` is the ONNX form.
+    if rows:
+        scores_of = lambda q_, k_: jnp.matmul(q_, jnp.swapaxes(k_, -1, -2))
+        mix = jnp.matmul                                                  # values [B, K, S, H]
+    else:
+        scores_of = lambda q_, k_: jax.lax.dot_general(q_, k_, (((3,), (3,)), ((0, 1), (0, 1))))
+        mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (3,)), ((0, 1), (0, 1))))
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # [B, K, G*T, H]
+    scores = []
+    for keys, _, key_pos, visible in segments:
+        sc = scores_of(qg, keys).reshape(B, K, G, T, -1)                           # [B, K, G, T, S]
+        sc = _softcap(sc, cfg.attn_softcap)
+        if local:
+            # expand_dims, not [None, :]: jax2onnx cannot index a symbolic-length array that way
+            visible &= (jnp.expand_dims(key_pos, 0) >
+                        jnp.expand_dims(positions, 1) - cfg.sliding_window)         # [T, S]
+        scores.append(jnp.where(visible, sc, jnp.finfo(sc.dtype).min))
+    if len(scores) == 1:
+        probs = jax.nn.softmax(scores[0].astype(jnp.float32), axis=-1).astype(x.dtype)
+        out = mix(probs.reshape(B, K, G * T, -1), segments[0][1])                  # [B, K, G*T, H]
+    else:
+        # one softmax over all segments from a shared max and denominator: no concatenation of
+        # scores (S + T) and no slicing of probabilities, neither of which jax2onnx traces
+        # correctly with symbolic lengths
+        scores = [sc.astype(jnp.float32) for sc in scores]
+        top = functools.reduce(jnp.maximum, [sc.max(axis=-1, keepdims=True) for sc in scores])
+        weights = [jnp.exp(sc - top) for sc in scores]                            # [B, K, G, T, S]
+        total = functools.reduce(jnp.add, [w.sum(axis=-1, keepdims=True) for w in weights])
+        out = functools.reduce(jnp.add, [
+            mix((w / total).astype(x.dtype).reshape(B, K, G * T, -1), seg[1])
+            for w, seg in zip(weights, segments)])                                 # [B, K, G*T, H]
+    out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)                      # [B, T, K, G, H]
+    return project(out.reshape(B, T, N * H), p, "o_proj"), new_cache               # [B, T, D]
 
 
 def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | None = None,
-            logits: str | int = "all"):
+            logits: str | int = "all", cache_outputs: str = "full"):
     """tokens: [B, T] int32; positions: [T] int32 (contiguous); cache: the signature's KV dict.
+    new_cache holds the updated caches, or for cache_outputs="rows" only this call's new rows,
+    under the same names (see `signatures`).
 
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
     int k (the last k positions), None for "none".
@@ -153,13 +213,14 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
              if name.startswith(f"layers.{i}.")}
         layer_cache = None if cache is None else (cache[sig.k_name(i)], cache[sig.v_name(i)])
         h, layer_cache = attention(cfg, p, i, rms_norm(x, p["attn_norm"], cfg.norm_eps),
-                                   positions, layer_cache)
+                                   positions, layer_cache, rows=cache_outputs == "rows")
         if cfg.post_norms:
             h = rms_norm(h, p["post_attn_norm"], cfg.norm_eps)
         x = x + h
         h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
-        h = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True) * linear(h, p["up_proj"])
-        h = linear(h, p["down_proj"])
+        gate = jax.nn.gelu(project(h, p, "gate_proj"), approximate=True)
+        h = gate * project(h, p, "up_proj")
+        h = project(h, p, "down_proj")
         if cfg.post_norms:
             h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
         x = x + h
@@ -170,5 +231,9 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     if logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    out = linear(x, params["embed"].T)                                             # [B, T, V]
+    if "embed" in params:
+        out = linear(x, params["embed"].T)                                         # [B, T, V]
+    else:   # int8 weights only (XLA int8): the lookup table is the output projection too
+        out = jax.lax.dot_general(x, params["embed_q"].astype(x.dtype), (((2,), (1,)), ((), ())))
+        out = out * params["embed_scale"].astype(x.dtype)                           # [B, T, V]
     return _softcap(out.astype(jnp.float32), cfg.final_softcap), new_cache

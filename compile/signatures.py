@@ -21,13 +21,28 @@ written (by prefill or decode) before any query at its position runs, so padding
 writes only slots that are overwritten before they are read. The runtime must keep
 input_pos[0] + T <= S (writes past the end would be clamped onto valid slots).
 The attention mask is computed inside the graph from input_pos; there is no mask input.
+
+Cache outputs come in one of two forms (`CACHE_OUTPUTS`), fixed per target and recorded in its
+manifest entry:
+  full   the updated caches under the input's names (above). Targets whose runtimes bind one buffer
+         as both input and output (TFLite, XLA with donation) update them in place.
+  rows   the cache inputs are the read-only past: `kv_cache_k_{i}` and `kv_cache_v_{i}` are both
+         [1, K, P, H] (BKSH), the P slots just before input_pos[0], with P symbolic per layer
+         (at least 1; slots that would precede position 0 are masked): all cached positions for
+         global layers, at most `past_window` (sliding window - 1) for local ones. The outputs
+         are only this call's new rows, `kv_cache_k_{i}_new` and `kv_cache_v_{i}_new`, both
+         [1, K, T, H]; the runtime keeps full-length buffers, passes views of them and writes the
+         rows at input_pos itself. So nothing in the graph copies a cache, and attention reads
+         only the filled part (and the window) of each cache. ONNX uses this: an ONNX graph
+         cannot alias an output to an input, so a full-cache output is a copy of every layer's
+         cache per call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import GemmaConfig
+from .config import LOCAL, GemmaConfig
 
 DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
 DEFAULT_MAX_CONTEXT = 2048
@@ -46,10 +61,22 @@ def v_name(layer: int) -> str:
     return f"kv_cache_v_{layer}"
 
 
-def onnx_output_name(name: str) -> str:
-    """Formats whose graphs cannot give an output an input's name (ONNX) suffix the updated
-    cache outputs; every other output keeps its contract name."""
-    return name + "_out" if name.startswith("kv_cache_") else name
+CACHE_OUTPUTS = ("full", "rows")
+
+
+def rows_name(name: str) -> str:
+    """The output carrying a cache's new rows (cache outputs `rows`)."""
+    return name + "_new"
+
+
+def rows_shape(config: GemmaConfig, t) -> tuple:
+    """Cache outputs `rows`: the shape of the past inputs (t = P) and the new rows (t = T)."""
+    return (1, config.num_kv_heads, t, config.head_dim)     # B K S H
+
+
+def past_window(config: GemmaConfig, layer: int) -> int | None:
+    """The most past slots layer `layer` reads (cache outputs `rows`); None: all of them."""
+    return config.sliding_window - 1 if config.layer_type(layer) == LOCAL else None
 
 
 @dataclass(frozen=True)

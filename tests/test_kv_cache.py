@@ -9,6 +9,7 @@ from compile import model, trace
 from compile import signatures as sg
 from compile.config import get_variant
 from helpers import TINY_VARIANTS
+from runtime.backends.onnx import past_slots
 from runtime.generator import plan_chunks
 
 
@@ -41,3 +42,42 @@ def test_chunked_prefill_and_decode_equal_full_forward(variant):
         rows.append(np.asarray(out["logits"][0, 0]))
         cache = {k: v for k, v in out.items() if k != "logits"}
     np.testing.assert_allclose(np.stack(rows), want[start:], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", TINY_VARIANTS)
+def test_row_outputs_written_by_the_caller_equal_full_forward(variant):
+    """Cache outputs `rows`: fed each layer's past slots as the ONNX runtime picks them (the
+    filled part, or the window for local layers) and returning only the new rows, which the caller
+    writes into its buffers, the model gives the full forward's logits."""
+    cfg = get_variant(variant)
+    contract = sg.Contract(cfg, (8,), 48)
+    params = {k: jnp.asarray(v) for k, v in model.init_params(cfg, 5).items()}
+    T, chunks = 26, (8, 5, 8, 1, 1)        # uneven chunks, then single-token steps
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, T).astype(np.int32)
+    want = trace.reference_logits(contract, params, tokens)
+    step = jax.jit(lambda w, t, p, c: model.forward(cfg, w, t, p, c, logits="last",
+                                                    cache_outputs="rows"))
+    names = [n for i in range(cfg.num_layers) for n in (sg.k_name(i), sg.v_name(i))]
+    bufs = {n: np.zeros(sg.rows_shape(cfg, contract.max_context), np.float32) for n in names}
+    got, pos = [], 0
+    sizes = chunks + (1,) * (T - sum(chunks))
+    for n in sizes:
+        past = {}
+        for name in names:
+            lo, hi = past_slots(pos, sg.past_window(cfg, int(name.rsplit("_", 1)[1])))
+            past[name] = bufs[name][:, :, lo:hi]
+        logits, new = step(params, tokens[None, pos:pos + n], np.arange(pos, pos + n, dtype=np.int32),
+                           past)
+        for name in names:
+            rows = np.asarray(new[name])
+            assert rows.shape == sg.rows_shape(cfg, n)
+            bufs[name][:, :, pos:pos + n] = rows
+        got.append(np.asarray(logits[0, -1]))
+        pos += n
+    np.testing.assert_allclose(np.stack(got), want[np.cumsum(sizes) - 1], atol=2e-5, rtol=0)
+
+
+def test_past_slots():
+    assert past_slots(0, None) == (0, 1) and past_slots(0, 7) == (0, 1)   # one masked slot
+    assert past_slots(5, None) == (0, 5) and past_slots(5, 7) == (0, 5)
+    assert past_slots(30, 7) == (23, 30) and past_slots(30, None) == (0, 30)

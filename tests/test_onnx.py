@@ -51,7 +51,8 @@ def test_quantized_onnx(onnx_artifacts, quant, op):
     assert art["quantization"] == quant
     layers = ck.config.num_layers
     assert art["op_counts"].get(op, 0) == 7 * layers + 1      # every projection and the logits
-    assert "MatMul" not in art["op_counts"] or art["op_counts"]["MatMul"] < 7
+    # what stays float is attention: scores and mix over the cache and over the new rows
+    assert art["op_counts"].get("MatMul", 0) == 4 * layers
     assert art["files"]["weights"]["bytes"] < 0.5 * art["weights_bytes_fp32"]
     assert art["parity"]["top1_agreement"] >= 0.9
     assert len(runtime.load(out).generate("the cat", max_new_tokens=3)) > 0

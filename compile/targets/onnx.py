@@ -4,8 +4,10 @@ The model function is the same one every target traces, lowered with jax2onnx, b
 dimension T symbolic (bounded by the max context) instead of one static graph per signature: ORT's
 Python API cannot share weights (or their pre-packed forms) between sessions, so one graph that
 runs any prefill length and the one-token decode keeps the weights stored and resident once. Inputs
-and outputs carry the contract's names; since an ONNX graph cannot reuse an input name for an
-output, each updated cache comes out as `{name}_out` (see `signatures.onnx_output_name`).
+and outputs carry the contract's names. Cache outputs are `rows` (see `signatures`): the cache
+inputs are read-only and each call returns only its new K/V rows (`{name}_new`), which the runtime
+writes into its cache buffers. An ONNX graph cannot alias an output to an input, so returning whole
+updated caches made ORT copy every layer's cache on every decoded token (ScatterND).
 
 Export: jax2onnx -> ORT basic optimizations (constant folding turns transposed weights into plain
 MatMul initializers) -> quantization with ORT's own tools (`int4`: MatMulNBits, blockwise 32,
@@ -40,7 +42,7 @@ def tolerance(options: dict) -> dict:
 
 
 def lower(contract: sg.Contract, params: dict, path: Path) -> None:
-    """jax2onnx with the token dimension symbolic; writes path (+ external data)."""
+    """jax2onnx with the token and past dimensions symbolic; writes path (+ external data)."""
     import jax
     import jax.numpy as jnp
     from jax2onnx import to_onnx
@@ -51,15 +53,28 @@ def lower(contract: sg.Contract, params: dict, path: Path) -> None:
 
     def fn(tokens, input_pos, *cache):
         logits, new = gemma.forward(cfg, weights, tokens, input_pos,
-                                    {t.name: c for t, c in zip(kv, cache)}, logits="last")
+                                    {t.name: c for t, c in zip(kv, cache)}, logits="last",
+                                    cache_outputs="rows")
         return (logits.astype(jnp.float32),) + tuple(new[t.name] for t in kv)
 
-    T, = jax.export.symbolic_shape("T", constraints=(f"T <= {contract.max_context}",))
+    S = contract.max_context
+    windows = [sg.past_window(cfg, i) for i in range(cfg.num_layers)]
+    local = sorted(set(windows) - {None})
+    assert len(local) <= 1, local
+    # symbolic dims: T new tokens, P past slots of global layers, L of local ones (only those
+    # used: jax.export refuses a dim that no input has)
+    names = ["T"] + (["P"] if None in windows else []) + (["L"] if local else [])
+    bounds = {"T": S, "P": S, "L": min(local[0], S) if local else S}
+    dims = dict(zip(names, jax.export.symbolic_shape(
+        ", ".join(names), constraints=tuple(f"{n} <= {bounds[n]}" for n in names))))
+    T = dims["T"]
     specs = [jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32)]
-    specs += [jax.ShapeDtypeStruct(t.shape, jnp.dtype(t.dtype)) for t in kv]
+    for w in windows:   # kv is k_0, v_0, k_1, ...: the past of each layer
+        past = sg.rows_shape(cfg, dims["P"] if w is None else dims["L"])
+        specs += [jax.ShapeDtypeStruct(past, jnp.dtype(contract.kv_dtype))] * 2
     to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
             input_names=[sg.TOKENS, sg.INPUT_POS] + [t.name for t in kv],
-            output_names=[sg.LOGITS] + [sg.onnx_output_name(t.name) for t in kv])
+            output_names=[sg.LOGITS] + [sg.rows_name(t.name) for t in kv])
 
 
 def optimize(src: Path, dst: Path) -> None:
@@ -129,6 +144,9 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
             "float_embedding": bool(options.get("float_embedding")),
             "dynamic_length": True, "max_length": contract.max_context,
-            "output_names": {t.name: sg.onnx_output_name(t.name) for t in contract.kv_specs()},
+            "cache_outputs": "rows",
+            "past_window": {t.name: sg.past_window(contract.config, i // 2)
+                            for i, t in enumerate(contract.kv_specs())},
+            "output_names": {t.name: sg.rows_name(t.name) for t in contract.kv_specs()},
             "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
             "weights_bytes_fp32": int(sum(v.nbytes for v in params.values()))}

@@ -2,9 +2,13 @@
 else CPU (`provider` says which).
 
 One session serves every generation: ORT's `run` is thread-safe and each generation's KV cache is
-its own set of OrtValues, so many threads can generate at once. The cache never round-trips through
-numpy: each step binds the previous step's output OrtValues as inputs (IOBinding) and lets ORT
-allocate the new ones on the same device; only the logits come back to the host.
+its own set of host buffers, so many threads can generate at once. The graph's cache outputs are
+`rows` (see the manifest entry's `cache_outputs`): each layer's cache input is a view of the
+state's numpy buffer (slots `past_slots` gives: the filled part, or its last window - 1 slots for a
+sliding-window layer), bound without a copy when contiguous (one KV head; else numpy copies the
+view), and the graph returns only the new rows, which are written into the buffers here. So a
+decode step reads the filled part of each cache and copies none. With the CUDA provider ORT copies
+those views to the device on each call (the Python API cannot write a slice of a device buffer).
 """
 
 from __future__ import annotations
@@ -23,8 +27,22 @@ def pick_provider(available: list[str]) -> str:
 
 
 def unsupported(record: dict, machine) -> str | None:
-    """ONNX Runtime's CPU provider runs on any machine it installs on (CUDA when it offers it)."""
+    """ONNX Runtime's CPU provider runs on any machine it installs on (CUDA when it offers it);
+    artifacts from before cache outputs became `rows` need a re-export."""
+    if record.get("cache_outputs") != "rows":
+        return ("it returns whole caches per call (exported by an older gemma-aot); re-export it "
+                "with `python -m compile.export --target onnx`")
     return None
+
+
+def past_slots(start: int, most: int | None) -> tuple[int, int]:
+    """The cache slots [lo, hi) passed as a layer's past for a call at `start`: the `most` slots
+    before it (the manifest's `past_window`; None: all), and at least one, since the graph takes
+    the slots it is given to lie just before start and masks those that would precede position 0."""
+    n = max(1, start if most is None else min(start, most))
+    lo = max(0, start - n)
+    return lo, lo + n
+
 
 class OnnxBackend:
     target = TARGET
@@ -35,6 +53,9 @@ class OnnxBackend:
         import onnxruntime as ort
         self._ort = ort
         path = manifest.path(record["files"]["model"]["path"])
+        reason = unsupported(record, None)
+        if reason:
+            raise RuntimeError(f"cannot run {path}: {reason}")
         self.provider = provider or pick_provider(ort.get_available_providers())
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         so = ort.SessionOptions()
@@ -47,30 +68,39 @@ class OnnxBackend:
         self.num_threads = so.intra_op_num_threads
         self.max_length = int(record.get("max_length", manifest.max_context))
         decode = manifest.signature("decode")
-        self._kv = [(t["name"], tuple(t["shape"]), record["output_names"][t["name"]])
-                    for t in decode["inputs"] if t["name"].startswith("kv_cache_")]
+        # (name, buffer shape [1, K, S, H], output name, past window)
+        self._kv = [(t["name"], (1, t["shape"][1], self.max_length, t["shape"][3]),
+                     record["output_names"][t["name"]], record["past_window"][t["name"]])
+                    for t in decode["inputs"] if t["name"].startswith("kv_cache_k_")]
+        self._kv += [(t["name"], (1, t["shape"][1], self.max_length, t["shape"][2]),
+                      record["output_names"][t["name"]], record["past_window"][t["name"]])
+                     for t in decode["inputs"] if t["name"].startswith("kv_cache_v_")]
         # io.get_outputs() follows the order of the bind_output calls in _run
-        self._output_order = [out for _, _, out in self._kv] + ["logits"]
+        self._output_order = [out for _, _, out, _ in self._kv] + ["logits"]
 
     def new_state(self):
-        ov = self._ort.OrtValue
-        return {name: ov.ortvalue_from_numpy(np.zeros(shape, np.float32), self.device, 0)
-                for name, shape, _ in self._kv}
+        """Full-length numpy buffers [1, K, S, H] per cache, written in place."""
+        return {name: np.zeros(shape, np.float32) for name, shape, _, _ in self._kv}
 
     def _run(self, tokens, start, state, want_logits):
         n = tokens.shape[0]
+        if start + n > self.max_length:
+            raise ValueError(f"positions {start}..{start + n - 1} exceed the cache length "
+                             f"{self.max_length}")
         io = self.session.io_binding()
         io.bind_cpu_input("tokens", tokens.reshape(1, n).astype(np.int32))
         io.bind_cpu_input("input_pos", np.arange(start, start + n, dtype=np.int32))
-        for name, _, out_name in self._kv:
-            io.bind_ortvalue_input(name, state[name])
-            io.bind_output(out_name, self.device)
+        for name, _, out_name, window in self._kv:
+            lo, hi = past_slots(start, window)
+            io.bind_cpu_input(name, np.ascontiguousarray(state[name][:, :, lo:hi]))
+            io.bind_output(out_name, "cpu")
         io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
         outputs = dict(zip(self._output_order, io.get_outputs()))
-        new_state = {name: outputs[out_name] for name, _, out_name in self._kv}
+        for name, _, out_name, _ in self._kv:
+            state[name][:, :, start:start + n] = outputs[out_name].numpy()    # [1, K, T, H]
         logits = outputs["logits"].numpy()[0, -1] if want_logits else None
-        return logits, new_state
+        return logits, state
 
     def prefill(self, signature, tokens, start, state):
         return self.prefill_tokens(tokens, start, state)
