@@ -7,9 +7,12 @@ dot) without reshaping einsums.
 
 The tied embedding is `embed` [V, D]. A target that quantizes may add `embed_q` (int8 [V, D]) and
 `embed_scale` (float [V]) for the lookup, keeping `embed` for the output projection only: the two
-then live in separate buffers that its quantizer can treat independently. A target that stores int8
-weights itself (XLA) replaces each projection by int8 [in, out] plus `{name}_scale` [out] (see
-`project`) and drops `embed`: `embed_q` is then the output projection too.
+then live in separate buffers that its quantizer can treat independently.
+
+`spelling` picks how attention's matmuls are written for the exporter: "xla" for every target that
+lowers through StableHLO (xla, xla-tpu, and tflite, whose converter reads StableHLO), "onnx" for
+jax2onnx, which lowers jnp.matmul to MatMul but dot_general to its slow generic Einsum. The two are
+the same math; only the graph differs.
 
 The KV cache is a plain value passed in and returned (layout in `signatures`). With `cache=None` the
 model attends over the given tokens only: that full forward is the reference every cached path and
@@ -29,7 +32,6 @@ import numpy as np
 
 from . import signatures as sig
 from .config import GemmaConfig, LOCAL
-from .weights import SCALE
 
 
 def param_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
@@ -90,21 +92,12 @@ def linear(x, w):
     return jnp.matmul(x, w)
 
 
-def project(x, p: dict, name: str):
-    """x times the projection `name` of p: a float [in, out] matrix, or an int8 one with
-    per-output-column scales under `name + "_scale"` (the XLA target's int8 weights), dequantized
-    in the dot's own fusion so only int8 bytes are read."""
-    w = p[name]
-    if name + SCALE not in p:
-        return linear(x, w)
-    return linear(x, w.astype(x.dtype)) * p[name + SCALE].astype(x.dtype)
-
-
 def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool = False):
+def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool = False,
+              spelling: str = "xla"):
     """One attention block. x: [B, T, D]. Returns (out [B, T, D], (k, v) or None): the updated
     caches; or with `rows`, where `cache` is the read-only past (layout in `signatures`), only
     this call's new rows."""
@@ -112,9 +105,9 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
     local = cfg.layer_type(i) == LOCAL
-    q = project(x, p, "q_proj").reshape(B, T, N, H)                                # [B, T, N, H]
-    k = project(x, p, "k_proj").reshape(B, T, K, H)                                # [B, T, K, H]
-    v = project(x, p, "v_proj").reshape(B, T, K, H)                                # [B, T, K, H]
+    q = linear(x, p["q_proj"]).reshape(B, T, N, H)                                # [B, T, N, H]
+    k = linear(x, p["k_proj"]).reshape(B, T, K, H)                                # [B, T, K, H]
+    v = linear(x, p["v_proj"]).reshape(B, T, K, H)                                # [B, T, K, H]
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps)
@@ -153,17 +146,20 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool
                      slot, slot[None, :] <= positions[:, None])]
         new_cache = (k_cache, v_cache)
 
-    # Attention as batched matmuls over (B, K) with no operand transposed in memory. Spelled per
-    # exporter: jax2onnx lowers jnp.matmul to MatMul (ORT fuses the transposed key operand away)
-    # but dot_general to its slow generic Einsum; jnp.matmul squeezes the size-1 batch dims
-    # (reshaping the cache), where dot_general with (B, K) batch dims becomes TFLite's
-    # BATCH_MATMUL on the cache as it is. `rows` is the ONNX form.
-    if rows:
+    # Attention as batched matmuls over (B, K) with no operand transposed in memory. jax2onnx
+    # lowers jnp.matmul to MatMul (ORT fuses the transposed key operand away); for StableHLO,
+    # dot_general keeps the (B, K) batch dims, where jnp.matmul would squeeze the size-1 ones
+    # (a reshape of the cache) before TFLite's BATCH_MATMUL.
+    if spelling == "onnx":
+        assert rows, "the ONNX form keeps values [B, K, S, H] (cache outputs `rows`)"
         scores_of = lambda q_, k_: jnp.matmul(q_, jnp.swapaxes(k_, -1, -2))
-        mix = jnp.matmul                                                  # values [B, K, S, H]
+        mix = jnp.matmul
     else:
         scores_of = lambda q_, k_: jax.lax.dot_general(q_, k_, (((3,), (3,)), ((0, 1), (0, 1))))
-        mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (3,)), ((0, 1), (0, 1))))
+        if rows:
+            mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (2,)), ((0, 1), (0, 1))))
+        else:
+            mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (3,)), ((0, 1), (0, 1))))
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # [B, K, G*T, H]
     scores = []
     for keys, _, key_pos, visible in segments:
@@ -189,11 +185,11 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool
             mix((w / total).astype(x.dtype).reshape(B, K, G * T, -1), seg[1])
             for w, seg in zip(weights, segments)])                                 # [B, K, G*T, H]
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)                      # [B, T, K, G, H]
-    return project(out.reshape(B, T, N * H), p, "o_proj"), new_cache               # [B, T, D]
+    return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache               # [B, T, D]
 
 
 def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | None = None,
-            logits: str | int = "all", cache_outputs: str = "full"):
+            logits: str | int = "all", cache_outputs: str = "full", spelling: str = "xla"):
     """tokens: [B, T] int32; positions: [T] int32 (contiguous); cache: the signature's KV dict.
     new_cache holds the updated caches, or for cache_outputs="rows" only this call's new rows,
     under the same names (see `signatures`).
@@ -213,14 +209,15 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
              if name.startswith(f"layers.{i}.")}
         layer_cache = None if cache is None else (cache[sig.k_name(i)], cache[sig.v_name(i)])
         h, layer_cache = attention(cfg, p, i, rms_norm(x, p["attn_norm"], cfg.norm_eps),
-                                   positions, layer_cache, rows=cache_outputs == "rows")
+                                   positions, layer_cache, rows=cache_outputs == "rows",
+                                   spelling=spelling)
         if cfg.post_norms:
             h = rms_norm(h, p["post_attn_norm"], cfg.norm_eps)
         x = x + h
         h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
-        gate = jax.nn.gelu(project(h, p, "gate_proj"), approximate=True)
-        h = gate * project(h, p, "up_proj")
-        h = project(h, p, "down_proj")
+        gate = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True)
+        h = gate * linear(h, p["up_proj"])
+        h = linear(h, p["down_proj"])
         if cfg.post_norms:
             h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
         x = x + h
@@ -231,9 +228,5 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     if logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    if "embed" in params:
-        out = linear(x, params["embed"].T)                                         # [B, T, V]
-    else:   # int8 weights only (XLA int8): the lookup table is the output projection too
-        out = jax.lax.dot_general(x, params["embed_q"].astype(x.dtype), (((2,), (1,)), ((), ())))
-        out = out * params["embed_scale"].astype(x.dtype)                           # [B, T, V]
+    out = linear(x, params["embed"].T)                                             # [B, T, V]
     return _softcap(out.astype(jnp.float32), cfg.final_softcap), new_cache

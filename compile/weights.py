@@ -1,4 +1,4 @@
-"""Weight transforms shared by the targets that quantize (tflite, onnx, xla).
+"""Weight transforms shared by the targets that quantize (tflite, onnx).
 
 The tied embedding is both a lookup table and the output projection. Quantizers only handle the
 projection (a matmul); left shared, the table stays float (671 MB of Gemma 3 270M's 1 GB) or gets
@@ -9,8 +9,6 @@ read by `model.forward`) and `embed` is left to the quantizer as the projection.
 from __future__ import annotations
 
 import numpy as np
-
-SCALE = "_scale"   # suffix of an int8 projection's per-output-column scales (`int8_weights`)
 
 
 def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,18 +26,3 @@ def split_embedding(params: dict, quant: str, float_embedding: bool) -> dict:
         return dict(params)
     q, scale = int8_rows(params["embed"])
     return {**params, "embed_q": q, "embed_scale": scale}
-
-
-def int8_weights(params: dict) -> dict:
-    """Every projection as int8 [in, out] with per-output-column scales (`model.project`), and the
-    tied embedding as the per-row int8 table that serves both the lookup and the output layer."""
-    out = {}
-    for name, w in params.items():
-        if name.endswith("_proj"):
-            q, scale = int8_rows(np.ascontiguousarray(w.T))
-            out[name], out[name + SCALE] = np.ascontiguousarray(q.T), scale
-        elif name == "embed":
-            out["embed_q"], out["embed_scale"] = int8_rows(w)
-        else:
-            out[name] = w
-    return out

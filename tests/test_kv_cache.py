@@ -74,7 +74,8 @@ def test_row_outputs_written_by_the_caller_equal_full_forward(variant):
             bufs[name][:, :, pos:pos + n] = rows
         got.append(np.asarray(logits[0, -1]))
         pos += n
-    np.testing.assert_allclose(np.stack(got), want[np.cumsum(sizes) - 1], atol=2e-5, rtol=0)
+    # the split softmax sums in another order than the full one: a few float32 ulps of the logit
+    np.testing.assert_allclose(np.stack(got), want[np.cumsum(sizes) - 1], atol=2e-5, rtol=1e-6)
 
 
 def test_past_slots():

@@ -54,7 +54,7 @@ def lower(contract: sg.Contract, params: dict, path: Path) -> None:
     def fn(tokens, input_pos, *cache):
         logits, new = gemma.forward(cfg, weights, tokens, input_pos,
                                     {t.name: c for t, c in zip(kv, cache)}, logits="last",
-                                    cache_outputs="rows")
+                                    cache_outputs="rows", spelling="onnx")
         return (logits.astype(jnp.float32),) + tuple(new[t.name] for t in kv)
 
     S = contract.max_context
