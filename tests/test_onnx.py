@@ -105,6 +105,39 @@ def test_corrupt_onnx_is_refused(onnx_artifacts, tmp_path):
         runtime.load(out, target="onnx")
 
 
+def test_onnx_artifact_with_whole_cache_outputs_is_refused(onnx_artifacts, tmp_path):
+    """An artifact from before cache outputs became `rows` is not run (its outputs are whole
+    caches); the error names the fix."""
+    import shutil
+    _, src = onnx_artifacts("gemma-2b-tiny")
+    out = tmp_path / "old"
+    shutil.copytree(src, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["artifacts"]["onnx"]["cache_outputs"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    from runtime.manifest import ArtifactError
+    with pytest.raises(ArtifactError, match="cannot run the 'onnx' artifact here: it returns whole "
+                       "caches per call .*re-export it with `python -m compile.export --target onnx`"):
+        runtime.load(out, target="onnx")
+
+
+def test_onnx_graph_reads_past_views_and_returns_rows(onnx_artifacts):
+    """The contract's `rows` form as ONNX sees it: past inputs with symbolic lengths (P for global
+    layers, L for local ones), new rows [1, K, T, H] out, and no op that writes a cache."""
+    import onnx
+    ck, out = onnx_artifacts("gemma3-270m-tiny")
+    g = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in list(g.input) + list(g.output)}
+    cfg = ck.config
+    for i in range(cfg.num_layers):
+        past = "P" if sg.past_window(cfg, i) is None else "L"
+        for name in (sg.k_name(i), sg.v_name(i)):
+            assert dims[name] == [1, cfg.num_kv_heads, past, cfg.head_dim], (name, dims[name])
+            assert dims[sg.rows_name(name)] == [1, cfg.num_kv_heads, "T", cfg.head_dim]
+    assert not {n.op_type for n in g.node} & {"ScatterND", "ScatterElements", "Einsum"}
+
+
 @pytest.mark.real   # slow: writes and runs a 2 GB model
 def test_weights_over_2gb_export_and_run(tmp_path):
     from helpers import synthetic_over_2gb
