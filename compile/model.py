@@ -197,6 +197,9 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
     int k (the last k positions), None for "none".
     """
+    if cache_outputs not in sig.CACHE_OUTPUTS or spelling not in ("xla", "onnx"):
+        raise ValueError(f"cache_outputs {cache_outputs!r} / spelling {spelling!r}: expected one "
+                         f"of {sig.CACHE_OUTPUTS} / ('xla', 'onnx')")
     if "embed_q" in params:   # int8 lookup table with per-row scales (quantized TFLite artifacts)
         rows = params["embed_q"][tokens].astype(jnp.float32)                      # [B, T, D]
         x = rows * params["embed_scale"][tokens][..., None]

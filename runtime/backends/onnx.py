@@ -67,20 +67,20 @@ class OnnxBackend:
             raise RuntimeError(f"ONNX Runtime cannot load {path}: {e}") from e
         self.num_threads = so.intra_op_num_threads
         self.max_length = int(record.get("max_length", manifest.max_context))
-        decode = manifest.signature("decode")
-        # (name, buffer shape [1, K, S, H], output name, past window)
-        self._kv = [(t["name"], (1, t["shape"][1], self.max_length, t["shape"][3]),
-                     record["output_names"][t["name"]], record["past_window"][t["name"]])
-                    for t in decode["inputs"] if t["name"].startswith("kv_cache_k_")]
-        self._kv += [(t["name"], (1, t["shape"][1], self.max_length, t["shape"][2]),
-                      record["output_names"][t["name"]], record["past_window"][t["name"]])
-                     for t in decode["inputs"] if t["name"].startswith("kv_cache_v_")]
+        cfg = manifest.config
+        # every cache buffer is [1, K, S, H] (the `rows` form keeps V untransposed too)
+        self._shape = (1, cfg["num_kv_heads"], self.max_length, cfg["head_dim"])
+        # (name, output name, past window)
+        self._kv = [(t["name"], record["output_names"][t["name"]], record["past_window"][t["name"]])
+                    for t in manifest.signature("decode")["inputs"]
+                    if t["name"].startswith("kv_cache_")]
+        self._windows = {w for _, _, w in self._kv}
         # io.get_outputs() follows the order of the bind_output calls in _run
-        self._output_order = [out for _, _, out, _ in self._kv] + ["logits"]
+        self._output_order = [out for _, out, _ in self._kv] + ["logits"]
 
     def new_state(self):
         """Full-length numpy buffers [1, K, S, H] per cache, written in place."""
-        return {name: np.zeros(shape, np.float32) for name, shape, _, _ in self._kv}
+        return {name: np.zeros(self._shape, np.float32) for name, _, _ in self._kv}
 
     def _run(self, tokens, start, state, want_logits):
         n = tokens.shape[0]
@@ -90,14 +90,15 @@ class OnnxBackend:
         io = self.session.io_binding()
         io.bind_cpu_input("tokens", tokens.reshape(1, n).astype(np.int32))
         io.bind_cpu_input("input_pos", np.arange(start, start + n, dtype=np.int32))
-        for name, _, out_name, window in self._kv:
-            lo, hi = past_slots(start, window)
+        slots = {w: past_slots(start, w) for w in self._windows}
+        for name, out_name, window in self._kv:
+            lo, hi = slots[window]
             io.bind_cpu_input(name, np.ascontiguousarray(state[name][:, :, lo:hi]))
             io.bind_output(out_name, "cpu")
         io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
         outputs = dict(zip(self._output_order, io.get_outputs()))
-        for name, _, out_name, _ in self._kv:
+        for name, out_name, _ in self._kv:
             state[name][:, :, start:start + n] = outputs[out_name].numpy()    # [1, K, T, H]
         logits = outputs["logits"].numpy()[0, -1] if want_logits else None
         return logits, state
