@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ART    := artifacts/gemma3-270m
 PROMPT ?= The capital of France is
 
-.PHONY: venv export run test clean
+.PHONY: venv tools export run test clean
 
 venv: $(VENV)/.installed
 
@@ -23,7 +23,11 @@ export: $(ART)/manifest.json
 run: export
 	$(PY) -m runtime.generate --artifacts $(ART) --prompt "$(PROMPT)" --max-new-tokens 48
 
-test: venv
+# the Kotlin compiler (npm) and JUnit (Debian) for the Android core's unit tests
+tools:
+	bash android_demo/core/tools.sh >/dev/null
+
+test: venv tools
 	$(PY) -m pytest tests -q --durations=15
 
 clean:

@@ -193,9 +193,8 @@ def engines(args) -> list[dict]:
     for d in args.artifacts:
         m = runtime.Manifest.read(d)
         why = reasons(m)
-        cfg, sig = m.config, m.data["signatures"]
-        kv_bytes = sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
-                       for t in m.signature("decode")["inputs"] if t["name"].startswith("kv_cache_"))
+        cfg, context = m.config, m.max_context
+        kv_bytes = m.contract.kv.nbytes()
         for target, rec in m.artifacts.items():
             if (wanted and target not in wanted) or why.get(target):
                 continue
@@ -210,20 +209,20 @@ def engines(args) -> list[dict]:
                         "artifacts": str(m.root), "target": target, "artifact_bytes": size,
                         "top1_vs_fp32": rec.get("parity", {}).get("top1_agreement"),
                         "bytes_per_token": {"short": step, "long": step},
-                        "context": sig["max_context"]})
+                        "context": context})
             if target == "tflite" and "litert-lm" in args.peers:
                 bundle = m.path(rec["files"]["litertlm"]["path"])
                 out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
                             "bundle": str(bundle), "artifact_bytes": bundle.stat().st_size,
                             "bytes_per_token": {"short": step, "long": step},
-                            "context": sig["max_context"]})
+                            "context": context})
         cfg_layers = cfg["num_layers"]
         kv_row = 2 * cfg_layers * cfg["num_kv_heads"] * cfg["head_dim"] * 2   # f16 K and V
         if "llama.cpp" in args.peers and not any(e["kind"] == "llama.cpp" for e in out):
             gguf = args.gguf or _default_gguf()
             size = Path(gguf).stat().st_size
             out.append({"kind": "llama.cpp", "name": "llama.cpp (GGUF Q4_K_M)", "gguf": str(gguf),
-                        "artifact_bytes": size, "context": sig["max_context"],
+                        "artifact_bytes": size, "context": context,
                         # llama.cpp reads only the filled part of its f16 cache
                         "bytes_per_token": {"short": size + kv_row * (args.short + args.decode),
                                             "long": size + kv_row * (args.long + args.decode)}})

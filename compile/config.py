@@ -1,7 +1,11 @@
-"""Gemma model configs and the registry of named variants.
+"""Gemma model configs, each family's rules, and the registry of named variants.
 
 A `GemmaConfig` describes one decoder of the Gemma family completely: the model code reads nothing
-else. Variant names are stable (they appear in artifact directory names and manifests). `tiny()`
+else. `FAMILIES` holds what each Gemma generation fixes for all its sizes (norm placement, QK-norm,
+softcaps, windows, layer pattern, RoPE bases, the query scale): `make_config` applies them, and
+the registry and both checkpoint loaders build configs only through it, so the loaders merely map
+their files' names onto fields and override a rule only with a value the file states.
+Variant names are stable (they appear in artifact directory names and manifests). `tiny()`
 derives a small random-weight config of the same architecture for tests, in the spirit of
 litert-torch's `get_fake_model_config`: every architectural switch is kept, only sizes shrink.
 """
@@ -11,10 +15,51 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
-LOCAL = "local"    # sliding-window attention layer
-GLOBAL = "global"  # full causal attention layer
+from runtime.contract import GLOBAL, LOCAL   # layer types as the manifest spells them
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one Gemma generation fixes for all its sizes. Defaults are transformers' config
+    defaults for the family (what a checkpoint that omits the field means)."""
+    number: int
+    post_norms: bool                 # norms after attention and after the FFN
+    qk_norm: bool
+    attn_softcap: Optional[float]
+    final_softcap: Optional[float]
+    sliding_window: Optional[int]    # None: every layer attends globally
+    layer_pattern: Callable[[int], tuple]   # num_layers -> LOCAL/GLOBAL per layer
+    rope_base_global: float
+    rope_base_local: Optional[float]         # None: local layers use the global base
+
+
+def _no_pattern(num_layers: int) -> tuple:
+    return ()
+
+
+def _alternating(num_layers: int) -> tuple:   # Gemma 2: even layers slide, odd layers are global
+    return tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(num_layers))
+
+
+def _five_to_one(num_layers: int) -> tuple:   # Gemma 3: five local layers, then one global
+    return tuple(GLOBAL if (i + 1) % 6 == 0 else LOCAL for i in range(num_layers))
+
+
+FAMILIES: dict[int, Family] = {
+    1: Family(1, post_norms=False, qk_norm=False, attn_softcap=None, final_softcap=None,
+              sliding_window=None, layer_pattern=_no_pattern, rope_base_global=10_000.0,
+              rope_base_local=None),
+    # transformers' Gemma2Config: softcaps 50 (attention) and 30 (final), window 4096
+    2: Family(2, post_norms=True, qk_norm=False, attn_softcap=50.0, final_softcap=30.0,
+              sliding_window=4096, layer_pattern=_alternating, rope_base_global=10_000.0,
+              rope_base_local=None),
+    # Gemma3TextConfig: no softcaps (QK-norm instead), RoPE 1M global / 10k local
+    3: Family(3, post_norms=True, qk_norm=True, attn_softcap=None, final_softcap=None,
+              sliding_window=4096, layer_pattern=_five_to_one, rope_base_global=1_000_000.0,
+              rope_base_local=10_000.0),
+}
 
 
 @dataclass(frozen=True)
@@ -41,8 +86,19 @@ class GemmaConfig:
     rope_scale_global: float = 1.0   # linear position scaling of global layers (Gemma 3 4B+: 8)
 
     def __post_init__(self):
-        if self.family not in (1, 2, 3):
+        if self.family not in FAMILIES:
             raise ValueError(f"{self.name}: unknown Gemma family {self.family}")
+        for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "ffn_dim"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{self.name}: {f} must be a positive integer, got {v!r}")
+        for f in ("query_pre_attn_scalar", "norm_eps", "rope_base_global", "rope_base_local",
+                  "rope_scale_global", "attn_softcap", "final_softcap"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v > 0):
+                raise ValueError(f"{self.name}: {f} must be a positive number, got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
@@ -98,39 +154,71 @@ class GemmaConfig:
             # keep "query scale differs from head_dim" (the 27B models) visible in the tiny config
             query_pre_attn_scalar=16.0 if self.query_pre_attn_scalar == self.head_dim else 24.0,
             sliding_window=8 if self.sliding_window else None,
-            layer_types=_pattern(self.family, layers),
+            layer_types=FAMILIES[self.family].layer_pattern(layers),
         )
 
 
-def _pattern(family: int, num_layers: int) -> tuple[str, ...]:
-    if family == 1:
-        return ()
-    if family == 2:   # even layers slide, odd layers are global
-        return tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(num_layers))
-    # Gemma 3: five local layers, then one global
-    return tuple(GLOBAL if (i + 1) % 6 == 0 else LOCAL for i in range(num_layers))
+def make_config(name: str, family: int, *, vocab_size: int, d_model: int, num_layers: int,
+                num_heads: int, num_kv_heads: int, head_dim: int, ffn_dim: int,
+                **stated) -> GemmaConfig:
+    """A config of `family` with the given dimensions: every field the caller does not state
+    (`stated` holds only what a checkpoint or the registry actually says, a None included)
+    follows the family's rules. Raises ValueError naming a bad field."""
+    if family not in FAMILIES:
+        raise ValueError(f"{name}: unknown Gemma family {family!r}")
+    rules = FAMILIES[family]
+    unknown = set(stated) - {f.name for f in dataclasses.fields(GemmaConfig)}
+    if unknown:
+        raise TypeError(f"make_config: unknown fields {sorted(unknown)}")
+    fields = dict(
+        post_norms=rules.post_norms, qk_norm=rules.qk_norm, attn_softcap=rules.attn_softcap,
+        final_softcap=rules.final_softcap, sliding_window=rules.sliding_window,
+        rope_base_global=rules.rope_base_global)
+    fields.update(stated)
+    if not isinstance(num_layers, int):
+        raise ValueError(f"{name}: num_layers must be a positive integer, got {num_layers!r}")
+    if "layer_types" not in stated:
+        fields["layer_types"] = rules.layer_pattern(num_layers) if fields["sliding_window"] \
+            else ()
+    if "rope_base_local" not in stated:
+        fields["rope_base_local"] = rules.rope_base_local or fields["rope_base_global"]
+    if "query_pre_attn_scalar" not in stated:
+        fields["query_pre_attn_scalar"] = default_query_scalar(family, d_model, num_layers,
+                                                               num_heads, head_dim)
+    fields["layer_types"] = tuple(fields["layer_types"])
+    return GemmaConfig(name=name, family=family, vocab_size=vocab_size, d_model=d_model,
+                       num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, ffn_dim=ffn_dim, **fields)
+
+
+def default_query_scalar(family: int, d_model: int, num_layers: int, num_heads: int,
+                         head_dim: int) -> float:
+    """Queries are scaled by head_dim ** -0.5, except where a released model says otherwise (the
+    27B models of Gemma 2 and 3 use d_model / heads, as llama.cpp does too): a checkpoint format
+    that does not store the scale (GGUF) gets the registry variant's value."""
+    for v in VARIANTS.values():
+        if (v.family, v.d_model, v.num_layers, v.num_heads) == (family, d_model, num_layers,
+                                                                 num_heads):
+            return v.query_pre_attn_scalar
+    return float(head_dim)
 
 
 def _gemma1(name, d, layers, heads, kv, ffn):
-    return GemmaConfig(name=name, family=1, vocab_size=256_000, d_model=d, num_layers=layers,
+    return make_config(name, 1, vocab_size=256_000, d_model=d, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv, head_dim=256, ffn_dim=ffn,
                        query_pre_attn_scalar=256.0)
 
 
 def _gemma2(name, d, layers, heads, kv, head_dim, ffn, qpas):
-    return GemmaConfig(name=name, family=2, vocab_size=256_000, d_model=d, num_layers=layers,
+    return make_config(name, 2, vocab_size=256_000, d_model=d, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, ffn_dim=ffn,
-                       query_pre_attn_scalar=qpas, sliding_window=4096,
-                       layer_types=_pattern(2, layers), attn_softcap=50.0, final_softcap=30.0,
-                       post_norms=True)
+                       query_pre_attn_scalar=qpas)
 
 
 def _gemma3(name, d, layers, heads, kv, head_dim, ffn, qpas, window, scale):
-    return GemmaConfig(name=name, family=3, vocab_size=262_144, d_model=d, num_layers=layers,
+    return make_config(name, 3, vocab_size=262_144, d_model=d, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, ffn_dim=ffn,
                        query_pre_attn_scalar=qpas, sliding_window=window,
-                       layer_types=_pattern(3, layers), post_norms=True, qk_norm=True,
-                       rope_base_global=1_000_000.0, rope_base_local=10_000.0,
                        rope_scale_global=scale)
 
 

@@ -1,7 +1,7 @@
 """`python -m compile.export`: checkpoint -> traced signatures -> artifacts + manifest.
 
 The export is staged in a hidden sibling directory and published only after every target passed
-its parity check (a target that cannot run on this machine, such as xla-tpu for a TPU, records the
+its parity check (`compile.parity`; a target that cannot run on this machine, such as xla-tpu for a TPU, records the
 check as skipped with the reason), so an interrupted or failed export never leaves a directory that
 looks complete.
 Exporting more targets into an existing directory of the same model and contract adds them to its
@@ -19,20 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from runtime import contract as ct
 
-from . import checkpoints, targets
-from . import signatures as sg
+from . import checkpoints, parity, targets
 from .checkpoints import Checkpoint, CheckpointError
 from .config import get_variant
 from .model import init_params
 from .tokenizer import tiny_tokenizer
-
-SCHEMA_VERSION = 1
-PARITY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew to the Moon; "
-               "they returned safely. Gemma models are lightweight, open models built from the same "
-               "research as Gemini. Water boils at 100 degrees Celsius at sea level. ")
-PARITY_DECODE_STEPS = 32   # enough positions for a meaningful top-1 agreement
 
 
 class ExportError(RuntimeError):
@@ -58,35 +51,15 @@ def load_checkpoint(spec: str | None, progress=None) -> Checkpoint:
     return checkpoints.load(spec, progress=progress)
 
 
-def parity_tokens(contract: sg.Contract, encode, bos: int) -> tuple[np.ndarray, int]:
-    """A fixed text's ids long enough for two prefill chunks plus decode steps, and where the
-    decoded part starts."""
-    lengths = contract.prefill_lengths
-    steps = min(PARITY_DECODE_STEPS, contract.max_context // 4)
-    prefill = min(lengths[-1] + max(1, lengths[0] // 2), contract.max_context - steps)
-    total = prefill + steps
-    ids = [bos]
-    text_ids = encode(PARITY_TEXT)
-    while len(ids) < total:
-        ids += text_ids
-    ids = np.asarray(ids[:total], np.int32) % contract.config.vocab_size
-    return ids, prefill
-
-
 def _file_record(root: Path, rel: str) -> dict:
     from runtime.manifest import sha256_file
     p = root / rel
     return {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
-def _manifest(ck: Checkpoint, contract: sg.Contract, tokenizer_file: str, tok_sha: str) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": {"variant": ck.config.name, "config": ck.config.to_dict(), "source": ck.source},
-        "tokenizer": {"file": tokenizer_file, "sha256": tok_sha, **ck.special_ids},
-        "signatures": contract.to_manifest(),
-        "artifacts": {},
-    }
+def _manifest(ck: Checkpoint, contract: ct.Contract, tokenizer_file: str, tok_sha: str) -> dict:
+    return ct.new_manifest(ck.config.name, ck.config.to_dict(), ck.source,
+                           {"file": tokenizer_file, "sha256": tok_sha, **ck.special_ids}, contract)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -95,7 +68,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def export(ck: Checkpoint, contract: sg.Contract, target_names: list[str], out: Path,
+def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: Path,
            options: dict | None = None, progress=None, log=print) -> dict:
     """Writes (or adds to) the artifact directory `out`; returns its manifest."""
     import jax
@@ -107,14 +80,14 @@ def export(ck: Checkpoint, contract: sg.Contract, target_names: list[str], out: 
         targets.check_options(mod, options)
     out = Path(out)
     existing = None
-    if (out / "manifest.json").exists():
-        existing = json.loads((out / "manifest.json").read_text())
-        if existing.get("model", {}).get("config") != ck.config.to_dict() or \
-                existing.get("signatures") != contract.to_manifest():
+    if (out / ct.MANIFEST_FILE).exists():
+        existing = _read_existing(out / ct.MANIFEST_FILE)
+        if existing["model"]["config"] != ck.config.to_dict() or \
+                ct.Contract.from_manifest(existing).to_manifest() != contract.to_manifest():
             raise ExportError(f"{out} holds artifacts of a different model or signature set; "
                               f"choose another --out or delete it")
     elif out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists, is not empty and has no manifest.json; "
+        raise ExportError(f"{out} exists, is not empty and has no {ct.MANIFEST_FILE}; "
                           f"choose another --out or delete it")
 
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -137,61 +110,30 @@ def export(ck: Checkpoint, contract: sg.Contract, target_names: list[str], out: 
                 "export_s": round(time.perf_counter() - t0, 2),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             log(f"wrote {mod.NAME} artifact in {time.perf_counter() - t0:.1f}s")
-        _write_json(stage / "manifest.json", manifest)
-        _check_parity(ck, contract, stage, manifest, mods, options, log)
-        _write_json(stage / "manifest.json", manifest)
+        _write_json(stage / ct.MANIFEST_FILE, manifest)
+        failures = parity.check(ck, contract, stage, manifest,
+                                {m.NAME: targets.quant(m, options) for m in mods}, log)
+        if failures:
+            raise ExportError("artifact parity check failed against the JAX reference: "
+                              + "; ".join(failures))
+        _write_json(stage / ct.MANIFEST_FILE, manifest)
         return _publish(stage, out, manifest, existing, [m.NAME for m in mods])
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _read_existing(path: Path) -> dict:
+    """The manifest of the directory being added to, checked against the schema."""
+    try:
+        return ct.validate(json.loads(path.read_text()))
+    except ValueError as e:   # invalid JSON or a schema error
+        raise ExportError(f"{path}: not a manifest this exporter can add to ({e}); choose "
+                          f"another --out or delete it") from None
+
+
 def _trace(contract, params, progress):
     from . import trace
     return trace.trace(contract, params, progress=progress)
-
-
-def _check_parity(ck, contract, stage: Path, manifest: dict, mods, options, log) -> None:
-    import runtime
-    import runtime.backends
-    from . import trace
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_proto=ck.tokenizer_model)
-    tokens, start = parity_tokens(contract, sp.encode, ck.special_ids["bos"])
-    ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
-    failures = []
-    here = runtime.backends.reasons(runtime.Manifest.read(stage))
-    for mod in mods:
-        if here.get(mod.NAME):
-            manifest["artifacts"][mod.NAME]["parity"] = {"skipped": here[mod.NAME]}
-            log(f"parity {mod.NAME}: not checked, it cannot run on this machine "
-                f"({here[mod.NAME]})")
-            continue
-        gen = runtime.load(stage, target=mod.NAME, cache_dir=False)   # stage dirs move
-        got = gen.logits(tokens, start=start)
-        figures = {
-            "tokens": int(len(tokens)), "prefill_tokens": int(start),
-            "decode_steps": int(len(tokens) - start),
-            "max_abs_diff": float(np.max(np.abs(got - ref))),
-            "max_abs_ref": float(np.max(np.abs(ref))),
-            "max_rel_diff": float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-6)),
-            "mean_abs_diff": float(np.mean(np.abs(got - ref))),
-            "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
-            "tolerance": mod.tolerance(options),
-        }
-        manifest["artifacts"][mod.NAME]["parity"] = figures
-        log(f"parity {mod.NAME}: max |diff| {figures['max_abs_diff']:.2e}, "
-            f"top-1 agreement {figures['top1_agreement']:.0%} over {figures['decode_steps']} "
-            f"decode steps after {start} prefill tokens")
-        limit = figures["tolerance"]
-        if figures["max_rel_diff"] > limit["max_rel_diff"] or \
-                figures["top1_agreement"] < limit["min_top1"]:
-            failures.append(f"{mod.NAME}: max |diff| {figures['max_abs_diff']:.3g} = "
-                            f"{figures['max_rel_diff']:.3g} of max |logit| (limit "
-                            f"{limit['max_rel_diff']}), top-1 agreement "
-                            f"{figures['top1_agreement']:.2f} (minimum {limit['min_top1']})")
-    if failures:
-        raise ExportError("artifact parity check failed against the JAX reference: "
-                          + "; ".join(failures))
 
 
 def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, names) -> dict:
@@ -212,7 +154,7 @@ def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, name
         os.replace(stage / name, old)
         shutil.rmtree(trash, ignore_errors=True)
     shutil.copy2(stage / "tokenizer.model", out / "tokenizer.model")
-    _write_json(out / "manifest.json", merged)
+    _write_json(out / ct.MANIFEST_FILE, merged)
     return merged
 
 
@@ -234,9 +176,9 @@ def main(argv=None) -> int:
                    help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M); "
                         "random:VARIANT-tiny makes random weights for testing")
     p.add_argument("--out", default=None, help="artifact directory (default: artifacts/<variant>)")
-    p.add_argument("--prefill-lengths", type=_parse_lengths, default=sg.DEFAULT_PREFILL_LENGTHS,
+    p.add_argument("--prefill-lengths", type=_parse_lengths, default=ct.DEFAULT_PREFILL_LENGTHS,
                    help="static prefill lengths, comma-separated (default: 32,128,512)")
-    p.add_argument("--max-context", type=int, default=sg.DEFAULT_MAX_CONTEXT,
+    p.add_argument("--max-context", type=int, default=ct.DEFAULT_MAX_CONTEXT,
                    help="KV cache length (default: 2048)")
     p.add_argument("--quant", default=None,
                    help="weight quantization: none, int8 or int4 (bf16 or none for xla-tpu; "
@@ -274,7 +216,7 @@ def main(argv=None) -> int:
         print(f"loaded {ck.config.name} ({ck.config.num_params() / 1e6:.0f}M parameters) from "
               f"{ck.source.get('path', ck.source.get('format'))} in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
-        contract = sg.Contract(ck.config, args.prefill_lengths, args.max_context)
+        contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context)
         out = Path(args.out or f"artifacts/{ck.config.name}")
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))
@@ -289,7 +231,7 @@ def main(argv=None) -> int:
     for n in names:
         for f in manifest["artifacts"][n]["files"].values():
             print(f"  {out / f['path']}  {f['bytes'] / 1e6:.1f} MB")
-    print(f"  {out / 'manifest.json'}")
+    print(f"  {out / ct.MANIFEST_FILE}")
     if args.android_demo:
         copy_for_android(out, manifest, Path(args.android_demo))
     return 0

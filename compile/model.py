@@ -14,9 +14,9 @@ lowers through StableHLO (xla, xla-tpu, and tflite, whose converter reads Stable
 jax2onnx, which lowers jnp.matmul to MatMul but dot_general to its slow generic Einsum. The two are
 the same math; only the graph differs.
 
-The KV cache is a plain value passed in and returned (layout in `signatures`). With `cache=None` the
-model attends over the given tokens only: that full forward is the reference every cached path and
-every artifact is checked against.
+The KV cache is a plain value passed in and returned: a dict under `runtime.contract`'s names, taken
+and returned as `compile.kv` decides. With `cache=None` the model attends over the given tokens
+only: that full forward is the reference every cached path and every artifact is checked against.
 
 Shape letters: B batch, T tokens in this call, S cache length, N query heads, K KV heads,
 G = N / K query heads per KV head, H head dim, D model dim, F FFN dim, V vocab.
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import signatures as sig
+from runtime import contract as ct
+
+from . import kv
 from .config import GemmaConfig, LOCAL
 
 
@@ -99,8 +101,8 @@ def _softcap(x, cap):
 def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool = False,
               spelling: str = "xla"):
     """One attention block. x: [B, T, D]. Returns (out [B, T, D], (k, v) or None): the updated
-    caches; or with `rows`, where `cache` is the read-only past (layout in `signatures`), only
-    this call's new rows."""
+    caches; or with `rows`, where `cache` is the read-only past, only
+    this call's new rows (`compile.kv`)."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
@@ -116,35 +118,8 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool
     q = rope(q, positions, base, scale) * cfg.query_scale
     k = rope(k, positions, base, scale)
 
-    k_bksh = k.transpose(0, 2, 1, 3)                                               # [B, K, T, H]
-    v_bksh = v.transpose(0, 2, 1, 3)                                               # [B, K, T, H]
-    # key segments: (keys [B, K, S, H], values [B, K, S, H] with `rows` else [B, K, H, S],
-    # key positions [S], visible [T, S])
-    v_new = v_bksh if rows else v.transpose(0, 2, 3, 1)
-    new_keys = (k_bksh, v_new, positions, positions[None, :] <= positions[:, None])
-    if cache is None:
-        segments, new_cache = [new_keys], None
-    elif rows:
-        # read-only past: the P slots just before positions[0] (slots before position 0 masked)
-        k_past, v_past = cache                                  # [B, K, P, H], [B, K, P, H]
-        P = k_past.shape[2]
-        # iota, not arange: under jax2onnx arange loses the symbolic P
-        key_pos = positions[0] - P + jax.lax.broadcasted_iota(jnp.int32, (P,), 0)   # [P]
-        old = jnp.broadcast_to(key_pos >= 0, (T, P))                               # [T, P]
-        segments = [(k_past.astype(x.dtype), v_past.astype(x.dtype), key_pos, old), new_keys]
-        new_cache = (k_bksh.astype(k_past.dtype), v_bksh.astype(v_past.dtype))
-    else:
-        k_cache, v_cache = cache                                # [B, K, S, H], [B, K, H, S]
-        start = positions[0]
-        zero = jnp.zeros((), jnp.int32)
-        k_cache = jax.lax.dynamic_update_slice(
-            k_cache, k_bksh.astype(k_cache.dtype), (zero, zero, start, zero))
-        v_cache = jax.lax.dynamic_update_slice(
-            v_cache, v_new.astype(v_cache.dtype), (zero, zero, zero, start))
-        slot = jnp.arange(k_cache.shape[2], dtype=jnp.int32)                       # [S]
-        segments = [(k_cache.astype(x.dtype), v_cache.astype(x.dtype),
-                     slot, slot[None, :] <= positions[:, None])]
-        new_cache = (k_cache, v_cache)
+    form = ct.ROWS if rows else ct.FULL
+    segments, new_cache = kv.segments(k, v, positions, cache, form, x.dtype)
 
     # Attention as batched matmuls over (B, K) with no operand transposed in memory. jax2onnx
     # lowers jnp.matmul to MatMul (ORT fuses the transposed key operand away); for StableHLO,
@@ -192,14 +167,15 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
             logits: str | int = "all", cache_outputs: str = "full", spelling: str = "xla"):
     """tokens: [B, T] int32; positions: [T] int32 (contiguous); cache: the signature's KV dict.
     new_cache holds the updated caches, or for cache_outputs="rows" only this call's new rows,
-    under the same names (see `signatures`).
+    under the same names (`runtime.contract`).
 
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
     int k (the last k positions), None for "none".
     """
-    if cache_outputs not in sig.CACHE_OUTPUTS or spelling not in ("xla", "onnx"):
+    if cache_outputs not in ct.CACHE_OUTPUTS or spelling not in ("xla", "onnx"):
         raise ValueError(f"cache_outputs {cache_outputs!r} / spelling {spelling!r}: expected one "
-                         f"of {sig.CACHE_OUTPUTS} / ('xla', 'onnx')")
+                         f"of {ct.CACHE_OUTPUTS} / ('xla', 'onnx')")
+    layout = ct.KVLayout.of(cfg)
     if "embed_q" in params:   # int8 lookup table with per-row scales (quantized TFLite artifacts)
         rows = params["embed_q"][tokens].astype(jnp.float32)                      # [B, T, D]
         x = rows * params["embed_scale"][tokens][..., None]
@@ -210,7 +186,7 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     for i in range(cfg.num_layers):
         p = {name.split(".", 2)[2]: w for name, w in params.items()
              if name.startswith(f"layers.{i}.")}
-        layer_cache = None if cache is None else (cache[sig.k_name(i)], cache[sig.v_name(i)])
+        layer_cache = kv.layer_input(cache, layout, i)
         h, layer_cache = attention(cfg, p, i, rms_norm(x, p["attn_norm"], cfg.norm_eps),
                                    positions, layer_cache, rows=cache_outputs == "rows",
                                    spelling=spelling)
@@ -225,7 +201,7 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
             h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
         x = x + h
         if cache is not None:
-            new_cache[sig.k_name(i)], new_cache[sig.v_name(i)] = layer_cache
+            kv.store(new_cache, layout, i, layer_cache)
     if logits == "none":
         return None, new_cache
     if logits != "all":

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from sentencepiece import sentencepiece_model_pb2 as spm
 
+from runtime.chat import BOS, END_OF_TURN, START_OF_TURN
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-START_OF_TURN = "<start_of_turn>"
-END_OF_TURN = "<end_of_turn>"
 
 
 def build_sentencepiece(pieces, scores, types, *, bos_id, eos_id, pad_id, unk_id) -> bytes:
@@ -65,7 +65,7 @@ def sentencepiece_from_gguf(reader) -> tuple[bytes, dict[str, int]]:
 
 def tiny_tokenizer(vocab_size: int) -> tuple[bytes, dict[str, int]]:
     """A small byte-fallback BPE vocabulary with Gemma's special pieces, for tiny test models."""
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", START_OF_TURN, END_OF_TURN]
+    pieces = ["<pad>", "<eos>", str(BOS), "<unk>", str(START_OF_TURN), str(END_OF_TURN)]
     types = [CONTROL] * len(pieces)
     pieces += [f"<0x{b:02X}>" for b in range(256)]
     types += [BYTE] * 256

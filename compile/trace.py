@@ -2,7 +2,7 @@
 
 A signature function has the form `fn(weights, inputs) -> outputs`: `weights` is the flat params
 dict (an argument, never closed over, so a target stores it once beside the graphs), `inputs` and
-`outputs` are dicts keyed by the contract's tensor names. `jax.export` traces it once into
+`outputs` are dicts keyed by the contract's tensor names (`runtime.contract`). `jax.export` traces it once into
 StableHLO for every requested platform; every target lowers from these traced signatures.
 """
 
@@ -15,32 +15,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime import contract as ct
+
 from . import model
-from . import signatures as sg
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 @dataclass
 class Traced:
-    contract: sg.Contract
-    signature: sg.Signature
+    contract: ct.Contract
+    signature: ct.Signature
     fn: Callable                    # fn(weights, inputs) -> outputs
     exported: jax.export.Exported
 
 
-def signature_fn(contract: sg.Contract, signature: sg.Signature) -> Callable:
+def signature_fn(contract: ct.Contract, signature: ct.Signature) -> Callable:
     cfg = contract.config
-    kv_names = [t.name for t in contract.kv_specs()]
-    decode = signature.kind == "decode"
+    kv_names = contract.kv.names
+    decode = signature.kind == ct.DECODE
 
     def fn(weights, inputs):
         cache = {n: inputs[n] for n in kv_names}
-        logits, cache = model.forward(cfg, weights, inputs[sg.TOKENS], inputs[sg.INPUT_POS],
+        logits, cache = model.forward(cfg, weights, inputs[ct.TOKENS], inputs[ct.INPUT_POS],
                                       cache, logits="last" if decode else "none")
         out = dict(cache)
         if decode:
-            out[sg.LOGITS] = logits.astype(jnp.float32)    # [B, 1, V]
+            out[ct.LOGITS] = logits.astype(jnp.float32)    # [B, 1, V]
         return out
 
     fn.__name__ = signature.name
@@ -55,7 +56,7 @@ def weight_specs(params: dict) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
 
 
-def trace(contract: sg.Contract, params: dict, platforms=PLATFORMS, progress=None
+def trace(contract: ct.Contract, params: dict, platforms=PLATFORMS, progress=None
           ) -> dict[str, Traced]:
     wspecs = weight_specs(params)
     sigs = contract.signatures()
@@ -72,7 +73,7 @@ def trace(contract: sg.Contract, params: dict, platforms=PLATFORMS, progress=Non
     return out
 
 
-def reference_logits(contract: sg.Contract, params: dict, tokens: np.ndarray, last: int | None = None
+def reference_logits(contract: ct.Contract, params: dict, tokens: np.ndarray, last: int | None = None
                      ) -> np.ndarray:
     """The JAX model's full forward (no cache) over `tokens` [T]: logits [T, V], or [last, V] for
     the last positions only."""

@@ -24,9 +24,10 @@ def main(argv=None) -> int:
     try:
         gen = runtime.load(args.artifacts, target=args.target)
         print(f"[{gen.manifest.variant} on {gen.target}]", file=sys.stderr)
-        for piece in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, chat=args.chat):
+        run = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed, chat=args.chat)
+        for piece in run:
             sys.stdout.write(piece)
             sys.stdout.flush()
     except (runtime.ArtifactError, ValueError, TypeError, RuntimeError) as e:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     sys.stdout.write("\n")
-    s = gen.last_stats
+    s = run.stats
     prefill = s["prompt_tokens"] / s["prefill_s"] if s.get("prefill_s") else 0.0
     decode = (s["generated_tokens"] - 1) / s["decode_s"] if s.get("decode_s") and \
         s["generated_tokens"] > 1 else 0.0

@@ -1,5 +1,8 @@
 """The generation loop: chunked prefill, decode, sampling, stop tokens, streaming.
 
+Every call returns a `Generation`: an iterator with that request's own stats, so nothing in a
+Generator changes per request and threads share one freely. The server streams through it too.
+
 Prefill covers every prompt token but the last, in chunks over the exported prefill lengths (the
 largest that fits first, the final remainder padded into the smallest length that holds it); the
 last prompt token goes through `decode`, whose logits give the first new token. A chunk never
@@ -17,6 +20,7 @@ import numpy as np
 
 from . import sampling
 from .backends.base import Backend
+from .contract import prefill_name
 from .manifest import Manifest
 from .tokenizer import Tokenizer
 
@@ -86,10 +90,10 @@ class Generator:
         self.backend = backend
         self.manifest = manifest
         self.tokenizer = tokenizer
-        self.max_context = manifest.max_context
-        self.prefill_lengths = manifest.prefill_lengths
+        contract = manifest.contract
+        self.max_context = contract.max_context
+        self.prefill_lengths = list(contract.prefill_lengths)
         self.stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
-        self.last_stats: dict = {}
 
     @property
     def target(self) -> str:
@@ -115,7 +119,7 @@ class Generator:
             else:
                 tokens = np.full(bucket, self.tokenizer.pad_id, np.int32)
                 tokens[:real] = chunk
-                state = self.backend.prefill(f"prefill_{bucket}", tokens, pos, state)
+                state = self.backend.prefill(prefill_name(bucket), tokens, pos, state)
             pos += real
         return state
 
@@ -145,7 +149,9 @@ class Generator:
 
     def stream_ids(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None,
-                   seed: int | None = None) -> Iterator[int]:
+                   seed: int | None = None) -> "Generation":
+        """The new token ids, one at a time, ending at a stop token or after max_new_tokens.
+        Arguments are checked now; the work runs as the result is iterated."""
         sampling.validate(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
@@ -154,42 +160,80 @@ class Generator:
         self._check_fits(len(ids), max_new_tokens)
         rng = np.random.default_rng(seed)
         stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "finish_reason": "length"}
-        self.last_stats = stats
+        return Generation(stats, self._tokens(ids, max_new_tokens, temperature, top_k, top_p, rng,
+                                              stats))
+
+    def _tokens(self, ids, max_new_tokens, temperature, top_k, top_p, rng, stats):
         t0 = time.perf_counter()
         state = self._fill(ids[:-1], self.backend.new_state())
         logits, state = self.backend.decode(ids[-1], len(ids) - 1, state)
         t1 = time.perf_counter()
         stats["prefill_s"] = t1 - t0
         pos = len(ids)
-        for n in range(max_new_tokens):
-            token = sampling.sample(logits, temperature, top_k, top_p, rng)
-            if token in self.stop_ids:
-                stats["finish_reason"] = "stop"
-                break
-            stats["generated_tokens"] = n + 1
-            yield token
-            if n + 1 == max_new_tokens:
-                break
-            logits, state = self.backend.decode(token, pos, state)
-            pos += 1
-        stats["decode_s"] = time.perf_counter() - t1
+        try:
+            for n in range(max_new_tokens):
+                token = sampling.sample(logits, temperature, top_k, top_p, rng)
+                if token in self.stop_ids:
+                    stats["finish_reason"] = "stop"
+                    break
+                stats["generated_tokens"] = n + 1
+                yield token
+                if n + 1 == max_new_tokens:
+                    break
+                logits, state = self.backend.decode(token, pos, state)
+                pos += 1
+        finally:   # also when the consumer stops early (a stop string, a closed connection)
+            stats["decode_s"] = time.perf_counter() - t1
 
-    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               chat: bool = False, stop=()) -> Iterator[str]:
-        """Yields text pieces as they become complete characters; ends at a stop token or before
-        the first of the `stop` strings."""
-        text = TextStream(self.tokenizer, stop)
-        for token in self.stream_ids(self.tokenizer.prompt_ids(prompt, chat=chat), max_new_tokens,
-                                     temperature, top_k, top_p, seed):
+    def stream_text(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop=()) -> "Generation":
+        """Text pieces as they become complete characters; ends at a stop token or before the
+        first of the `stop` strings (finish_reason "stop" either way)."""
+        tokens = self.stream_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
+        return Generation(tokens.stats, self._pieces(tokens, TextStream(self.tokenizer, stop)))
+
+    @staticmethod
+    def _pieces(tokens: "Generation", text: TextStream):
+        for token in tokens:
             piece = text.add(token)
             if piece:
                 yield piece
             if text.stopped:
+                tokens.stats["finish_reason"] = "stop"
+                tokens.close()
                 return
         piece = text.finish()
         if piece:
             yield piece
 
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               chat: bool = False, stop=()) -> "Generation":
+        """`stream_text` of a plain prompt (BOS + text) or, with chat=True, a chat prompt."""
+        return self.stream_text(self.tokenizer.prompt_ids(prompt, chat=chat), max_new_tokens,
+                                temperature, top_k, top_p, seed, stop)
+
     def generate(self, prompt, **kwargs) -> str:
         return "".join(self.stream(prompt, **kwargs))
+
+
+class Generation:
+    """One request's output: an iterator (token ids or text pieces) with its own `stats`
+    (prompt_tokens, generated_tokens, finish_reason "stop" or "length", prefill_s, decode_s),
+    filled in as it runs. Nothing is shared between requests, so one Generator serves many
+    threads at once."""
+
+    def __init__(self, stats: dict, items: Iterator):
+        self.stats = stats
+        self._items = items
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stops generating (what a consumer that leaves early should call)."""
+        self._items.close()

@@ -1,15 +1,6 @@
-"""Reading `manifest.json`, the only contract between the compiler and the runtime.
-
-Schema (version 1):
-  schema_version  int
-  model           {"variant", "config": {...GemmaConfig fields}, "source": {...}}
-  tokenizer       {"file", "sha256", "bos", "eos", "pad", "unk", "start_of_turn", "end_of_turn"}
-  signatures      {"max_context", "prefill_lengths", "kv_layout", "kv_dtype",
-                   "entries": [{"name", "kind", "length", "inputs": [...], "outputs": [...]}]}
-  artifacts       {target: {"target", "dir", "files": {role: {"path", "sha256", "bytes"}},
-                            "quantization", "parity": {...} or {"skipped": reason}, "created",
-                            ...target fields (xla-tpu: topology, mesh, shardings, versions...)}}
-Paths are relative to the artifact directory.
+"""Reading `manifest.json`, the only contract between the compiler and the runtime. Its schema and
+version live in `runtime.contract` (`validate`); this module reads the file, checks it against
+that schema and checks the artifact files it lists.
 """
 
 from __future__ import annotations
@@ -17,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-SCHEMA_VERSION = 1
-FILENAME = "manifest.json"
+from .contract import MANIFEST_FILE as FILENAME, Contract, ManifestError, validate
 
 
 class ArtifactError(ValueError):
@@ -53,14 +44,16 @@ class Manifest:
             data = json.loads(path.read_text())
         except ValueError as e:
             raise ArtifactError(f"{path}: invalid JSON: {e}") from e
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ArtifactError(f"{path}: schema version {version!r}, this runtime reads "
-                                f"{SCHEMA_VERSION}")
-        for key in ("model", "tokenizer", "signatures", "artifacts"):
-            if key not in data:
-                raise ArtifactError(f"{path}: missing {key!r}")
+        try:
+            validate(data)
+        except ManifestError as e:
+            raise ArtifactError(f"{path}: {e}") from None
         return cls(root, data)
+
+    @cached_property
+    def contract(self) -> Contract:
+        """Signature names, shapes and the KV layout, derived as the exporter derived them."""
+        return Contract.from_manifest(self.data)
 
     @property
     def config(self) -> dict:
@@ -76,21 +69,11 @@ class Manifest:
 
     @property
     def max_context(self) -> int:
-        return int(self.data["signatures"]["max_context"])
+        return self.contract.max_context
 
     @property
     def prefill_lengths(self) -> list[int]:
-        return sorted(int(n) for n in self.data["signatures"]["prefill_lengths"])
-
-    @property
-    def signatures(self) -> list[dict]:
-        return self.data["signatures"]["entries"]
-
-    def signature(self, name: str) -> dict:
-        for s in self.signatures:
-            if s["name"] == name:
-                return s
-        raise ArtifactError(f"manifest has no signature {name!r}")
+        return list(self.contract.prefill_lengths)
 
     @property
     def artifacts(self) -> dict[str, dict]:

@@ -1,5 +1,8 @@
 """`python -m runtime.serve`: an OpenAI-compatible HTTP server on any backend.
 
+Completions stream through the generator (`Generator.stream_text`: stop tokens, stop strings,
+UTF-8 hold-back, per-request stats); this module only speaks HTTP.
+
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as
 server-sent events), GET /v1/models, GET /health. One loaded Generator serves every request;
 up to --max-concurrent generations run at once, up to --max-queue more wait, and any beyond that
@@ -18,7 +21,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import sampling
-from .generator import TextStream
 
 
 class RequestError(Exception):
@@ -87,27 +89,6 @@ def parse_request(body: bytes, chat: bool, gen) -> dict:
     return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
             "top_k": req.get("top_k"), "seed": req.get("seed"), "stop": stop,
             "stream": bool(req.get("stream"))}
-
-
-def generate_text(gen, r: dict):
-    """Yields (text piece, None) then (None, (finish_reason, completion token count))."""
-    text, count, finish = TextStream(gen.tokenizer, r["stop"]), 0, "length"
-    for token in gen.stream_ids(r["ids"], r["max_tokens"], r["temperature"], r["top_k"],
-                                r["top_p"], r["seed"]):
-        count += 1
-        piece = text.add(token)
-        if piece:
-            yield piece, None
-        if text.stopped:
-            finish = "stop"
-            break
-    else:
-        if count < r["max_tokens"]:
-            finish = "stop"          # a stop token ended it
-    piece = text.finish()
-    if piece:
-        yield piece, None
-    yield None, (finish, count)
 
 
 class Server(ThreadingHTTPServer):
@@ -204,15 +185,13 @@ class Handler(BaseHTTPRequestHandler):
             return {"index": 0, "delta": {} if text is None else {"content": text},
                     "finish_reason": finish}
 
+        run = gen.stream_text(r["ids"], r["max_tokens"], r["temperature"], r["top_k"], r["top_p"],
+                              r["seed"], r["stop"])
         if not r["stream"]:
-            pieces, finish, n = [], "length", 0
-            for piece, end in generate_text(gen, r):
-                if end:
-                    finish, n = end
-                else:
-                    pieces.append(piece)
+            text = "".join(run)
+            n = run.stats["generated_tokens"]
             self._json(200, {"id": rid, "object": obj, "created": created, "model": model,
-                             "choices": [choice("".join(pieces), finish)],
+                             "choices": [choice(text, run.stats["finish_reason"])],
                              "usage": {"prompt_tokens": len(r["ids"]), "completion_tokens": n,
                                        "total_tokens": len(r["ids"]) + n}})
             return
@@ -231,13 +210,14 @@ class Handler(BaseHTTPRequestHandler):
         if chat:
             send({"id": rid, "object": chunk_obj, "created": created, "model": model,
                   "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
-        for piece, end in generate_text(gen, r):
-            if end:
-                send({"id": rid, "object": chunk_obj, "created": created, "model": model,
-                      "choices": [choice(None, end[0], stream=True)]})
-            else:
+        try:
+            for piece in run:
                 send({"id": rid, "object": chunk_obj, "created": created, "model": model,
                       "choices": [choice(piece, None, stream=True)]})
+        finally:   # a client that went away stops the generation
+            run.close()
+        send({"id": rid, "object": chunk_obj, "created": created, "model": model,
+              "choices": [choice(None, run.stats["finish_reason"], stream=True)]})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 

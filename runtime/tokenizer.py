@@ -1,7 +1,7 @@
-"""The runtime's tokenizer: SentencePiece plus Gemma's chat template.
+"""The runtime's tokenizer: SentencePiece, and the chat template (`runtime.chat`) as token ids.
 
-Control tokens (<bos>, <start_of_turn>, <end_of_turn>) are inserted as ids and never parsed out of
-user text: a user typing "<end_of_turn>" gets those characters, not a turn boundary.
+The template's markers are inserted as ids and never parsed out of user text: a user typing the
+end-of-turn marker gets those characters, not a turn boundary.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-ROLES = {"user": "user", "assistant": "model", "model": "model"}
+from . import chat as template
 
 
 class Tokenizer:
@@ -42,44 +42,9 @@ class Tokenizer:
                 raise TypeError("a plain prompt must be a string; pass chat=True for messages")
             return [self.bos_id] + self.encode(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = [self.bos_id]
-        for role, content in chat_turns(messages):
-            ids += [self.start_of_turn_id] + self.encode(f"{role}\n{content}")
-            ids += [self.end_of_turn_id] + self.encode("\n")
-        return ids + [self.start_of_turn_id] + self.encode("model\n")
-
-
-def chat_turns(messages) -> list[tuple[str, str]]:
-    """Gemma's template rules: a system message is prepended to the first user turn; roles must
-    alternate user/model starting with user; content is stripped of surrounding whitespace."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("chat messages must be a non-empty list of {'role', 'content'} dicts")
-    messages = list(messages)
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise ValueError(f"each chat message needs a string 'role' and 'content': {m!r}")
-    system = ""
-    if messages[0]["role"] == "system":
-        system = messages[0]["content"].strip() + "\n\n"
-        messages = messages[1:]
-    turns = []
-    for i, m in enumerate(messages):
-        role = ROLES.get(m["role"])
-        if role is None:
-            raise ValueError(f"unknown chat role {m['role']!r}; use system, user or assistant")
-        if role != ("user" if i % 2 == 0 else "model"):
-            raise ValueError("chat roles must alternate user/assistant, starting with user "
-                             f"(message {i} is {m['role']!r})")
-        content = m["content"].strip()
-        turns.append((role, (system + content) if i == 0 else content))
-    if not turns:
-        raise ValueError("chat needs at least one user message")
-    return turns
-
-
-def render_chat(messages) -> str:
-    """The chat prompt as text (what the token ids spell), for display and cross-checks."""
-    out = "<bos>"
-    for role, content in chat_turns(messages):
-        out += f"<start_of_turn>{role}\n{content}<end_of_turn>\n"
-    return out + "<start_of_turn>model\n"
+        markers = {template.BOS: self.bos_id, template.START_OF_TURN: self.start_of_turn_id,
+                   template.END_OF_TURN: self.end_of_turn_id}
+        ids = []
+        for piece in template.template(messages):
+            ids += [markers[piece]] if isinstance(piece, template.Marker) else self.encode(piece)
+        return ids

@@ -20,14 +20,14 @@ def pytest_configure(config):
 def tiny_artifacts(tmp_path_factory):
     """name -> artifact dir, exported through the real CLI path (export()) for a few variants."""
     from compile import export as ex
-    from compile import signatures as sg
+    from runtime import contract as ct
     cache = {}
 
     def get(variant: str) -> Path:
         if variant not in cache:
             ck = ex.random_checkpoint(variant)
             out = tmp_path_factory.mktemp("art") / variant
-            ex.export(ck, sg.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT), ["xla"], out,
+            ex.export(ck, ct.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT), ["xla"], out,
                       log=lambda m: None)
             cache[variant] = out
         return cache[variant]
@@ -43,10 +43,10 @@ def real_gguf() -> Path:
 @pytest.fixture(scope="session")
 def real_artifacts(tmp_path_factory, real_checkpoint) -> Path:
     from compile import export as ex
-    from compile import signatures as sg
+    from runtime import contract as ct
     ck = real_checkpoint
     out = tmp_path_factory.mktemp("real") / "gemma3-270m"
-    ex.export(ck, sg.Contract(ck.config), ["xla"], out, log=lambda m: None)
+    ex.export(ck, ct.Contract(ck.config), ["xla"], out, log=lambda m: None)
     return out
 
 
@@ -60,13 +60,13 @@ def real_checkpoint(real_gguf):
 def real_tflite(tmp_path_factory, real_checkpoint):
     """quant -> artifact directory of the real 270M's TFLite target (exported on first use)."""
     from compile import export as ex
-    from compile import signatures as sg
+    from runtime import contract as ct
     cache = {}
 
     def get(quant: str) -> Path:
         if quant not in cache:
             out = tmp_path_factory.mktemp("real-tflite") / f"gemma3-270m-{quant}"
-            ex.export(real_checkpoint, sg.Contract(real_checkpoint.config), ["tflite"], out,
+            ex.export(real_checkpoint, ct.Contract(real_checkpoint.config), ["tflite"], out,
                       {"quant": quant}, log=lambda m: None)
             cache[quant] = out
         return cache[quant]

@@ -81,3 +81,75 @@ def synthetic_over_2gb():
     assert sum(v.nbytes for v in params.values()) > 2**31
     tok, special = tiny_tokenizer(cfg.vocab_size)
     return Checkpoint(cfg, params, tok, special, source={"format": "random"})
+
+
+_GGUF_ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
+
+
+def write_gguf_metadata(w, cfg: GemmaConfig, max_context: int = 8192) -> None:
+    """The model metadata llama.cpp's convert_hf_to_gguf writes for a Gemma of this config (it
+    stores no query scale and, for Gemma 3, no local RoPE base)."""
+    w.add_context_length(max_context)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_base_global)
+    if cfg.family >= 2:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.family == 2:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+        w.add_final_logit_softcapping(cfg.final_softcap)
+    if cfg.family == 3 and cfg.rope_scale_global != 1.0:
+        import gguf
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scale_global)
+
+
+def write_gguf_vocab(w, model_proto: bytes) -> None:
+    from sentencepiece import sentencepiece_model_pb2 as spm
+    m = spm.ModelProto()
+    m.ParseFromString(model_proto)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in m.pieces])
+    w.add_token_scores([p.score for p in m.pieces])
+    w.add_token_types([3 if p.type == 2 else p.type for p in m.pieces])   # GGUF: unk is CONTROL
+    t = m.trainer_spec
+    w.add_bos_token_id(t.bos_id)
+    w.add_eos_token_id(t.eos_id)
+    w.add_pad_token_id(t.pad_id)
+    w.add_unk_token_id(t.unk_id)
+
+
+def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path) -> None:
+    """The transformers model's weights as llama.cpp's converter writes them: GGUF names, F32,
+    every RMSNorm weight with +1 added, the tiny tokenizer's vocabulary."""
+    import gguf
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm",
+             "post_attention_layernorm": "ffn_norm" if cfg.family == 1 else "post_attention_norm"}
+    w = gguf.GGUFWriter(str(path), _GGUF_ARCH[cfg.family])
+    write_gguf_metadata(w, cfg)
+    write_gguf_vocab(w, tiny_tokenizer(cfg.vocab_size)[0])
+    for name, p in hf_model.state_dict().items():
+        a = p.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", a)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", a + 1.0)
+        elif name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            ours = names[rest.removesuffix(".weight")]
+            w.add_tensor(f"blk.{i}.{ours}.weight", a + 1.0 if ours.endswith("norm") else a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

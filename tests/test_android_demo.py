@@ -1,6 +1,6 @@
 """The Android demo's plain-Kotlin core: its unit tests run here (kotlinc from npm, JUnit from
 Debian) on a `.litertlm` our exporter wrote, and its chat template is held to the Python runtime's
-by a golden file this module writes from `runtime.tokenizer.render_chat`."""
+by a golden file this module writes from `runtime.chat.render_chat`."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from runtime.tokenizer import render_chat
+from runtime.chat import constants, render_chat
 
 CORE = ROOT / "android_demo" / "core"
 GOLDEN = CORE / "src" / "test" / "resources" / "golden_prompts.json"
@@ -47,7 +47,8 @@ def golden_cases() -> list[dict]:
         except ValueError as e:
             case["error"] = str(e)
         out.append(case)
-    return out
+    # the template's strings, which the Kotlin core spells as constants
+    return out + [{"name": "template constants", "constants": constants()}]
 
 
 def test_golden_prompts_are_the_python_runtimes():
@@ -81,8 +82,10 @@ def tiny_bundle(tmp_path_factory):
 
 def test_kotlin_core_unit_tests(tiny_bundle, tmp_path):
     bundle, tflite = tiny_bundle
-    home = subprocess.run(["bash", str(CORE / "tools.sh")], capture_output=True, text=True,
-                          check=True, timeout=900).stdout.strip().splitlines()[-1]
+    where = subprocess.run(["bash", str(CORE / "tools.sh"), "--where"], capture_output=True,
+                           text=True, timeout=60)
+    assert where.returncode == 0, where.stderr   # `make test` installs them first (`make tools`)
+    home = where.stdout.strip().splitlines()[-1]
     kotlinc = f"{home}/bin/kotlinc"
     libs = [f"{home}/lib/kotlin-test.jar", f"{home}/lib/kotlin-test-junit.jar",
             "/usr/share/java/junit4.jar", "/usr/share/java/hamcrest-core.jar"]

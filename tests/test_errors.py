@@ -142,3 +142,44 @@ def test_runtime_never_imports_compile(tiny_artifacts):
             "assert not bad, bad")
     r = _cli("-c", code, str(tiny_artifacts("gemma-2b-tiny")))
     assert r.returncode == 0, r.stderr
+
+
+def _edited_copy(src, dst, edit):
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["tokenizer"].pop("bos"), "missing field 'tokenizer.bos'"),
+    (lambda m: m["model"]["config"].update(num_layers="2"),
+     "field 'model.config.num_layers' must be an integer, got \"2\""),
+    (lambda m: m["signatures"]["entries"][0]["inputs"][2].update(shape=[1, 1, 8, 16]),
+     r"field 'signatures.entries\[0\]' is not the 'prefill_4' signature"),
+    (lambda m: m["artifacts"]["xla"]["files"]["weights"].update(bytes="12"),
+     "field 'artifacts.xla.files.weights.bytes' must be an integer"),
+    (lambda m: m.update(schema_version=2), "schema version 2, this runtime reads 1"),
+])
+def test_manifest_schema_errors_name_the_field(tiny_artifacts, tmp_path, edit, message):
+    art = _edited_copy(tiny_artifacts("gemma3-270m-tiny"), tmp_path / "a", edit)
+    with pytest.raises(runtime.ArtifactError, match=r"a/manifest.json: " + message):
+        runtime.load(art)
+
+
+@pytest.mark.parametrize("text,message", [("[1, 2]", r"must be a JSON object, got \[1, 2\]"),
+                                          ("{not json", "Expecting property name")])
+def test_export_into_a_directory_with_a_bad_manifest_names_it(tmp_path, text, message):
+    from compile import export as ex
+    from runtime import contract as ct
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    ck = ex.random_checkpoint("gemma-2b-tiny")
+    with pytest.raises(ex.ExportError, match=r"art/manifest.json: not a manifest this exporter "
+                                             r"can add to \(.*" + message):
+        ex.export(ck, ct.Contract(ck.config, (4,), 32), ["xla"], out, log=lambda m: None)
+    assert (out / "manifest.json").read_text() == text

@@ -32,7 +32,8 @@ def test_second_start_compiles_nothing(tiny_artifacts, tmp_path):
 def test_info_reports_artifacts_and_choice(tiny_artifacts, tmp_path):
     r = _py("-m", "runtime.info", "--artifacts", str(tiny_artifacts("gemma3-270m-tiny")))
     assert r.returncode == 0, r.stderr
-    assert "jax 0.10.2: default backend cpu" in r.stdout
+    import jax
+    assert f"jax {jax.__version__}: default backend {jax.default_backend()}" in r.stdout
     assert "  xla      none" in r.stdout and "runnable" in r.stdout
     assert "choice: xla" in r.stdout
     bad = _py("-m", "runtime.info", "--artifacts", str(tmp_path))

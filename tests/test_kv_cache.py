@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from compile import model, trace
-from compile import signatures as sg
+from runtime import contract as ct
 from compile.config import get_variant
 from helpers import TINY_VARIANTS
-from runtime.backends.onnx import past_slots
+from runtime.kv import past_slots
 from runtime.generator import plan_chunks
 
 
 @pytest.mark.parametrize("variant", TINY_VARIANTS)
 def test_chunked_prefill_and_decode_equal_full_forward(variant):
     cfg = get_variant(variant)
-    contract = sg.Contract(cfg, (4, 8), 48)
+    contract = ct.Contract(cfg, (4, 8), 48)
     params = {k: jnp.asarray(v) for k, v in model.init_params(cfg, 3).items()}
     T, start = 30, 23                      # 23 prefill tokens: chunks 8, 8, 8 (7 real + 1 pad)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, T).astype(np.int32)
@@ -50,27 +50,28 @@ def test_row_outputs_written_by_the_caller_equal_full_forward(variant):
     filled part, or the window for local layers) and returning only the new rows, which the caller
     writes into its buffers, the model gives the full forward's logits."""
     cfg = get_variant(variant)
-    contract = sg.Contract(cfg, (8,), 48)
+    contract = ct.Contract(cfg, (8,), 48)
     params = {k: jnp.asarray(v) for k, v in model.init_params(cfg, 5).items()}
     T, chunks = 26, (8, 5, 8, 1, 1)        # uneven chunks, then single-token steps
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, T).astype(np.int32)
     want = trace.reference_logits(contract, params, tokens)
     step = jax.jit(lambda w, t, p, c: model.forward(cfg, w, t, p, c, logits="last",
                                                     cache_outputs="rows"))
-    names = [n for i in range(cfg.num_layers) for n in (sg.k_name(i), sg.v_name(i))]
-    bufs = {n: np.zeros(sg.rows_shape(cfg, contract.max_context), np.float32) for n in names}
+    layout = contract.kv
+    caches = {n: c for c in layout.caches for n in c.names}
+    bufs = {n: np.zeros(caches[n].rows_shape(contract.max_context), np.float32) for n in caches}
     got, pos = [], 0
     sizes = chunks + (1,) * (T - sum(chunks))
     for n in sizes:
         past = {}
-        for name in names:
-            lo, hi = past_slots(pos, sg.past_window(cfg, int(name.rsplit("_", 1)[1])))
+        for name, c in caches.items():
+            lo, hi = past_slots(pos, c.past_window)
             past[name] = bufs[name][:, :, lo:hi]
         logits, new = step(params, tokens[None, pos:pos + n], np.arange(pos, pos + n, dtype=np.int32),
                            past)
-        for name in names:
+        for name, c in caches.items():
             rows = np.asarray(new[name])
-            assert rows.shape == sg.rows_shape(cfg, n)
+            assert rows.shape == c.rows_shape(n)
             bufs[name][:, :, pos:pos + n] = rows
         got.append(np.asarray(logits[0, -1]))
         pos += n

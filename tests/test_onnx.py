@@ -9,7 +9,7 @@ import pytest
 
 import runtime
 from compile import export as ex, trace
-from compile import signatures as sg
+from runtime import contract as ct
 from runtime.backends.onnx import pick_provider
 
 CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
@@ -23,7 +23,7 @@ def onnx_artifacts(tmp_path_factory):
         if (variant, quant) not in cache:
             ck = ex.random_checkpoint(variant)
             out = tmp_path_factory.mktemp("onnx") / f"{variant}-{quant}"
-            ex.export(ck, sg.Contract(ck.config, **CONTRACT), ["onnx"], out, {"quant": quant},
+            ex.export(ck, ct.Contract(ck.config, **CONTRACT), ["onnx"], out, {"quant": quant},
                       log=lambda m: None)
             cache[variant, quant] = (ck, out)
         return cache[variant, quant]
@@ -34,13 +34,14 @@ def onnx_artifacts(tmp_path_factory):
 def test_onnx_matches_reference(onnx_artifacts, variant):
     ck, out = onnx_artifacts(variant)
     gen = runtime.load(out, target="onnx")
-    assert gen.backend.provider == "CPUExecutionProvider"       # no GPU on this machine
+    import onnxruntime as ort
+    assert gen.backend.provider == pick_provider(ort.get_available_providers())
     tokens = np.random.default_rng(4).integers(0, ck.config.vocab_size, 37).astype(np.int32)
-    want = trace.reference_logits(sg.Contract(ck.config, **CONTRACT), ck.params, tokens)
+    want = trace.reference_logits(ct.Contract(ck.config, **CONTRACT), ck.params, tokens)
     got = gen.logits(tokens, start=19)             # prefill 8 + 8 + 3 unpadded, then decode
     np.testing.assert_allclose(got, want[19:], atol=5e-5, rtol=0)
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
-    assert art["dynamic_length"] and art["parity"]["top1_agreement"] == 1.0
+    assert art["cache_outputs"] == "rows" and art["parity"]["top1_agreement"] == 1.0
     assert art["op_counts"]["MatMul"] >= 7 * ck.config.num_layers // 2
 
 
@@ -130,11 +131,11 @@ def test_onnx_graph_reads_past_views_and_returns_rows(onnx_artifacts):
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in list(g.input) + list(g.output)}
     cfg = ck.config
-    for i in range(cfg.num_layers):
-        past = "P" if sg.past_window(cfg, i) is None else "L"
-        for name in (sg.k_name(i), sg.v_name(i)):
+    for c in ct.KVLayout.of(cfg).caches:
+        past = "P" if c.past_window is None else "L"
+        for name in c.names:
             assert dims[name] == [1, cfg.num_kv_heads, past, cfg.head_dim], (name, dims[name])
-            assert dims[sg.rows_name(name)] == [1, cfg.num_kv_heads, "T", cfg.head_dim]
+            assert dims[ct.rows_name(name)] == [1, cfg.num_kv_heads, "T", cfg.head_dim]
     assert not {n.op_type for n in g.node} & {"ScatterND", "ScatterElements", "Einsum"}
 
 
@@ -143,7 +144,7 @@ def test_weights_over_2gb_export_and_run(tmp_path):
     from helpers import synthetic_over_2gb
     ck = synthetic_over_2gb()
     out = tmp_path / "big"
-    ex.export(ck, sg.Contract(ck.config, (4,), 16), ["onnx"], out, {"quant": "none"},
+    ex.export(ck, ct.Contract(ck.config, (4,), 16), ["onnx"], out, {"quant": "none"},
               log=lambda m: None)
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
     assert art["files"]["weights"]["bytes"] > 2**31 > art["files"]["model"]["bytes"]

@@ -52,7 +52,7 @@ def test_android_app_prompt_path_in_litert_lm_engine(real_tflite, tmp_path):
     (<bos>, the bundle's user prefix/suffix and model prefix): the model must see exactly our
     runtime's chat prompt, so the engine's greedy reply equals ours."""
     import litert_lm
-    from runtime.tokenizer import render_chat
+    from runtime.chat import render_chat
     out = real_tflite("int8")
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
     msgs = [{"role": "system", "content": "Answer briefly."},
@@ -82,13 +82,13 @@ def test_android_app_prompt_path_in_litert_lm_engine(real_tflite, tmp_path):
 @pytest.fixture(scope="module")
 def real_onnx(tmp_path_factory, real_checkpoint):
     from compile import export as ex
-    from compile import signatures as sg
+    from runtime import contract as ct
     cache = {}
 
     def get(quant):
         if quant not in cache:
             out = tmp_path_factory.mktemp("real-onnx") / f"gemma3-270m-{quant}"
-            ex.export(real_checkpoint, sg.Contract(real_checkpoint.config), ["onnx"], out,
+            ex.export(real_checkpoint, ct.Contract(real_checkpoint.config), ["onnx"], out,
                       {"quant": quant}, log=lambda m: None)
             cache[quant] = out
         return cache[quant]

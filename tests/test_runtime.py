@@ -5,7 +5,8 @@ import pytest
 
 import runtime
 from runtime.generator import Generator
-from runtime.tokenizer import Tokenizer, render_chat
+from runtime.chat import render_chat
+from runtime.tokenizer import Tokenizer
 
 
 class ScriptedBackend:
@@ -39,14 +40,15 @@ def tiny_gen(tiny_artifacts):
 
 def test_stops_on_end_of_turn_and_eos(tiny_gen):
     gen = tiny_gen([300, 301, 5, 302])          # 5 = <end_of_turn>
-    ids = list(gen.stream_ids([2, 300], max_new_tokens=10))
-    assert ids == [300, 301]
-    assert gen.last_stats["finish_reason"] == "stop"
+    run = gen.stream_ids([2, 300], max_new_tokens=10)
+    assert list(run) == [300, 301]
+    assert run.stats["finish_reason"] == "stop"
     gen = tiny_gen([300, 1])                    # 1 = <eos>
     assert list(gen.stream_ids([2, 300], max_new_tokens=10)) == [300]
     gen = tiny_gen([300] * 20)
-    assert len(list(gen.stream_ids([2, 300], max_new_tokens=7))) == 7
-    assert gen.last_stats["finish_reason"] == "length"
+    run = gen.stream_ids([2, 300], max_new_tokens=7)
+    assert len(list(run)) == 7
+    assert run.stats["finish_reason"] == "length" and run.stats["generated_tokens"] == 7
 
 
 def test_prompt_is_prefilled_in_chunks_then_last_token_decoded(tiny_gen):
@@ -61,18 +63,32 @@ def test_prompt_is_prefilled_in_chunks_then_last_token_decoded(tiny_gen):
     assert len(calls) == 4
 
 
+def test_each_generation_has_its_own_stats(tiny_gen):
+    gen = tiny_gen([300] * 20)
+    a = gen.stream_ids([2, 300], max_new_tokens=3)
+    b = gen.stream_ids([2, 300, 301], max_new_tokens=5)
+    next(a)
+    assert list(b) == [300] * 5
+    assert list(a) == [300] * 2
+    assert (a.stats["prompt_tokens"], a.stats["generated_tokens"]) == (2, 3)
+    assert (b.stats["prompt_tokens"], b.stats["generated_tokens"]) == (3, 5)
+    assert not hasattr(gen, "last_stats")
+
+
 def test_stream_holds_back_partial_utf8(tiny_gen):
     # "é" is bytes C3 A9: byte pieces <0xC3> = id 6 + 0xC3, <0xA9> = id 6 + 0xA9
     gen = tiny_gen([6 + 0xC3, 6 + 0xA9, 1])
-    pieces = list(gen.stream([2, 300] and "the", max_new_tokens=5))
+    pieces = list(gen.stream("the", max_new_tokens=5))
     assert pieces == ["é"]
 
 
 def test_stop_string_split_across_tokens_ends_the_stream(tiny_gen):
     # byte tokens spell "ab\ncd": the stop string "\nc" spans two tokens and is never shown
     ids = [6 + b for b in b"ab\ncd"] + [1]
-    pieces = list(tiny_gen(ids).stream("the", max_new_tokens=10, stop=["\nc"]))
+    run = tiny_gen(ids).stream("the", max_new_tokens=10, stop=["\nc"])
+    pieces = list(run)
     assert pieces == ["a", "b"] and "".join(pieces) == "ab"
+    assert run.stats["finish_reason"] == "stop" and run.stats["generated_tokens"] == 4
     # a held-back tail that stops looking like a stop string is released
     pieces = list(tiny_gen(ids).stream("the", max_new_tokens=10, stop=["\nx"]))
     assert "".join(pieces) == "ab\ncd" and pieces[2] == "\nc"

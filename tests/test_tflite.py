@@ -8,7 +8,7 @@ import pytest
 
 import runtime
 from compile import export as ex, trace
-from compile import signatures as sg
+from runtime import contract as ct
 
 CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
 
@@ -16,7 +16,7 @@ CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
 def _export(tmp_path, variant, contract=CONTRACT, **options):
     ck = ex.random_checkpoint(variant)
     out = tmp_path / variant
-    ex.export(ck, sg.Contract(ck.config, **contract), ["tflite"], out, options,
+    ex.export(ck, ct.Contract(ck.config, **contract), ["tflite"], out, options,
               log=lambda m: None)
     return ck, out
 
@@ -27,7 +27,7 @@ def test_fp32_tflite_matches_reference(tmp_path, variant):
     gen = runtime.load(out, target="tflite")
     assert gen.backend.num_threads >= 1
     tokens = np.random.default_rng(2).integers(0, ck.config.vocab_size, 36).astype(np.int32)
-    want = trace.reference_logits(sg.Contract(ck.config, **CONTRACT), ck.params, tokens)
+    want = trace.reference_logits(ct.Contract(ck.config, **CONTRACT), ck.params, tokens)
     got = gen.logits(tokens, start=21)             # prefill 8 + 8 + 8 (5 real), then decode
     np.testing.assert_allclose(got, want[21:], atol=5e-5, rtol=0)
     m = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
@@ -55,9 +55,9 @@ def test_no_op_copies_or_transposes_a_whole_cache(tmp_path):
     # prefill lengths chosen so no activation (scores: S x G*T) shares a cache's shape
     lengths = dict(prefill_lengths=(3, 8), max_context=64)
     ck, out = _export(tmp_path, "gemma3-270m-tiny", lengths, quant="none")
-    contract = sg.Contract(ck.config, **lengths)
+    contract = ct.Contract(ck.config, **lengths)
     consumers = _cache_consumers(out / "tflite" / "model.tflite",
-                                 {contract.k_shape(), contract.v_shape()})
+                                 {tuple(t.shape) for t in contract.kv_specs()})
     assert consumers, "no op reads the caches?"
     assert {name for name, _ in consumers} <= {"DYNAMIC_UPDATE_SLICE", "BATCH_MATMUL"}, consumers
 
@@ -99,10 +99,10 @@ def test_bad_quant_and_corrupt_tflite(tiny_artifacts, tmp_path):
     ck = ex.random_checkpoint("gemma-2b-tiny")
     with pytest.raises(ValueError, match="target 'tflite' does not support --quant int3; "
                                          "it supports: none, int8, int4"):
-        ex.export(ck, sg.Contract(ck.config, **CONTRACT), ["tflite"], tmp_path / "x",
+        ex.export(ck, ct.Contract(ck.config, **CONTRACT), ["tflite"], tmp_path / "x",
                   {"quant": "int3"}, log=lambda m: None)
     with pytest.raises(ValueError, match="target 'xla' does not support --quant int8"):
-        ex.export(ck, sg.Contract(ck.config, **CONTRACT), ["xla"], tmp_path / "x",
+        ex.export(ck, ct.Contract(ck.config, **CONTRACT), ["xla"], tmp_path / "x",
                   {"quant": "int8"}, log=lambda m: None)
     assert not (tmp_path / "x").exists()
 
@@ -148,7 +148,7 @@ def test_weights_over_2gb_export_and_run(tmp_path):
     from helpers import synthetic_over_2gb
     ck = synthetic_over_2gb()
     out = tmp_path / "big"
-    ex.export(ck, sg.Contract(ck.config, (4,), 16), ["tflite"], out, {"quant": "none"},
+    ex.export(ck, ct.Contract(ck.config, (4,), 16), ["tflite"], out, {"quant": "none"},
               log=lambda m: None)
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
     assert art["files"]["model"]["bytes"] > 2**31

@@ -7,7 +7,7 @@ import pytest
 
 import runtime
 from compile import checkpoints, export as ex, trace
-from compile import signatures as sg
+from runtime import contract as ct
 from compile.config import get_variant
 from helpers import TINY_VARIANTS
 from runtime.manifest import sha256_file
@@ -19,7 +19,7 @@ def test_artifact_logits_match_reference(tiny_artifacts, variant):
     gen = runtime.load(out)
     assert gen.target == "xla"
     ck = ex.random_checkpoint(variant)
-    contract = sg.Contract(ck.config, (4, 8), 64)
+    contract = ct.Contract(ck.config, (4, 8), 64)
     tokens = np.random.default_rng(5).integers(0, ck.config.vocab_size, 40).astype(np.int32)
     want = trace.reference_logits(contract, ck.params, tokens)
     got = gen.logits(tokens, start=21)             # prefill 21 = 8 + 8 + 8 (5 real), decode 19
@@ -36,7 +36,8 @@ def test_manifest_records_files_parity_and_contract(tiny_artifacts):
     assert m["tokenizer"]["file"] == "tokenizer.model"
     assert {m["tokenizer"][k] for k in ("bos", "eos", "end_of_turn")} == {2, 1, 5}
     assert [s["name"] for s in m["signatures"]["entries"]] == ["prefill_4", "prefill_8", "decode"]
-    assert m["signatures"]["kv_layout"] == {"k": "BKSH", "v": "BKHS"}
+    shapes = {t["name"]: t["shape"] for t in m["signatures"]["entries"][-1]["inputs"]}
+    assert shapes["kv_cache_k_0"] == [1, 1, 64, 16] and shapes["kv_cache_v_0"] == [1, 1, 16, 64]
     art = m["artifacts"]["xla"]
     assert set(art["platforms"]) == {"cpu", "cuda", "tpu"}
     assert set(art["files"]) == {"weights", "prefill_4", "prefill_8", "decode"}
@@ -54,17 +55,17 @@ def test_manifest_records_files_parity_and_contract(tiny_artifacts):
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     ck = ex.random_checkpoint("gemma-2b-tiny")
     out = tmp_path / "art"
-    from compile.targets import xla
-    monkeypatch.setattr(xla, "tolerance", lambda o: {"max_rel_diff": -1.0, "min_top1": 1.0})
+    from compile import parity
+    monkeypatch.setitem(parity.TOLERANCE, "none", {"max_rel_diff": -1.0, "min_top1": 1.0})
     with pytest.raises(ex.ExportError, match="parity check failed"):
-        ex.export(ck, sg.Contract(ck.config, (4,), 32), ["xla"], out, log=lambda m: None)
+        ex.export(ck, ct.Contract(ck.config, (4,), 32), ["xla"], out, log=lambda m: None)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_adds_to_existing_directory_and_refuses_other_models(tmp_path):
     ck = ex.random_checkpoint("gemma-2b-tiny")
-    contract = sg.Contract(ck.config, (4,), 32)
+    contract = ct.Contract(ck.config, (4,), 32)
     out = tmp_path / "art"
     ex.export(ck, contract, ["xla"], out, log=lambda m: None)
     first = json.loads((out / "manifest.json").read_text())
@@ -77,7 +78,7 @@ def test_export_adds_to_existing_directory_and_refuses_other_models(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.model", "xla"]
     other = ex.random_checkpoint("gemma3-270m-tiny")
     with pytest.raises(ex.ExportError, match="different model"):
-        ex.export(other, sg.Contract(other.config, (4,), 32), ["xla"], out, log=lambda m: None)
+        ex.export(other, ct.Contract(other.config, (4,), 32), ["xla"], out, log=lambda m: None)
 
 
 def test_truncated_artifact_file_is_refused(tiny_artifacts, tmp_path):

@@ -11,14 +11,14 @@ import pytest
 import runtime
 import runtime.backends as rb
 from compile import export as ex
-from compile import signatures as sg
+from runtime import contract as ct
 from compile.targets import xla_tpu
 from conftest import ROOT, TINY_CONTEXT, TINY_LENGTHS
 
 
 def _export_tpu(out, variant, topology, **options):
     ck = ex.random_checkpoint(variant)
-    ex.export(ck, sg.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT), ["xla-tpu"], out,
+    ex.export(ck, ct.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT), ["xla-tpu"], out,
               {"tpu_topology": topology, **options}, log=lambda m: None)
     return json.loads((out / "manifest.json").read_text())
 
@@ -67,7 +67,7 @@ def test_real_model_compiles_for_tpu(real_checkpoint, real_artifacts, tmp_path, 
     for name in ("manifest.json", "tokenizer.model"):
         (out / name).write_bytes((real_artifacts / name).read_bytes())
     (out / "xla").symlink_to(real_artifacts / "xla", target_is_directory=True)
-    ex.export(real_checkpoint, sg.Contract(real_checkpoint.config), ["xla-tpu"], out,
+    ex.export(real_checkpoint, ct.Contract(real_checkpoint.config), ["xla-tpu"], out,
               {"tpu_topology": topology}, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
     rec = _check_tpu_record(out, m, topology, chips)
@@ -88,10 +88,11 @@ _CPU_MESH = r"""
 import json, sys
 import numpy as np
 import runtime
-from compile import export as ex, signatures as sg, trace
+from compile import export as ex, trace
+from runtime import contract as ct
 variant, mesh, quant, out = sys.argv[1:5]
 ck = ex.random_checkpoint(variant)
-contract = sg.Contract(ck.config, (4, 8), 64)
+contract = ct.Contract(ck.config, (4, 8), 64)
 opts = {"tpu_topology": "cpu:4", "quant": quant, "mesh": mesh or None}
 ex.export(ck, contract, ["xla-tpu"], out, opts, log=lambda m: None)
 gen = runtime.load(out, target="xla-tpu")

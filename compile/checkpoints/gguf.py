@@ -6,12 +6,13 @@ get Gemma's native scale (applied as 1 + w). Linear weights are stored [out, in]
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from .. import tokenizer as tok
-from ..config import GemmaConfig, VARIANTS, _pattern
+from ..config import GemmaConfig, make_config, match_variant
 from . import Checkpoint, CheckpointError, check_params
 
 ARCHS = {"gemma": 1, "gemma2": 2, "gemma3": 3}
@@ -73,49 +74,56 @@ def _field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
+# GGUF metadata key (after "{arch}.") -> GemmaConfig field
+_METADATA = {"embedding_length": "d_model", "block_count": "num_layers",
+             "attention.head_count": "num_heads", "attention.head_count_kv": "num_kv_heads",
+             "attention.key_length": "head_dim", "feed_forward_length": "ffn_dim",
+             "attention.layer_norm_rms_epsilon": "norm_eps",
+             "attention.sliding_window": "sliding_window",
+             "attn_logit_softcapping": "attn_softcap", "final_logit_softcapping": "final_softcap",
+             "rope.freq_base": "rope_base_global", "rope.scaling.factor": "rope_scale_global"}
+_REQUIRED = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
+
+
 def config_from_gguf(reader, path: Path) -> GemmaConfig:
+    """Maps GGUF metadata onto GemmaConfig fields; everything it does not state (the query scale,
+    Gemma 3's local RoPE base, the layer pattern) follows the family's rules (`config.FAMILIES`)."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
         raise CheckpointError(f"{path}: unsupported architecture {arch!r}; "
                               f"supported: {', '.join(ARCHS)}")
     family = ARCHS[arch]
-
-    def need(key):
-        v = _field(reader, f"{arch}.{key}")
-        if v is None:
+    for key in _REQUIRED:
+        if _field(reader, f"{arch}.{key}") is None:
             raise CheckpointError(f"{path}: missing metadata {arch}.{key}")
-        return v
-
-    d, layers, heads = int(need("embedding_length")), int(need("block_count")), int(
-        need("attention.head_count"))
-    kv = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", d // heads))
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    common = dict(family=family, vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
-                  num_kv_heads=kv, head_dim=head_dim, ffn_dim=int(need("feed_forward_length")),
-                  norm_eps=float(f"{_field(reader, f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.6g}"))
-    # GGUF does not store the query scale; like llama.cpp, the 27B models use d_model / heads.
-    qpas = float(head_dim)
-    for v in VARIANTS.values():
-        if (v.family, v.d_model, v.num_layers, v.num_heads) == (family, d, layers, heads):
-            qpas = v.query_pre_attn_scalar
-    extra = {}
-    if family >= 2:
-        extra = dict(sliding_window=int(need("attention.sliding_window")),
-                     layer_types=_pattern(family, layers), post_norms=True)
-    if family == 2:
-        extra.update(attn_softcap=float(_field(reader, "gemma2.attn_logit_softcapping", 50.0)),
-                     final_softcap=float(_field(reader, "gemma2.final_logit_softcapping", 30.0)))
-    if family == 3:
-        extra.update(qk_norm=True, rope_base_local=10_000.0,
-                     rope_base_global=float(_field(reader, "gemma3.rope.freq_base", 1e6)),
-                     rope_scale_global=float(_field(reader, "gemma3.rope.scaling.factor", 1.0)))
-    else:
-        extra["rope_base_global"] = extra["rope_base_local"] = float(
-            _field(reader, f"{arch}.rope.freq_base", 10_000.0))
-    cfg = GemmaConfig(name="from-gguf", query_pre_attn_scalar=qpas, **common, **extra)
-    from ..config import match_variant
-    import dataclasses
+    stated = {}
+    for key, ours in _METADATA.items():
+        v = _field(reader, f"{arch}.{key}")
+        if v is not None:
+            stated[ours] = v
+    if family >= 2 and "sliding_window" not in stated:
+        raise CheckpointError(f"{path}: missing metadata {arch}.attention.sliding_window")
+    if family == 1:
+        stated.pop("sliding_window", None)
+    if family < 3:
+        stated.pop("rope_scale_global", None)
+    try:
+        for f in ("norm_eps", "attn_softcap", "final_softcap", "rope_base_global",
+                  "rope_scale_global"):
+            if f in stated:
+                stated[f] = float(stated[f])
+        if "norm_eps" in stated:   # stored as float32: 1e-6 reads back as 9.99999997e-07
+            stated["norm_eps"] = float(f"{stated['norm_eps']:.6g}")
+        for f in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
+                  "sliding_window"):
+            if f in stated:
+                stated[f] = int(stated[f])
+        stated.setdefault("num_kv_heads", stated["num_heads"])
+        stated.setdefault("head_dim", stated["d_model"] // stated["num_heads"])
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        cfg = make_config("from-gguf", family, vocab_size=vocab, **stated)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unusable metadata: {e}") from None
     return dataclasses.replace(cfg, name=match_variant(cfg))
 
 

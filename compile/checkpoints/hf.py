@@ -8,6 +8,7 @@ output and `pre_feedforward_layernorm` is the pre-FFN norm.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..config import GLOBAL, LOCAL, GemmaConfig, _pattern, match_variant
+from ..config import GLOBAL, LOCAL, GemmaConfig, make_config, match_variant
 from . import Checkpoint, CheckpointError, check_params
 
 MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
@@ -51,56 +52,77 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+# config.json key -> GemmaConfig field, where the value maps as it is
+_CONFIG_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model",
+                  "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                  "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+                  "intermediate_size": "ffn_dim", "rms_norm_eps": "norm_eps",
+                  "query_pre_attn_scalar": "query_pre_attn_scalar",
+                  "sliding_window": "sliding_window", "attn_logit_softcapping": "attn_softcap",
+                  "final_logit_softcapping": "final_softcap"}
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size")
+_LAYER_TYPES = {"sliding_attention": LOCAL, "full_attention": GLOBAL}
+
+
 def config_from_hf(d: dict, path: Path) -> GemmaConfig:
+    """Maps config.json onto GemmaConfig fields; everything it does not state follows the
+    family's rules (`config.FAMILIES`)."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: config.json must be a JSON object")
     mt = d.get("model_type")
-    if mt == "gemma3" and "text_config" in d:
+    if mt == "gemma3" and isinstance(d.get("text_config"), dict):
         d = {**d["text_config"], "model_type": "gemma3_text"}
         mt = "gemma3_text"
     if mt not in MODEL_TYPES:
         raise CheckpointError(f"{path}: unsupported architecture {mt!r}; "
                               f"supported: {', '.join(MODEL_TYPES)}")
     family = MODEL_TYPES[mt]
+    for key in _REQUIRED:
+        if key not in d:
+            raise CheckpointError(f"{path}: config.json lacks {key}")
+    stated = {ours: d[key] for key, ours in _CONFIG_FIELDS.items() if key in d}
+    if family == 1:   # Gemma 1 has no sliding window, softcaps or query scale in its config
+        for f in ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            stated.pop(f, None)
+    stated.setdefault("num_kv_heads", stated["num_heads"])
     try:
-        heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        common = dict(family=family, vocab_size=d["vocab_size"], d_model=d["hidden_size"],
-                      num_layers=d["num_hidden_layers"], num_heads=heads,
-                      num_kv_heads=d.get("num_key_value_heads", heads), head_dim=head_dim,
-                      ffn_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
-                      query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", head_dim)))
-    except KeyError as e:
-        raise CheckpointError(f"{path}: config.json lacks {e.args[0]}") from None
-    layers = common["num_layers"]
-    extra = {}
-    if family == 1:
-        base = float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1e4)))
-        extra.update(rope_base_global=base, rope_base_local=base)
-    else:
-        types = d.get("layer_types")
-        layer_types = (tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
-                       if types else _pattern(family, layers))
-        extra.update(sliding_window=d.get("sliding_window", 4096), layer_types=layer_types,
-                     post_norms=True, attn_softcap=d.get("attn_logit_softcapping"),
-                     final_softcap=d.get("final_logit_softcapping"))
-        if family == 2:
-            base = float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1e4)))
-            extra.update(rope_base_global=base, rope_base_local=base)
-        else:
-            rp = d.get("rope_parameters") or {}
-            if "full_attention" in rp:   # transformers >= 5
-                full, slide = rp["full_attention"], rp.get("sliding_attention", {})
-            else:                         # transformers 4: flat keys
-                full = {"rope_theta": d.get("rope_theta", 1e6), **(d.get("rope_scaling") or {})}
-                slide = {"rope_theta": d.get("rope_local_base_freq", 1e4)}
-            rtype = full.get("rope_type", full.get("type", "default"))
-            if rtype not in ("default", "linear"):
-                raise CheckpointError(f"{path}: unsupported rope type {rtype!r}")
-            extra.update(qk_norm=True, rope_base_global=float(full.get("rope_theta", 1e6)),
-                         rope_base_local=float(slide.get("rope_theta", 1e4)),
-                         rope_scale_global=float(full.get("factor", 1.0)) if rtype == "linear" else 1.0)
-    cfg = GemmaConfig(name="from-hf", **common, **extra)
-    import dataclasses
+        if stated.get("head_dim") is None:
+            stated["head_dim"] = stated["d_model"] // stated["num_heads"]
+        if isinstance(stated.get("query_pre_attn_scalar"), int):
+            stated["query_pre_attn_scalar"] = float(stated["query_pre_attn_scalar"])
+        if "layer_types" in d and family > 1:
+            stated["layer_types"] = tuple(_LAYER_TYPES[t] for t in d["layer_types"])
+        stated.update(_rope(d, family, path))
+        cfg = make_config("from-hf", family, **stated)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unusable config: {e}") from None
     return dataclasses.replace(cfg, name=match_variant(cfg))
+
+
+def _rope(d: dict, family: int, path: Path) -> dict:
+    """RoPE fields as transformers 5 (`rope_parameters`) or 4 (flat keys) states them."""
+    rp = d.get("rope_parameters") or {}
+    if family < 3:
+        theta = d.get("rope_theta", rp.get("rope_theta"))
+        return {} if theta is None else {"rope_base_global": float(theta)}
+    if "full_attention" in rp:   # transformers >= 5
+        full, slide = rp["full_attention"], rp.get("sliding_attention", {})
+    else:                         # transformers 4: flat keys
+        full = {**({"rope_theta": d["rope_theta"]} if "rope_theta" in d else {}),
+                **(d.get("rope_scaling") or {})}
+        slide = {"rope_theta": d["rope_local_base_freq"]} if "rope_local_base_freq" in d else {}
+    rtype = full.get("rope_type", full.get("type", "default"))
+    if rtype not in ("default", "linear"):
+        raise CheckpointError(f"{path}: unsupported rope type {rtype!r}")
+    out = {}
+    if "rope_theta" in full:
+        out["rope_base_global"] = float(full["rope_theta"])
+    if "rope_theta" in slide:
+        out["rope_base_local"] = float(slide["rope_theta"])
+    if rtype == "linear":
+        out["rope_scale_global"] = float(full.get("factor", 1.0))
+    return out
 
 
 def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:

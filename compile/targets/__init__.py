@@ -2,7 +2,7 @@
 
     NAME: str                       the manifest key and the artifact's subdirectory
     QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
-    def tolerance(options) -> dict  parity limits the exporter checks ({"max_rel_diff", "min_top1"})
+                                    (the parity limits per quantization are `compile.parity`'s)
     def write(traced, params, out_dir, options, progress) -> dict
         lowers the traced signatures, writes files under out_dir, and returns the target-specific
         part of the manifest's artifact record ("files" maps roles to paths relative to out_dir).
@@ -12,7 +12,8 @@
 A target whose artifacts cannot run on the exporting machine (xla-tpu for a TPU topology) is
 published with its parity check recorded as skipped and why.
 
-Targets read `signatures` for names, shapes and layouts and never import each other.
+Targets read `runtime.contract` for names, shapes and layouts, `compile.kv` for how a graph takes
+the cache, and never import each other.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def get(name: str):
     if name not in AVAILABLE:
         raise ValueError(f"unknown target {name!r}; available: {', '.join(AVAILABLE)}")
     return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+
+
+def quant(mod, options: dict) -> str:
+    """The weight quantization a target builds with these options."""
+    return options.get("quant") or mod.DEFAULT_QUANT
 
 
 def check_options(mod, options: dict) -> None:

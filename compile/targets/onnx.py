@@ -4,7 +4,7 @@ The model function is the same one every target traces, lowered with jax2onnx, b
 dimension T symbolic (bounded by the max context) instead of one static graph per signature: ORT's
 Python API cannot share weights (or their pre-packed forms) between sessions, so one graph that
 runs any prefill length and the one-token decode keeps the weights stored and resident once. Inputs
-and outputs carry the contract's names. Cache outputs are `rows` (see `signatures`): the cache
+and outputs carry the contract's names. Cache outputs are `rows` (`runtime.contract`): the cache
 inputs are read-only and each call returns only its new K/V rows (`{name}_new`), which the runtime
 writes into its cache buffers. An ONNX graph cannot alias an output to an input, so returning whole
 updated caches made ORT copy every layer's cache on every decoded token (ScatterND).
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import contract as ct
+
+from .. import kv
 from .. import model as gemma
-from .. import signatures as sg
 from ..weights import split_embedding
 
 NAME = "onnx"
@@ -34,32 +36,25 @@ DEFAULT_QUANT = "none"
 DATA_FILE = "model.onnx.data"
 
 
-def tolerance(options: dict) -> dict:
-    quant = options.get("quant") or DEFAULT_QUANT
-    if quant == "none":
-        return {"max_rel_diff": 2e-4, "min_top1": 1.0}
-    return {"max_rel_diff": 1.0, "min_top1": 0.9 if quant == "int8" else 0.75}
-
-
-def lower(contract: sg.Contract, params: dict, path: Path) -> None:
+def lower(contract: ct.Contract, params: dict, path: Path) -> None:
     """jax2onnx with the token and past dimensions symbolic; writes path (+ external data)."""
     import jax
     import jax.numpy as jnp
     from jax2onnx import to_onnx
 
     cfg = contract.config
-    kv = contract.kv_specs()
+    layout = contract.kv
+    names_kv = layout.names
     weights = {k: jnp.asarray(v) for k, v in params.items()}
 
     def fn(tokens, input_pos, *cache):
-        logits, new = gemma.forward(cfg, weights, tokens, input_pos,
-                                    {t.name: c for t, c in zip(kv, cache)}, logits="last",
-                                    cache_outputs="rows", spelling="onnx")
-        return (logits.astype(jnp.float32),) + tuple(new[t.name] for t in kv)
+        logits, new = gemma.forward(cfg, weights, tokens, input_pos, dict(zip(names_kv, cache)),
+                                    logits="last", cache_outputs=ct.ROWS, spelling="onnx")
+        return (logits.astype(jnp.float32),) + tuple(new[n] for n in names_kv)
 
     S = contract.max_context
-    windows = [sg.past_window(cfg, i) for i in range(cfg.num_layers)]
-    local = sorted(set(windows) - {None})
+    windows = {c.past_window for c in layout.caches}
+    local = sorted(windows - {None})
     assert len(local) <= 1, local
     # symbolic dims: T new tokens, P past slots of global layers, L of local ones (only those
     # used: jax.export refuses a dim that no input has)
@@ -69,12 +64,11 @@ def lower(contract: sg.Contract, params: dict, path: Path) -> None:
         ", ".join(names), constraints=tuple(f"{n} <= {bounds[n]}" for n in names))))
     T = dims["T"]
     specs = [jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32)]
-    for w in windows:   # kv is k_0, v_0, k_1, ...: the past of each layer
-        past = sg.rows_shape(cfg, dims["P"] if w is None else dims["L"])
-        specs += [jax.ShapeDtypeStruct(past, jnp.dtype(contract.kv_dtype))] * 2
+    specs += kv.trace_specs(layout, ct.ROWS, {w: dims["P"] if w is None else dims["L"]
+                                              for w in windows})
     to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
-            input_names=[sg.TOKENS, sg.INPUT_POS] + [t.name for t in kv],
-            output_names=[sg.LOGITS] + [sg.rows_name(t.name) for t in kv])
+            input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv),
+            output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
 
 
 def optimize(src: Path, dst: Path) -> None:
@@ -143,10 +137,6 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
             "float_embedding": bool(options.get("float_embedding")),
-            "dynamic_length": True, "max_length": contract.max_context,
-            "cache_outputs": "rows",
-            "past_window": {t.name: sg.past_window(contract.config, i // 2)
-                            for i, t in enumerate(contract.kv_specs())},
-            "output_names": {t.name: sg.rows_name(t.name) for t in contract.kv_specs()},
+            "max_length": contract.max_context, "cache_outputs": ct.ROWS,
             "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
             "weights_bytes_fp32": int(sum(v.nbytes for v in params.values()))}

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from .. import signatures as sg
+from runtime import contract as ct
 
 NAME = "xla-tpu"
 QUANTS = ("bf16", "none")       # weight dtype: bf16 (the TPU's native one) or float32
@@ -193,12 +193,12 @@ def lower(traced, params: dict, devices, model: int, weight_dtype, tick=None):
     compiled = {}
     for name, t in traced.items():
         def call(weights, state, tokens, input_pos, fn=t.fn):
-            return fn(weights, {**state, sg.TOKENS: tokens, sg.INPUT_POS: input_pos})
+            return fn(weights, {**state, ct.TOKENS: tokens, ct.INPUT_POS: input_pos})
 
         ins = {s.name: s for s in t.signature.inputs}
-        tokens = jax.ShapeDtypeStruct(ins[sg.TOKENS].shape, jnp.int32, sharding=rep)
-        pos = jax.ShapeDtypeStruct(ins[sg.INPUT_POS].shape, jnp.int32, sharding=rep)
-        outs = {s.name: kvs if s.name.startswith("kv_cache_") else rep
+        tokens = jax.ShapeDtypeStruct(ins[ct.TOKENS].shape, jnp.int32, sharding=rep)
+        pos = jax.ShapeDtypeStruct(ins[ct.INPUT_POS].shape, jnp.int32, sharding=rep)
+        outs = {s.name: kvs if first.contract.kv.is_cache(s.name) else rep
                 for s in t.signature.outputs}
         jitted = jax.jit(call, out_shardings=outs, donate_argnums=(1,))
         compiled[name] = jitted.lower(weights, state, tokens, pos).compile()
@@ -209,13 +209,6 @@ def lower(traced, params: dict, devices, model: int, weight_dtype, tick=None):
 
 def _is_float(a) -> bool:
     return np.issubdtype(np.asarray(a).dtype, np.floating)
-
-
-def tolerance(options: dict) -> dict:
-    if (options.get("quant") or DEFAULT_QUANT) == "none":
-        return {"max_rel_diff": 2e-4, "min_top1": 1.0}
-    # bf16 weights and activations against the fp32 reference
-    return {"max_rel_diff": 0.1, "min_top1": 0.9}
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
@@ -266,8 +259,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
         "devices": [{"id": int(d.id), "coords": list(getattr(d, "coords", []) or [])}
                     for d in mesh.devices.reshape(-1)],
         "shardings": {"weights": {k: list(v) for k, v in wspecs.items()},
-                      "kv_cache": list(kv_spec(cfg, model)), "tokens": [], "input_pos": [],
-                      "logits": []},
+                      "kv_cache": list(kv_spec(cfg, model)), ct.TOKENS: [], ct.INPUT_POS: [],
+                      ct.LOGITS: []},
         "pytrees": trees,
         "memory": memory,
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,

@@ -10,10 +10,9 @@ compiled with). `reasons()` says, for every artifact, why it cannot run here.
      xla StableHLO compiled on the TPU.
   2. CUDA GPU visible to JAX: xla on the GPU.
   3. onnxruntime offers CUDAExecutionProvider (onnxruntime-gpu): onnx on CUDA.
-  4. CPU: the artifact with the best decode speed measured on this kind of machine and recorded in
-     the manifest (`benchmark.decode_tok_s`), else CPU_PREFERENCE: tflite, onnx, xla, xla-tpu (their
-     measured CPU decode speed on the default model: tflite int8/int4 ~50-61 tok/s, onnx ~24,
-     xla ~11; xla-tpu on CPU exists only to test the sharded path).
+  4. CPU: CPU_PREFERENCE: tflite, onnx, xla, xla-tpu (their decode speed on the default model,
+     measured by `benchmarks.run` on a 2-core VM: tflite int8/int4 ~49-61 tok/s, onnx int4 ~53,
+     xla ~9-11; xla-tpu on CPU exists only to test the sharded path).
 `runtime.load` tries them in that order and falls back to the next when one fails to open (say an
 executable the TPU runtime refuses), printing why.
 """
@@ -81,18 +80,10 @@ def ranked(manifest: Manifest, machine: _devices.Machine | None = None) -> list[
         add("xla", "CUDA GPU visible to JAX: StableHLO on the GPU")
     if "CUDAExecutionProvider" in machine.ort_providers:
         add("onnx", "onnxruntime has the CUDA execution provider")
-    measured = sorted((t for t in ok if _decode_speed(manifest, t)),
-                      key=lambda t: -_decode_speed(manifest, t))
-    for t in measured:
-        add(t, f"CPU: fastest measured decode ({_decode_speed(manifest, t):.1f} tok/s recorded)")
     for t in sorted(ok, key=lambda t: CPU_PREFERENCE.index(t) if t in CPU_PREFERENCE
                     else len(CPU_PREFERENCE)):
         add(t, "CPU: default preference " + " > ".join(CPU_PREFERENCE))
     return order
-
-
-def _decode_speed(manifest: Manifest, target: str) -> float:
-    return float(manifest.artifact(target).get("benchmark", {}).get("decode_tok_s") or 0)
 
 
 def choose(manifest: Manifest, target: str = "auto",

@@ -3,18 +3,21 @@ else CPU (`provider` says which).
 
 One session serves every generation: ORT's `run` is thread-safe and each generation's KV cache is
 its own set of host buffers, so many threads can generate at once. The graph's cache outputs are
-`rows` (see the manifest entry's `cache_outputs`): each layer's cache input is a view of the
-state's numpy buffer (slots `past_slots` gives: the filled part, or its last window - 1 slots for a
-sliding-window layer), bound without a copy when contiguous (one KV head; else numpy copies the
-view), and the graph returns only the new rows, which are written into the buffers here. So a
-decode step reads the filled part of each cache and copies none. With the CUDA provider ORT copies
-those views to the device on each call (the Python API cannot write a slice of a device buffer).
+`rows` (`runtime.contract`; the manifest entry's `cache_outputs`): `runtime.kv.RowsCache` hands
+each layer's cache input as a view of the state's numpy buffer (the filled part, or its last
+window - 1 slots for a sliding-window layer; bound without a copy when contiguous, i.e. one KV
+head, else numpy copies the view), and writes the new rows the graph returns into the buffers. So
+a decode step reads the filled part of each cache and copies none. With the CUDA provider ORT
+copies those views to the device on each call (the Python API cannot write a slice of a device
+buffer).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .. import contract as ct
+from ..kv import RowsCache
 from .base import physical_cores
 
 TARGET = "onnx"
@@ -29,19 +32,10 @@ def pick_provider(available: list[str]) -> str:
 def unsupported(record: dict, machine) -> str | None:
     """ONNX Runtime's CPU provider runs on any machine it installs on (CUDA when it offers it);
     artifacts from before cache outputs became `rows` need a re-export."""
-    if record.get("cache_outputs") != "rows":
+    if record.get("cache_outputs") != ct.ROWS:
         return ("it returns whole caches per call (exported by an older gemma-aot); re-export it "
                 "with `python -m compile.export --target onnx`")
     return None
-
-
-def past_slots(start: int, most: int | None) -> tuple[int, int]:
-    """The cache slots [lo, hi) passed as a layer's past for a call at `start`: the `most` slots
-    before it (the manifest's `past_window`; None: all), and at least one, since the graph takes
-    the slots it is given to lie just before start and masks those that would precede position 0."""
-    n = max(1, start if most is None else min(start, most))
-    lo = max(0, start - n)
-    return lo, lo + n
 
 
 class OnnxBackend:
@@ -67,20 +61,14 @@ class OnnxBackend:
             raise RuntimeError(f"ONNX Runtime cannot load {path}: {e}") from e
         self.num_threads = so.intra_op_num_threads
         self.max_length = int(record.get("max_length", manifest.max_context))
-        cfg = manifest.config
-        # every cache buffer is [1, K, S, H] (the `rows` form keeps V untransposed too)
-        self._shape = (1, cfg["num_kv_heads"], self.max_length, cfg["head_dim"])
-        # (name, output name, past window)
-        self._kv = [(t["name"], record["output_names"][t["name"]], record["past_window"][t["name"]])
-                    for t in manifest.signature("decode")["inputs"]
-                    if t["name"].startswith("kv_cache_")]
-        self._windows = {w for _, _, w in self._kv}
+        self._cache = RowsCache(manifest.contract.kv, self.max_length)
+        self._rows = {name: ct.rows_name(name) for name in self._cache.layout.names}
         # io.get_outputs() follows the order of the bind_output calls in _run
-        self._output_order = [out for _, out, _ in self._kv] + ["logits"]
+        self._output_order = list(self._rows.values()) + [ct.LOGITS]
 
     def new_state(self):
         """Full-length numpy buffers [1, K, S, H] per cache, written in place."""
-        return {name: np.zeros(self._shape, np.float32) for name, _, _ in self._kv}
+        return self._cache.new()
 
     def _run(self, tokens, start, state, want_logits):
         n = tokens.shape[0]
@@ -88,19 +76,17 @@ class OnnxBackend:
             raise ValueError(f"positions {start}..{start + n - 1} exceed the cache length "
                              f"{self.max_length}")
         io = self.session.io_binding()
-        io.bind_cpu_input("tokens", tokens.reshape(1, n).astype(np.int32))
-        io.bind_cpu_input("input_pos", np.arange(start, start + n, dtype=np.int32))
-        slots = {w: past_slots(start, w) for w in self._windows}
-        for name, out_name, window in self._kv:
-            lo, hi = slots[window]
-            io.bind_cpu_input(name, np.ascontiguousarray(state[name][:, :, lo:hi]))
-            io.bind_output(out_name, "cpu")
-        io.bind_output("logits", "cpu")
+        io.bind_cpu_input(ct.TOKENS, tokens.reshape(1, n).astype(np.int32))
+        io.bind_cpu_input(ct.INPUT_POS, np.arange(start, start + n, dtype=np.int32))
+        for name, past in self._cache.past(state, start).items():
+            io.bind_cpu_input(name, past)
+            io.bind_output(self._rows[name], "cpu")
+        io.bind_output(ct.LOGITS, "cpu")
         self.session.run_with_iobinding(io)
         outputs = dict(zip(self._output_order, io.get_outputs()))
-        for name, out_name, _ in self._kv:
-            state[name][:, :, start:start + n] = outputs[out_name].numpy()    # [1, K, T, H]
-        logits = outputs["logits"].numpy()[0, -1] if want_logits else None
+        self._cache.write(state, start, {name: outputs[out].numpy()        # [1, K, T, H]
+                                         for name, out in self._rows.items()})
+        logits = outputs[ct.LOGITS].numpy()[0, -1] if want_logits else None
         return logits, state
 
     def prefill(self, signature, tokens, start, state):

@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from .. import contract as ct
 from .base import physical_cores
 
 TARGET = "tflite"
@@ -43,27 +44,27 @@ class TfliteBackend:
             names = set(self.model.get_signature_list())
         except Exception as e:   # the bindings raise RuntimeError/ValueError subclasses variously
             raise RuntimeError(f"LiteRT cannot load {path}: {e}") from e
-        missing = [s["name"] for s in manifest.signatures if s["name"] not in names]
+        missing = [s.name for s in manifest.contract.signatures() if s.name not in names]
         if missing:
             raise RuntimeError(f"{path} lacks signatures {missing} that the manifest lists")
-        decode = manifest.signature("decode")
-        self._kv = [(t["name"], tuple(t["shape"])) for t in decode["inputs"]
-                    if t["name"].startswith("kv_cache_")]
-        self.vocab_size = decode["outputs"][0]["shape"][-1]
+        contract = manifest.contract
+        self._kv = contract.kv
+        self.vocab_size = contract.vocab_size
         # per-signature token/position buffers and the logits buffer are shared by all
         # generations; the lock keeps one call (write inputs, run, read logits) atomic
-        self._io = {s["name"]: (self.model.create_input_buffer_by_name(s["name"], "tokens"),
-                                self.model.create_input_buffer_by_name(s["name"], "input_pos"))
-                    for s in manifest.signatures}
-        self._logits = self.model.create_output_buffer_by_name("decode", "logits")
+        self._io = {s.name: (self.model.create_input_buffer_by_name(s.name, ct.TOKENS),
+                             self.model.create_input_buffer_by_name(s.name, ct.INPUT_POS))
+                    for s in contract.signatures()}
+        self._logits = self.model.create_output_buffer_by_name(ct.DECODE, ct.LOGITS)
         self._lock = threading.Lock()
 
     def new_state(self):
+        """The generation's cache as LiteRT TensorBuffers, zeroed."""
         state = {}
-        for name, shape in self._kv:
-            buf = self.model.create_input_buffer_by_name("decode", name)
-            buf.write(np.zeros(shape, np.float32))
-            state[name] = buf
+        for spec in self._kv.specs():
+            buf = self.model.create_input_buffer_by_name(ct.DECODE, spec.name)
+            buf.write(np.zeros(spec.shape, spec.dtype))
+            state[spec.name] = buf
         return state
 
     def _run(self, name, tokens, start, state, outputs):
@@ -71,7 +72,7 @@ class TfliteBackend:
         tok_buf, pos_buf = self._io[name]
         tok_buf.write(tokens.reshape(1, n).astype(np.int32))
         pos_buf.write(np.arange(start, start + n, dtype=np.int32))
-        self.model.run_by_name(name, {"tokens": tok_buf, "input_pos": pos_buf, **state},
+        self.model.run_by_name(name, {ct.TOKENS: tok_buf, ct.INPUT_POS: pos_buf, **state},
                                {**outputs, **state})
 
     def prefill(self, signature, tokens, start, state):
@@ -81,6 +82,7 @@ class TfliteBackend:
 
     def decode(self, token, pos, state):
         with self._lock:
-            self._run("decode", np.array([token], np.int32), pos, state, {"logits": self._logits})
+            self._run(ct.DECODE, np.array([token], np.int32), pos, state,
+                      {ct.LOGITS: self._logits})
             logits = self._logits.read(self.vocab_size, np.float32)
         return logits, state

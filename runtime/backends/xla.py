@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import contract as ct
+from .. import kv
+
 TARGET = "xla"
 
 
@@ -33,8 +36,8 @@ class JaxSignatures:
         return self._run(signature, np.asarray(tokens, np.int32), start, state)[1]
 
     def decode(self, token, pos, state):
-        out, state = self._run("decode", np.array([token], np.int32), pos, state)
-        return np.asarray(out["logits"][0, 0]), state
+        out, state = self._run(ct.DECODE, np.array([token], np.int32), pos, state)
+        return np.asarray(out[ct.LOGITS][0, 0]), state
 
 
 class XlaBackend(JaxSignatures):
@@ -60,23 +63,20 @@ class XlaBackend(JaxSignatures):
         weights = load_file(str(manifest.path(files["weights"]["path"])))
         self.weights = jax.device_put(weights)
         self._fns = {}
-        for s in manifest.signatures:
-            exp = export.deserialize(bytearray(manifest.path(files[s["name"]]["path"]).read_bytes()))
-            self._fns[s["name"]] = jax.jit(_with_inputs(exp), donate_argnums=(1,))
-        decode = manifest.signature("decode")
-        self._kv = [(t["name"], tuple(t["shape"]), t["dtype"]) for t in decode["inputs"]
-                    if t["name"].startswith("kv_cache_")]
+        for s in manifest.contract.signatures():
+            exp = export.deserialize(bytearray(manifest.path(files[s.name]["path"]).read_bytes()))
+            self._fns[s.name] = jax.jit(_with_inputs(exp), donate_argnums=(1,))
+        self._kv = manifest.contract.kv
 
     def new_state(self):
-        jnp = self._jnp
-        return {name: jnp.zeros(shape, dtype) for name, shape, dtype in self._kv}
+        return kv.zeros(self._kv, alloc=self._jnp.zeros)
 
     def _run(self, name, tokens, start, state):
         jnp = self._jnp
         n = tokens.shape[0]
         out = self._fns[name](self.weights, state, jnp.asarray(tokens.reshape(1, n), jnp.int32),
                               jnp.arange(start, start + n, dtype=jnp.int32))
-        return out, {k: out[k] for k, _, _ in self._kv}
+        return out, {k: out[k] for k in self._kv.names}
 
 
 def enable_compilation_cache(preferred) -> str | None:
@@ -105,5 +105,5 @@ def enable_compilation_cache(preferred) -> str | None:
 def _with_inputs(exp):
     """Split the KV state from the per-call inputs so only the cache buffers are donated."""
     def call(weights, state, tokens, input_pos):
-        return exp.call(weights, {**state, "tokens": tokens, "input_pos": input_pos})
+        return exp.call(weights, {**state, ct.TOKENS: tokens, ct.INPUT_POS: input_pos})
     return call

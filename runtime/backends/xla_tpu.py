@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kv
 from .xla import JaxSignatures
 
 TARGET = "xla-tpu"
@@ -81,17 +82,14 @@ class XlaTpuBackend(JaxSignatures):
                         for k, v in weights.items()}
         self._kv_sharding = NamedSharding(mesh, P(*specs["kv_cache"]))
         self._replicated = NamedSharding(mesh, P())
-        decode = manifest.signature("decode")
-        self._kv = [(t["name"], tuple(t["shape"]), t["dtype"]) for t in decode["inputs"]
-                    if t["name"].startswith("kv_cache_")]
+        self._kv = manifest.contract.kv
         state = self.new_state()
         self._fns = {}
-        for s in manifest.signatures:
-            name = s["name"]
-            n = s["length"]
+        for s in manifest.contract.signatures():
+            name, n = s.name, s.length
             in_tree = jax.tree_util.tree_structure(
                 ((self.weights, state, np.zeros((1, n), np.int32), np.zeros(n, np.int32)), {}))
-            out_tree = jax.tree_util.tree_structure({t["name"]: 0 for t in s["outputs"]})
+            out_tree = jax.tree_util.tree_structure({t.name: 0 for t in s.outputs})
             recorded = record["pytrees"][name]
             if str(in_tree) != recorded["in"] or str(out_tree) != recorded["out"]:
                 raise ArtifactError(f"xla-tpu artifact: {name} was compiled for arguments "
@@ -102,8 +100,8 @@ class XlaTpuBackend(JaxSignatures):
 
     def new_state(self):
         jax = self._jax
-        return {name: jax.device_put(np.zeros(shape, dtype), self._kv_sharding)
-                for name, shape, dtype in self._kv}
+        return kv.zeros(self._kv, alloc=lambda shape, dtype: jax.device_put(
+            np.zeros(shape, dtype), self._kv_sharding))
 
     def _run(self, name, tokens, start, state):
         jax = self._jax
@@ -111,4 +109,4 @@ class XlaTpuBackend(JaxSignatures):
         tok = jax.device_put(tokens.reshape(1, n), self._replicated)
         pos = jax.device_put(np.arange(start, start + n, dtype=np.int32), self._replicated)
         out = self._fns[name](self.weights, state, tok, pos)
-        return out, {k: out[k] for k, _, _ in self._kv}
+        return out, {k: out[k] for k in self._kv.names}

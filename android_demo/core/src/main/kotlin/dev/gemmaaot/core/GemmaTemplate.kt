@@ -18,13 +18,14 @@ enum class Role(val wire: String) {
 data class ChatMessage(val role: Role, val content: String)
 
 /**
- * Gemma's chat template, exactly as the Python runtime renders it (`runtime.tokenizer.render_chat`):
+ * Gemma's chat template, exactly as the Python runtime renders it (`runtime.chat.render_chat`):
  *
  *     <bos><start_of_turn>user\n{system\n\n}{text}<end_of_turn>\n<start_of_turn>model\n...
  *
  * A system message is prepended to the first user turn; roles alternate user/model starting with
  * user; content is stripped of surrounding whitespace with Python's `str.strip()` rules. A golden
- * file written by the Python tests (`golden_prompts.json`) keeps the two implementations equal.
+ * file written by the Python tests (`golden_prompts.json`) keeps the two implementations, and these
+ * constants, equal to `runtime/chat.py`'s.
  */
 object GemmaTemplate {
     const val BOS = "<bos>"

@@ -52,6 +52,17 @@ class GemmaTemplateTest {
     }
 
     @Test
+    fun constantsAreThePythonTemplates() {
+        val c = golden.single { it["constants"] != null }["constants"] as Map<*, *>
+        assertEquals(c["bos"], GemmaTemplate.BOS)
+        assertEquals(c["start_of_turn"], GemmaTemplate.START_OF_TURN)
+        assertEquals(c["end_of_turn"], GemmaTemplate.END_OF_TURN)
+        assertEquals(c["user_prefix"], GemmaTemplate.USER_PREFIX)
+        assertEquals(c["model_prefix"], GemmaTemplate.MODEL_PREFIX)
+        assertEquals(c["turn_suffix"], GemmaTemplate.USER_SUFFIX)
+    }
+
+    @Test
     fun unknownRoleIsRefused() {
         val e = assertFailsWith<IllegalArgumentException> { Role.fromWire("tool") }
         assertEquals("unknown chat role 'tool'; use system, user or assistant", e.message)

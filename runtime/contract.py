@@ -1,0 +1,397 @@
+"""The contract between the compiler and the runtime: signature names, tensor names, shapes and
+dtypes, the KV-cache layout per layer, and the manifest schema with its one version.
+
+This module is the only place that spells these. `compile` imports it (never the reverse); every
+target and backend reads names, shapes and layouts from it. It needs only the standard library, so
+any backend can read it without JAX.
+
+Signatures: `prefill_{N}` for each static prompt length N, and `decode` (one token). All share one
+KV-cache shape per layer (max context S). The cache is external: every signature takes each cache
+tensor as an input and returns it updated; the runtime owns it between calls.
+
+Names and layouts follow LiteRT-LM's convention for prefill/decode models, so a TFLite file can be
+handed to that engine unchanged:
+
+  tokens            [1, T] int32      T = N for prefill_N, 1 for decode
+  input_pos         [T] int32         absolute positions, contiguous: input_pos[t] = input_pos[0] + t
+  kv_cache_k_{i}    [1, K, S, H] f32  (B, KV heads, position, head dim)
+  kv_cache_v_{i}    [1, K, H, S] f32  V stored transposed: the attention contraction over S is then a
+                                      plain matmul, and one token's write is a column update
+  logits            [1, 1, V] f32     decode only; prefill returns just the caches
+
+Cache slot s holds position s. A slot is read only by queries at positions >= s, and every slot is
+written (by prefill or decode) before any query at its position runs, so padding a prefill chunk
+writes only slots that are overwritten before they are read. The runtime must keep
+input_pos[0] + T <= S (writes past the end would be clamped onto valid slots).
+The attention mask is computed inside the graph from input_pos; there is no mask input.
+
+Cache outputs come in one of two forms (`CACHE_OUTPUTS`), fixed per target and recorded in its
+manifest entry (`cache_outputs`; absent means `full`):
+  full   the updated caches under the input's names (above). Targets whose runtimes bind one buffer
+         as both input and output (TFLite, XLA with donation) update them in place.
+  rows   the cache inputs are the read-only past: `kv_cache_k_{i}` and `kv_cache_v_{i}` are both
+         [1, K, P, H] (BKSH), the P slots just before input_pos[0], with P symbolic per layer
+         (at least 1; slots that would precede position 0 are masked): all cached positions for
+         global layers, at most `past_window` (sliding window - 1) for local ones. The outputs
+         are only this call's new rows, `kv_cache_k_{i}_new` and `kv_cache_v_{i}_new`, both
+         [1, K, T, H]; the runtime keeps full-length buffers, passes views of them and writes the
+         rows at input_pos itself (`runtime.kv`). So nothing in the graph copies a cache, and
+         attention reads only the filled part (and the window) of each cache. ONNX uses this: an
+         ONNX graph cannot alias an output to an input, so a full-cache output is a copy of every
+         layer's cache per call.
+
+KV layout per layer (`LayerCache`): each cache-owning layer has its own KV-head count, head dim and
+window, so layers of different head sizes fit; a layer that owns no cache (one that reads another
+layer's) simply has no entry, and `KVLayout.owner(i)` says whose cache it reads.
+
+Manifest (`manifest.json`, version `SCHEMA_VERSION`), checked by `validate` with errors that name
+the bad field; unknown fields are ignored (older artifacts carried `kv_layout` and
+`dynamic_length`, which nothing read):
+  schema_version  int
+  model           {"variant": str, "config": {GemmaConfig fields}, "source": {...}}
+  tokenizer       {"file": str, "sha256": str, and the ids "bos", "eos", "pad", "unk",
+                   "start_of_turn", "end_of_turn"}
+  signatures      {"max_context": int, "prefill_lengths": [int], "kv_dtype": str,
+                   "entries": [{"name", "kind", "length", "inputs": [TensorSpec],
+                                "outputs": [TensorSpec]}]}   (exactly what `Contract` derives)
+  artifacts       {target: {"target", "dir", "files": {role: {"path", "sha256", "bytes"}},
+                            "quantization", "parity": {...} or {"skipped": reason}, "created",
+                            "export_s", ...target fields (onnx: cache_outputs, past_window,
+                            output_names, max_length; xla-tpu: topology, mesh, shardings...)}}
+Paths are relative to the artifact directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+# -- tensor and signature names --------------------------------------------------------------
+
+TOKENS = "tokens"
+INPUT_POS = "input_pos"
+LOGITS = "logits"
+_CACHE_PREFIX = "kv_cache_"
+_ROWS_SUFFIX = "_new"
+
+PREFILL, DECODE = "prefill", "decode"          # signature kinds; `decode` is also its name
+DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
+DEFAULT_MAX_CONTEXT = 2048
+
+FULL, ROWS = "full", "rows"
+CACHE_OUTPUTS = (FULL, ROWS)
+
+LOCAL = "local"      # sliding-window attention layer (manifest config `layer_types`)
+GLOBAL = "global"    # full causal attention layer
+
+K_LAYOUT = "BKSH"    # full form; the rows form keeps both K and V as BKSH
+V_LAYOUT = "BKHS"
+
+
+def k_name(layer: int) -> str:
+    return f"{_CACHE_PREFIX}k_{layer}"
+
+
+def v_name(layer: int) -> str:
+    return f"{_CACHE_PREFIX}v_{layer}"
+
+
+def rows_name(name: str) -> str:
+    """The output carrying a cache's new rows (cache outputs `rows`)."""
+    return name + _ROWS_SUFFIX
+
+
+def prefill_name(length: int) -> str:
+    return f"{PREFILL}_{length}"
+
+
+# -- KV layout ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """The K and V cache one layer owns."""
+    layer: int
+    kv_heads: int
+    head_dim: int
+    window: int | None       # sliding window of a local layer; None for a global one
+
+    @property
+    def k(self) -> str:
+        return k_name(self.layer)
+
+    @property
+    def v(self) -> str:
+        return v_name(self.layer)
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return self.k, self.v
+
+    @property
+    def past_window(self) -> int | None:
+        """The most past slots this layer reads (cache outputs `rows`); None: all of them."""
+        return None if self.window is None else self.window - 1
+
+    def rows_shape(self, t) -> tuple:
+        """Cache outputs `rows`: the past inputs (t = P) and the new rows (t = T)."""
+        return (1, self.kv_heads, t, self.head_dim)                           # B K S H
+
+    def shapes(self, slots, form: str = FULL) -> tuple[tuple, tuple]:
+        """(K shape, V shape) of this layer's cache inputs over `slots` positions."""
+        if form == ROWS:
+            return self.rows_shape(slots), self.rows_shape(slots)
+        return (1, self.kv_heads, slots, self.head_dim), (1, self.kv_heads, self.head_dim, slots)
+
+
+def _get(config, key: str, default=None):
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Every cache tensor of a model, layer by layer, for a cache of `max_context` slots (None:
+    names and windows only)."""
+    caches: tuple[LayerCache, ...]
+    max_context: int | None = None
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, config, max_context: int | None = None, dtype: str = "float32") -> "KVLayout":
+        """From a model config: compile's GemmaConfig or the manifest's config dict."""
+        types = tuple(_get(config, "layer_types") or ())
+        window = _get(config, "sliding_window")
+        caches = tuple(
+            LayerCache(i, int(_get(config, "num_kv_heads")), int(_get(config, "head_dim")),
+                       int(window) if types and types[i] == LOCAL else None)
+            for i in range(int(_get(config, "num_layers"))))
+        return cls(caches, None if max_context is None else int(max_context), dtype)
+
+    def owner(self, layer: int) -> LayerCache:
+        """The cache layer `layer` reads (its own, for every Gemma 1-3 layer)."""
+        for c in self.caches:
+            if c.layer == layer:
+                return c
+        raise KeyError(f"layer {layer} owns no cache")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for c in self.caches for n in c.names)
+
+    def is_cache(self, name: str) -> bool:
+        return name in self.names
+
+    def specs(self, form: str = FULL, slots=None) -> tuple[TensorSpec, ...]:
+        """The cache tensors, in signature order (k_0, v_0, k_1, ...), over `slots` positions
+        (default: the whole cache)."""
+        slots = self.max_context if slots is None else slots
+        out = []
+        for c in self.caches:
+            ks, vs = c.shapes(slots, form)
+            out += [TensorSpec(c.k, ks, self.dtype), TensorSpec(c.v, vs, self.dtype)]
+        return tuple(out)
+
+    def nbytes(self) -> int:
+        import math
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
+        return sum(math.prod(t.shape) * size for t in self.specs())
+
+
+# -- signatures -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    kind: str            # PREFILL or DECODE
+    length: int          # tokens per call
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "length": self.length,
+                "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The signature set of one artifact directory. `config` is compile's GemmaConfig or the
+    manifest's config dict (the same fields)."""
+    config: Any
+    prefill_lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS
+    max_context: int = DEFAULT_MAX_CONTEXT
+    kv_dtype: str = "float32"
+    batch: int = field(default=1, init=False)
+
+    def __post_init__(self):
+        try:
+            lengths = tuple(sorted(set(int(n) for n in self.prefill_lengths)))
+        except (TypeError, ValueError):
+            lengths = ()
+        if not lengths or lengths[0] < 1:
+            raise ValueError(f"prefill lengths must be positive integers, got {self.prefill_lengths}")
+        if lengths[-1] > self.max_context:
+            raise ValueError(f"prefill length {lengths[-1]} exceeds max context {self.max_context}")
+        object.__setattr__(self, "prefill_lengths", lengths)
+
+    @property
+    def kv(self) -> KVLayout:
+        return KVLayout.of(self.config, self.max_context, self.kv_dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(_get(self.config, "vocab_size"))
+
+    def kv_specs(self) -> tuple[TensorSpec, ...]:
+        return self.kv.specs()
+
+    def signature(self, name: str) -> Signature:
+        for s in self.signatures():
+            if s.name == name:
+                return s
+        raise KeyError(f"no signature {name!r}; have {[s.name for s in self.signatures()]}")
+
+    def signatures(self) -> list[Signature]:
+        kv = self.kv_specs()
+
+        def inputs(n):
+            return (TensorSpec(TOKENS, (self.batch, n), "int32"),
+                    TensorSpec(INPUT_POS, (n,), "int32")) + kv
+
+        sigs = [Signature(prefill_name(n), PREFILL, n, inputs(n), kv)
+                for n in self.prefill_lengths]
+        sigs.append(Signature(
+            DECODE, DECODE, 1, inputs(1),
+            (TensorSpec(LOGITS, (self.batch, 1, self.vocab_size), "float32"),) + kv))
+        return sigs
+
+    def to_manifest(self) -> dict:
+        return {
+            "max_context": self.max_context,
+            "prefill_lengths": list(self.prefill_lengths),
+            "kv_dtype": self.kv_dtype,
+            "entries": [s.to_dict() for s in self.signatures()],
+        }
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> "Contract":
+        s = data["signatures"]
+        return cls(data["model"]["config"], tuple(s["prefill_lengths"]), int(s["max_context"]),
+                   s.get("kv_dtype", "float32"))
+
+
+# -- manifest schema ----------------------------------------------------------------------------
+
+TOKENIZER_IDS = ("bos", "eos", "pad", "unk", "start_of_turn", "end_of_turn")
+CONFIG_FIELDS = ("vocab_size", "num_layers", "num_kv_heads", "head_dim")   # what the runtime reads
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def _need(d, key: str, types, where: str, what: str):
+    if not isinstance(d, dict) or key not in d:
+        raise ManifestError(f"missing field '{where}{key}'")
+    v = d[key]
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)) \
+            or not isinstance(v, types):
+        raise ManifestError(f"field '{where}{key}' must be {what}, got {_short(v)}")
+    return v
+
+
+def _short(v) -> str:
+    import json
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def new_manifest(variant: str, config: dict, source: dict, tokenizer: dict,
+                 contract: Contract) -> dict:
+    """A manifest with no artifacts yet. tokenizer: {"file", "sha256", and TOKENIZER_IDS}."""
+    return validate({
+        "schema_version": SCHEMA_VERSION,
+        "model": {"variant": variant, "config": config, "source": source},
+        "tokenizer": dict(tokenizer),
+        "signatures": contract.to_manifest(),
+        "artifacts": {},
+    })
+
+
+def validate(data) -> dict:
+    """Checks a parsed manifest against the schema; raises ManifestError naming the first bad
+    field. Returns data unchanged."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"must be a JSON object, got {_short(data)}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"schema version {version!r}, this runtime reads {SCHEMA_VERSION}")
+    model = _need(data, "model", dict, "", "an object")
+    _need(model, "variant", str, "model.", "a string")
+    config = _need(model, "config", dict, "model.", "an object")
+    for key in CONFIG_FIELDS:
+        n = _need(config, key, int, "model.config.", "an integer")
+        if n < 1:
+            raise ManifestError(f"field 'model.config.{key}' must be positive, got {n}")
+    tok = _need(data, "tokenizer", dict, "", "an object")
+    _need(tok, "file", str, "tokenizer.", "a string")
+    _need(tok, "sha256", str, "tokenizer.", "a string")
+    for key in TOKENIZER_IDS:
+        _need(tok, key, int, "tokenizer.", "an integer token id")
+    sigs = _need(data, "signatures", dict, "", "an object")
+    _need(sigs, "max_context", int, "signatures.", "an integer")
+    lengths = _need(sigs, "prefill_lengths", list, "signatures.", "a list of integers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise ManifestError(f"field 'signatures.prefill_lengths' must be a list of integers, "
+                            f"got {_short(lengths)}")
+    entries = _need(sigs, "entries", list, "signatures.", "a list")
+    try:
+        want = Contract.from_manifest(data).to_manifest()["entries"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ManifestError(f"field 'signatures': {e}") from None
+    for i, w in enumerate(want):
+        got = entries[i] if i < len(entries) else None
+        if got != w:
+            raise ManifestError(f"field 'signatures.entries[{i}]' is not the {w['name']!r} "
+                                f"signature this model's contract defines")
+    if len(entries) != len(want):
+        raise ManifestError(f"field 'signatures.entries' lists {len(entries)} signatures, the "
+                            f"contract defines {len(want)}")
+    arts = _need(data, "artifacts", dict, "", "an object")
+    for target, rec in arts.items():
+        where = f"artifacts.{target}."
+        if not isinstance(rec, dict):
+            raise ManifestError(f"field 'artifacts.{target}' must be an object, got {_short(rec)}")
+        _need(rec, "dir", str, where, "a string")
+        files = _need(rec, "files", dict, where, "an object")
+        for role, f in files.items():
+            fw = f"{where}files.{role}."
+            if not isinstance(f, dict):
+                raise ManifestError(f"field '{where}files.{role}' must be an object")
+            _need(f, "path", str, fw, "a string")
+            _need(f, "sha256", str, fw, "a string")
+            _need(f, "bytes", int, fw, "an integer")
+        form = rec.get("cache_outputs", FULL)
+        if form not in CACHE_OUTPUTS:
+            raise ManifestError(f"field '{where}cache_outputs' must be one of "
+                                f"{', '.join(CACHE_OUTPUTS)}, got {_short(form)}")
+    return data

@@ -1,0 +1,77 @@
+"""Both checkpoint loaders map names onto the family rules of `compile.config`: the same model read
+from a GGUF file (as llama.cpp writes it) and from a Hugging Face directory (as transformers writes
+it) gives identical configs and weights."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from compile import checkpoints
+from compile.checkpoints.gguf import config_from_gguf
+from compile.checkpoints.hf import config_from_hf
+from compile.config import FAMILIES, VARIANTS, get_variant
+from helpers import (TINY_VARIANTS, hf_config, write_gguf_from_hf, write_gguf_metadata,
+                     write_hf_checkpoint)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_registry_variant_from_either_format(variant, tmp_path):
+    """Each released variant's config.json (transformers' own writer) and GGUF metadata
+    (llama.cpp's keys, no query scale) read back as the registry's config."""
+    import gguf
+    cfg = VARIANTS[variant]
+    from_hf = config_from_hf(hf_config(cfg).to_dict(), tmp_path / "config.json")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), {1: "gemma", 2: "gemma2", 3: "gemma3"}[cfg.family])
+    write_gguf_metadata(w, cfg)
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    from_gguf = config_from_gguf(gguf.GGUFReader(str(path)), path)
+    assert from_hf == cfg
+    assert from_gguf == cfg
+
+
+# GGUF stores no query scale: a tiny config's scale that differs from head_dim (gemma2-27b-tiny's)
+# cannot be told from its GGUF file (its dimensions equal gemma2-2b-tiny's)
+SAME_IN_BOTH = [v for v in TINY_VARIANTS if get_variant(v).query_pre_attn_scalar ==
+                get_variant(v).head_dim]
+
+
+@pytest.mark.parametrize("variant", SAME_IN_BOTH)
+def test_gguf_and_hf_give_identical_configs_and_weights(variant, tmp_path):
+    cfg = get_variant(variant)
+    hf_model = write_hf_checkpoint(cfg, tmp_path / "hf")
+    write_gguf_from_hf(hf_model, cfg, tmp_path / "m.gguf")
+    a, b = checkpoints.load(tmp_path / "hf"), checkpoints.load(tmp_path / "m.gguf")
+    assert a.config == b.config
+    assert dataclasses.replace(a.config, name=cfg.name) == cfg
+    assert a.params.keys() == b.params.keys()
+    for k in a.params:
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_gemma2_softcaps_follow_transformers_when_config_json_omits_them(tmp_path):
+    """transformers' Gemma2Config defaults to softcaps 50 / 30; a config.json without the keys
+    means those, and an explicit null means none."""
+    import transformers
+    oracle = transformers.Gemma2Config()
+    assert (oracle.attn_logit_softcapping, oracle.final_logit_softcapping) == (50.0, 30.0)
+    d = hf_config(VARIANTS["gemma2-2b"]).to_dict()
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        d.pop(key)
+    cfg = config_from_hf(d, tmp_path / "config.json")
+    assert (cfg.attn_softcap, cfg.final_softcap) == (50.0, 30.0) == (
+        FAMILIES[2].attn_softcap, FAMILIES[2].final_softcap)
+    cfg = config_from_hf({**d, "attn_logit_softcapping": None}, tmp_path / "config.json")
+    assert cfg.attn_softcap is None
+
+
+def test_config_json_with_a_mistyped_field_names_it(tmp_path):
+    d = hf_config(get_variant("gemma3-270m-tiny")).to_dict()
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"config.json: unusable config: .*d_model must be a positive "
+                             r"integer, got '64'"):
+        config_from_hf({**d, "hidden_size": "64", "head_dim": 16}, tmp_path / "config.json")
