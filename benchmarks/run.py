@@ -4,6 +4,9 @@
         [--peers llama.cpp,litert-lm,onnxruntime-genai] [--threads 2] [--reps 3]
         [--prefill 128,512] [--short 32] [--long 1024] [--decode 64] [--measure-export]
         [--out benchmarks/results]
+    python -m benchmarks.run --measure-export --export-only
+        [--export-checkpoints ,random:gemma3-1b,random:gemma2-2b,random:gemma3-4b]
+        [--export-targets xla,tflite:int8,tflite:int4,onnx:int4]
 
 Every engine runs in its own worker process, once per repetition, interleaved (ours, peers, ours,
 ...), so each has a clean peak RSS and none warms another's caches; figures are medians over the
@@ -18,6 +21,11 @@ the same run. Writes `results.json` and `results.png` (if matplotlib is installe
 Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
 (`litert-lm-api`) on our `.litertlm`; onnxruntime-genai is reported as absent when it does not
 import. `pip install -e '.[bench]'` installs them.
+
+`--measure-export` exports each checkpoint to each target in its own process and reports wall time
+(and per GB of fp32 weights), peak RSS (the export process tree: wait4's ru_maxrss) and disk used,
+deleting each artifact after measuring it (under $GEMMA_AOT_EXPORT_TMP if set). `random:VARIANT`
+checkpoints are made on the fly, so the largest sizes need no input on disk.
 """
 
 from __future__ import annotations
@@ -254,27 +262,61 @@ def peer_status(peers: list[str]) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- export
 
-def measure_export(targets: list[tuple[str, str]]) -> list[dict]:
-    """Wall time and peak RSS of each export of the default model, each in its own process."""
+DEFAULT_EXPORTS = "xla,tflite:int8,tflite:int4,onnx:int4"
+
+
+def measure_export(checkpoints: list[str | None], targets: list[tuple[str, str | None]],
+                   ) -> list[dict]:
+    """Wall time, peak RSS and disk used of each export (checkpoint x target), each in its own
+    process; the artifact is deleted after it is measured. A checkpoint is anything
+    `compile.export --checkpoint` takes (None: the embedded default; `random:VARIANT` makes a
+    full-size model on the fly, with no input on disk)."""
+    from compile import export as ex
     out = []
-    for target, quant in targets:
-        with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, "-m", "compile.export", "--target", target, "--out", f"{d}/a"]
-            if quant:
-                cmd += ["--quant", quant]
-            t = time.perf_counter()
-            p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(p.pid, 0)
-            wall = time.perf_counter() - t
-            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-            out.append({"target": target, "quant": quant or "default", "wall_s": round(wall, 1),
-                        "peak_rss_mb": round(usage.ru_maxrss / 1024),
-                        "ok": os.waitstatus_to_exitcode(status) == 0,
-                        **({} if os.waitstatus_to_exitcode(status) == 0
-                           else {"error": err.strip().splitlines()[-1:]})})
-            print(f"export {target} {quant or ''}: {wall:.0f} s, {usage.ru_maxrss / 1024:.0f} MB peak RSS",
-                  file=sys.stderr)
+    for spec in checkpoints:
+        try:
+            ck = ex.load_checkpoint(spec)
+            name, weights_gb = ck.config.name, ck.params.nbytes() / 1e9
+            del ck
+        except Exception as e:   # reported like a failed export
+            name, weights_gb = spec or "default", None
+            print(f"export {spec}: cannot read the checkpoint ({e})", file=sys.stderr)
+        for target, quant in targets:
+            with tempfile.TemporaryDirectory(dir=os.environ.get("GEMMA_AOT_EXPORT_TMP")) as d:
+                cmd = [sys.executable, "-m", "compile.export", "--target", target,
+                       "--out", f"{d}/a"] + (["--checkpoint", spec] if spec else [])
+                if quant:
+                    cmd += ["--quant", quant]
+                t = time.perf_counter()
+                p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+                err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+                _, status, usage = os.wait4(p.pid, 0)
+                wall = time.perf_counter() - t
+                ok = os.waitstatus_to_exitcode(status) == 0
+                disk = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+            row = {"checkpoint": spec or "default", "variant": name, "target": target,
+                   "quant": quant or "default", "wall_s": round(wall, 1),
+                   "peak_rss_mb": round(usage.ru_maxrss / 1024), "disk_mb": round(disk / 1e6),
+                   "fp32_weights_gb": round(weights_gb, 3) if weights_gb else None,
+                   "s_per_fp32_gb": round(wall / weights_gb, 1) if weights_gb else None, "ok": ok}
+            if not ok:
+                row["error"] = (err.strip().splitlines() or ["(no message)"])[-1]
+            out.append(row)
+            print(f"export {name} {target} {quant or ''}: {wall:.0f} s, {row['peak_rss_mb']} MB "
+                  f"peak RSS, {row['disk_mb']} MB on disk" + ("" if ok else f" FAILED: "
+                                                             f"{row['error']}"), file=sys.stderr)
     return out
+
+
+def export_table(rows: list[dict]) -> str:
+    lines = [f"{'variant':<16}{'target':<14}{'time s':>8}{'s/GB':>7}{'peak RSS MB':>13}"
+             f"{'disk MB':>9}  result"]
+    for r in rows:
+        lines.append(f"{r['variant']:<16}{r['target'] + ' ' + r['quant']:<14}{r['wall_s']:>8.0f}"
+                     f"{r['s_per_fp32_gb'] or 0:>7.0f}{r['peak_rss_mb']:>13}{r['disk_mb']:>9}  "
+                     + ("ok" if r["ok"] else r["error"]))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- report
@@ -357,7 +399,14 @@ def main(argv=None) -> int:
     p.add_argument("--long", type=int, default=1024, help="prompt tokens before long-context decode")
     p.add_argument("--decode", type=int, default=64, help="tokens decoded per decode measurement")
     p.add_argument("--measure-export", action="store_true",
-                   help="also time each export of the default model and its peak RSS")
+                   help="also measure exports: time, peak RSS and disk per checkpoint and target")
+    p.add_argument("--export-checkpoints", default="",
+                   help="comma-separated --checkpoint values for --measure-export (default: the "
+                        "embedded model), e.g. ,random:gemma3-1b,random:gemma2-2b")
+    p.add_argument("--export-targets", default=DEFAULT_EXPORTS,
+                   help=f"target[:quant],... for --measure-export (default {DEFAULT_EXPORTS})")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --measure-export: skip the speed runs")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.worker:
@@ -365,6 +414,10 @@ def main(argv=None) -> int:
         print(json.dumps(WORKERS[spec["kind"]](spec)))
         return 0
 
+    if args.export_only:
+        if not args.measure_export:
+            raise SystemExit("--export-only goes with --measure-export")
+        return _exports_only(args)
     args.artifacts = args.artifacts or ["artifacts/gemma3-270m"]
     args.prefill = sorted(int(x) for x in args.prefill.split(","))
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
@@ -401,8 +454,8 @@ def main(argv=None) -> int:
         "settings": {**common, "reps": args.reps}, "peers": peers, "results": results,
     }
     if args.measure_export:
-        report["exports"] = measure_export([("xla", None), ("tflite", "int8"), ("tflite", "int4"),
-                                            ("onnx", "int4")])
+        report["exports"] = measure_export(*_export_plan(args))
+        print(export_table(report["exports"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -412,6 +465,30 @@ def main(argv=None) -> int:
     print(f"wrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if drew else
                                              " (no chart: pip install matplotlib)"))
     return 0
+
+
+def _export_plan(args):
+    checkpoints = [c.strip() or None for c in args.export_checkpoints.split(",")] \
+        if args.export_checkpoints else [None]
+    targets = [(t.split(":")[0], t.split(":")[1] if ":" in t else None)
+               for t in args.export_targets.split(",") if t.strip()]
+    return checkpoints, targets
+
+
+def _exports_only(args) -> int:
+    rows = measure_export(*_export_plan(args))
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
+                          "memory_gb": round(os.sysconf("SC_PAGE_SIZE") *
+                                             os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                          "platform": platform.platform()},
+              "exports": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exports.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(export_table(rows))
+    print(f"wrote {out / 'exports.json'}")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

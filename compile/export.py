@@ -24,7 +24,8 @@ from runtime import contract as ct
 from . import checkpoints, parity, targets
 from .checkpoints import Checkpoint, CheckpointError
 from .config import get_variant
-from .model import init_params
+from .model import init_params, init_std, param_shapes
+from .weights import Params, seeded
 from .tokenizer import tiny_tokenizer
 
 
@@ -33,15 +34,17 @@ class ExportError(RuntimeError):
 
 
 def random_checkpoint(variant: str, seed: int = 0) -> Checkpoint:
-    """Random weights for a registry variant (meant for `-tiny` ones) with a tiny tokenizer."""
+    """Random weights for a registry variant with a tokenizer of its vocabulary size. `-tiny`
+    variants use `model.init_params`; full-size ones are produced tensor by tensor on the fly
+    (`weights.seeded`: nothing stored, the same values in any order), to measure exports at scale
+    without a checkpoint on disk."""
     cfg = get_variant(variant)
-    if cfg.num_params() > 2_000_000_000:
-        raise CheckpointError(f"refusing to make {cfg.num_params():,} random parameters for "
-                              f"{variant}; use a -tiny variant")
     model_bytes, special = tiny_tokenizer(cfg.vocab_size)
-    if cfg.vocab_size > 512:
-        raise CheckpointError("random checkpoints need a tiny vocabulary (use a -tiny variant)")
-    return Checkpoint(cfg, init_params(cfg, seed), model_bytes, special,
+    if cfg.vocab_size <= 512:
+        params = Params.from_arrays(init_params(cfg, seed))
+    else:
+        params = seeded(param_shapes(cfg), seed, init_std)
+    return Checkpoint(cfg, params, model_bytes, special,
                       source={"format": "random", "variant": variant, "seed": seed})
 
 
@@ -98,8 +101,11 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
         options.update(tokenizer_path=str(stage / "tokenizer.model"), special_ids=ck.special_ids)
         manifest = _manifest(ck, contract, "tokenizer.model", sha256_file(stage / "tokenizer.model"))
         t0 = time.perf_counter()
-        traced = _trace(contract, ck.params, progress)
-        log(f"traced {len(traced)} signatures in {time.perf_counter() - t0:.1f}s")
+        platforms = list(dict.fromkeys(p for m in mods for p in m.TRACE_PLATFORMS))
+        traced = _trace(contract, ck.params, platforms, progress)
+        if platforms:
+            log(f"traced {len(traced)} signatures for {', '.join(platforms)} in "
+                f"{time.perf_counter() - t0:.1f}s")
         for mod in mods:
             t0 = time.perf_counter()
             record = mod.write(traced, ck.params, stage / mod.NAME, options, progress)
@@ -131,9 +137,9 @@ def _read_existing(path: Path) -> dict:
                           f"another --out or delete it") from None
 
 
-def _trace(contract, params, progress):
+def _trace(contract, params, platforms, progress):
     from . import trace
-    return trace.trace(contract, params, progress=progress)
+    return trace.trace(contract, params, tuple(platforms), progress=progress)
 
 
 def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, names) -> dict:

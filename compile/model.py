@@ -66,9 +66,13 @@ def init_params(cfg: GemmaConfig, seed: int = 0, dtype=np.float32) -> dict[str, 
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in param_shapes(cfg).items():
-        std = 0.2 if name.endswith("norm") else (1.0 if name == "embed" else shape[0] ** -0.5)
-        out[name] = (rng.standard_normal(shape) * std).astype(dtype)
+        out[name] = (rng.standard_normal(shape) * init_std(name, shape)).astype(dtype)
     return out
+
+
+def init_std(name: str, shape: tuple) -> float:
+    """Scale of random weights: norms 0.2, the embedding 1, a linear weight 1/sqrt(fan-in)."""
+    return 0.2 if name.endswith("norm") else (1.0 if name == "embed" else shape[0] ** -0.5)
 
 
 def rms_norm(x, scale, eps):
@@ -98,7 +102,7 @@ def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool = False,
+def attention(cfg: GemmaConfig, p: dict, local: bool, x, positions, cache, rows: bool = False,
               spelling: str = "xla"):
     """One attention block. x: [B, T, D]. Returns (out [B, T, D], (k, v) or None): the updated
     caches; or with `rows`, where `cache` is the read-only past, only
@@ -106,7 +110,6 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
-    local = cfg.layer_type(i) == LOCAL
     q = linear(x, p["q_proj"]).reshape(B, T, N, H)                                # [B, T, N, H]
     k = linear(x, p["k_proj"]).reshape(B, T, K, H)                                # [B, T, K, H]
     v = linear(x, p["v_proj"]).reshape(B, T, K, H)                                # [B, T, K, H]
@@ -163,6 +166,47 @@ def attention(cfg: GemmaConfig, p: dict, i: int, x, positions, cache, rows: bool
     return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache               # [B, T, D]
 
 
+def layer_params(params, i: int) -> dict:
+    """Layer i's weights under their short names (q_proj, attn_norm, ...)."""
+    prefix = f"layers.{i}."
+    return {name[len(prefix):]: params[name] for name in params if name.startswith(prefix)}
+
+
+def embed(cfg: GemmaConfig, params: dict, tokens):
+    """tokens [B, T] -> scaled embeddings [B, T, D]."""
+    if "embed_q" in params:   # int8 lookup table with per-row scales (quantized TFLite artifacts)
+        rows = params["embed_q"][tokens].astype(jnp.float32)                      # [B, T, D]
+        x = rows * params["embed_scale"][tokens][..., None]
+    else:
+        x = params["embed"][tokens]                                                # [B, T, D]
+    return x * jnp.asarray(cfg.embed_scale, x.dtype)
+
+
+def block(cfg: GemmaConfig, p: dict, local: bool, x, positions, cache=None, rows: bool = False,
+          spelling: str = "xla"):
+    """One decoder layer (attention + GeGLU FFN with Gemma's norms) on x [B, T, D]; returns
+    (x, the layer's cache output or None)."""
+    h, layer_cache = attention(cfg, p, local, rms_norm(x, p["attn_norm"], cfg.norm_eps),
+                               positions, cache, rows=rows, spelling=spelling)
+    if cfg.post_norms:
+        h = rms_norm(h, p["post_attn_norm"], cfg.norm_eps)
+    x = x + h
+    h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
+    gate = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True)
+    h = gate * linear(h, p["up_proj"])
+    h = linear(h, p["down_proj"])
+    if cfg.post_norms:
+        h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
+    return x + h, layer_cache
+
+
+def head(cfg: GemmaConfig, final_norm, table, x):
+    """x [B, T, D] -> logits [B, T, V] through the tied embedding, final softcap applied."""
+    x = rms_norm(x, final_norm, cfg.norm_eps)
+    out = linear(x, table.T)                                                       # [B, T, V]
+    return _softcap(out.astype(jnp.float32), cfg.final_softcap)
+
+
 def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | None = None,
             logits: str | int = "all", cache_outputs: str = "full", spelling: str = "xla"):
     """tokens: [B, T] int32; positions: [T] int32 (contiguous); cache: the signature's KV dict.
@@ -176,36 +220,16 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
         raise ValueError(f"cache_outputs {cache_outputs!r} / spelling {spelling!r}: expected one "
                          f"of {ct.CACHE_OUTPUTS} / ('xla', 'onnx')")
     layout = ct.KVLayout.of(cfg)
-    if "embed_q" in params:   # int8 lookup table with per-row scales (quantized TFLite artifacts)
-        rows = params["embed_q"][tokens].astype(jnp.float32)                      # [B, T, D]
-        x = rows * params["embed_scale"][tokens][..., None]
-    else:
-        x = params["embed"][tokens]                                                # [B, T, D]
-    x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    x = embed(cfg, params, tokens)
     new_cache = {} if cache is not None else None
     for i in range(cfg.num_layers):
-        p = {name.split(".", 2)[2]: w for name, w in params.items()
-             if name.startswith(f"layers.{i}.")}
-        layer_cache = kv.layer_input(cache, layout, i)
-        h, layer_cache = attention(cfg, p, i, rms_norm(x, p["attn_norm"], cfg.norm_eps),
-                                   positions, layer_cache, rows=cache_outputs == "rows",
-                                   spelling=spelling)
-        if cfg.post_norms:
-            h = rms_norm(h, p["post_attn_norm"], cfg.norm_eps)
-        x = x + h
-        h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
-        gate = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True)
-        h = gate * linear(h, p["up_proj"])
-        h = linear(h, p["down_proj"])
-        if cfg.post_norms:
-            h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
-        x = x + h
+        x, layer_cache = block(cfg, layer_params(params, i), cfg.layer_type(i) == LOCAL, x,
+                               positions, kv.layer_input(cache, layout, i),
+                               rows=cache_outputs == "rows", spelling=spelling)
         if cache is not None:
             kv.store(new_cache, layout, i, layer_cache)
     if logits == "none":
         return None, new_cache
     if logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    out = linear(x, params["embed"].T)                                             # [B, T, V]
-    return _softcap(out.astype(jnp.float32), cfg.final_softcap), new_cache
+    return head(cfg, params["final_norm"], params["embed"], x), new_cache

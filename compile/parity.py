@@ -2,13 +2,19 @@
 
 A fixed text long enough for two prefill chunks is prefilled in chunks and then decoded token by
 token; the logits of the decoded positions are compared with the model's full forward (no cache).
-An artifact passes when its largest logit difference, relative to the largest reference logit, and
-its top-1 agreement are within `TOLERANCE` for its weight quantization: the one tolerance table of
-the exporter.
+An artifact passes when, within `TOLERANCE` for its weight quantization (the one tolerance table of
+the exporter): its largest logit difference relative to the largest reference logit, its mean KL
+divergence from the reference distribution (where a limit is set), and its top-1 agreement on the
+positions whose reference top-1 is clear — a margin over the runner-up above `MARGIN` of the largest
+reference logit — which must be at least `MIN_CLEAR` of the decoded positions. Random weights (tiny test models,
+synthetic full-size checkpoints) can give near-ties that any rounding flips; counting only clear
+positions keeps the check meaningful on them, and a broken artifact still fails (a test swaps two
+layers). `top1_agreement` over all positions is recorded too.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +26,19 @@ PARITY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronau
                "research as Gemini. Water boils at 100 degrees Celsius at sea level. ")
 PARITY_DECODE_STEPS = 32   # enough positions for a meaningful top-1 agreement
 
-# weight quantization -> limits: max |diff| / max |reference logit|, minimum top-1 agreement
+MARGIN = 0.01      # a clear top-1: reference margin over the runner-up > 1 % of max |logit|
+MIN_CLEAR = 0.5    # the share of decoded positions that must be clear for the top-1 check
+
+# weight quantization -> limits: max |diff| / max |reference logit|, minimum top-1 agreement on
+# clear positions, mean KL(reference || artifact) in nats (None: recorded, not gated)
 TOLERANCE = {
     # fp32 end to end: only the summation order differs from the reference
-    "none": {"max_rel_diff": 2e-4, "min_top1": 1.0},
+    "none": {"max_rel_diff": 2e-4, "min_top1": 1.0, "max_kl": 1e-3},
     # bf16 weights and activations (xla-tpu) against the fp32 reference
-    "bf16": {"max_rel_diff": 0.1, "min_top1": 0.9},
+    "bf16": {"max_rel_diff": 0.1, "min_top1": 0.9, "max_kl": None},
     # quantized weights change logits by design; the check guards against broken graphs
-    "int8": {"max_rel_diff": 1.0, "min_top1": 0.9},
-    "int4": {"max_rel_diff": 1.0, "min_top1": 0.75},
+    "int8": {"max_rel_diff": 1.0, "min_top1": 0.9, "max_kl": None},
+    "int4": {"max_rel_diff": 1.0, "min_top1": 0.75, "max_kl": None},
 }
 
 
@@ -61,6 +71,7 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
     sp = spm.SentencePieceProcessor(model_proto=ck.tokenizer_model)
     tokens, start = parity_tokens(contract, sp.encode, ck.special_ids["bos"])
     ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
+    gc.collect()   # the reference's weights, before the artifacts load theirs
     failures = []
     here = runtime.backends.reasons(runtime.Manifest.read(stage))
     for target, quant in quants.items():
@@ -71,25 +82,61 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
             continue
         gen = runtime.load(stage, target=target, cache_dir=False)   # stage dirs move
         got = gen.logits(tokens, start=start)
-        figures = {
-            "tokens": int(len(tokens)), "prefill_tokens": int(start),
-            "decode_steps": int(len(tokens) - start),
-            "max_abs_diff": float(np.max(np.abs(got - ref))),
-            "max_abs_ref": float(np.max(np.abs(ref))),
-            "max_rel_diff": float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-6)),
-            "mean_abs_diff": float(np.mean(np.abs(got - ref))),
-            "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
-            "tolerance": tolerance(quant),
-        }
+        figures = {"tokens": int(len(tokens)), "prefill_tokens": int(start),
+                   **compare(ref, got), "tolerance": tolerance(quant)}
         manifest["artifacts"][target]["parity"] = figures
-        log(f"parity {target}: max |diff| {figures['max_abs_diff']:.2e}, "
-            f"top-1 agreement {figures['top1_agreement']:.0%} over {figures['decode_steps']} "
-            f"decode steps after {start} prefill tokens")
-        limit = figures["tolerance"]
-        if figures["max_rel_diff"] > limit["max_rel_diff"] or \
-                figures["top1_agreement"] < limit["min_top1"]:
-            failures.append(f"{target}: max |diff| {figures['max_abs_diff']:.3g} = "
-                            f"{figures['max_rel_diff']:.3g} of max |logit| (limit "
-                            f"{limit['max_rel_diff']}), top-1 agreement "
-                            f"{figures['top1_agreement']:.2f} (minimum {limit['min_top1']})")
+        log(f"parity {target}: max |diff| {figures['max_abs_diff']:.2e}, KL "
+            f"{figures['mean_kl']:.2e}, top-1 agreement {figures['top1_agreement']:.0%} over "
+            f"{figures['decode_steps']} decode steps after {start} prefill tokens "
+            f"({figures['top1_agreement_clear']:.0%} of {figures['clear_positions']} clear)")
+        problems = judge(figures, figures["tolerance"])
+        if problems:
+            failures.append(f"{target}: " + "; ".join(problems))
     return failures
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Figures of artifact logits `got` against reference logits `ref`, both [N, V]."""
+    top = max(float(np.max(np.abs(ref))), 1e-6)
+    diff = np.abs(got - ref)
+    ref_top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (ref_top2[:, 1] - ref_top2[:, 0]) > MARGIN * top
+    agree = got.argmax(-1) == ref.argmax(-1)
+    return {
+        "decode_steps": int(ref.shape[0]),
+        "max_abs_diff": float(diff.max()), "max_abs_ref": top,
+        "max_rel_diff": float(diff.max()) / top, "mean_abs_diff": float(diff.mean()),
+        "mean_kl": float(np.mean(_kl(ref, got))),
+        "top1_agreement": float(np.mean(agree)),
+        "clear_positions": int(clear.sum()),
+        "top1_agreement_clear": float(np.mean(agree[clear])) if clear.any() else 0.0,
+    }
+
+
+def judge(figures: dict, limit: dict) -> list[str]:
+    """What breaks the limits, each said with its figure (empty: the artifact passes)."""
+    out = []
+    if figures["max_rel_diff"] > limit["max_rel_diff"]:
+        out.append(f"max |diff| {figures['max_abs_diff']:.3g} = {figures['max_rel_diff']:.3g} of "
+                   f"max |logit| (limit {limit['max_rel_diff']})")
+    if limit.get("max_kl") is not None and figures["mean_kl"] > limit["max_kl"]:
+        out.append(f"mean KL {figures['mean_kl']:.3g} (limit {limit['max_kl']})")
+    need = int(np.ceil(MIN_CLEAR * figures["decode_steps"]))
+    if figures["clear_positions"] < need:
+        out.append(f"only {figures['clear_positions']} of {figures['decode_steps']} positions have "
+                   f"a clear reference top-1 (margin > {MARGIN:.0%} of max |logit|); the check "
+                   f"needs {need}")
+    elif figures["top1_agreement_clear"] < limit["min_top1"]:
+        out.append(f"top-1 agreement {figures['top1_agreement_clear']:.2f} on "
+                   f"{figures['clear_positions']} clear positions (minimum {limit['min_top1']})")
+    return out
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) per row, in float64."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)

@@ -8,6 +8,7 @@ StableHLO for every requested platform; every target lowers from these traced si
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +28,7 @@ class Traced:
     contract: ct.Contract
     signature: ct.Signature
     fn: Callable                    # fn(weights, inputs) -> outputs
-    exported: jax.export.Exported
+    exported: jax.export.Exported | None   # None when no target asked for StableHLO
 
 
 def signature_fn(contract: ct.Contract, signature: ct.Signature) -> Callable:
@@ -52,19 +53,25 @@ def specs(tensors) -> dict[str, jax.ShapeDtypeStruct]:
     return {t.name: jax.ShapeDtypeStruct(t.shape, jnp.dtype(t.dtype)) for t in tensors}
 
 
-def weight_specs(params: dict) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+def weight_specs(params) -> dict[str, jax.ShapeDtypeStruct]:
+    """From shapes only: a lazy `weights.Params` is not read."""
+    from .weights import specs_of
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in specs_of(params).items()}
 
 
 def trace(contract: ct.Contract, params: dict, platforms=PLATFORMS, progress=None
           ) -> dict[str, Traced]:
+    """Every signature's function, and its jax.export for `platforms` (from shapes only; nothing
+    is exported when `platforms` is empty)."""
     wspecs = weight_specs(params)
     sigs = contract.signatures()
-    bar = progress(total=len(sigs), desc="trace+lower", unit="signature") if progress else None
+    bar = progress(total=len(sigs), desc="trace+lower", unit="signature") \
+        if progress and platforms else None
     out = {}
     for s in sigs:
         fn = signature_fn(contract, s)
-        exported = jax.export.export(jax.jit(fn), platforms=platforms)(wspecs, specs(s.inputs))
+        exported = jax.export.export(jax.jit(fn), platforms=platforms)(wspecs, specs(s.inputs)) \
+            if platforms else None
         out[s.name] = Traced(contract, s, fn, exported)
         if bar:
             bar.update()
@@ -73,12 +80,37 @@ def trace(contract: ct.Contract, params: dict, platforms=PLATFORMS, progress=Non
     return out
 
 
-def reference_logits(contract: ct.Contract, params: dict, tokens: np.ndarray, last: int | None = None
+def reference_logits(contract: ct.Contract, params, tokens: np.ndarray, last: int | None = None
                      ) -> np.ndarray:
     """The JAX model's full forward (no cache) over `tokens` [T]: logits [T, V], or [last, V] for
-    the last positions only."""
+    the last positions only. It runs layer by layer, reading each layer's weights from `params`
+    (a lazy `weights.Params` or a dict) just before using them, and the output projection a slice
+    of the vocabulary at a time, so it holds at most the embedding table on the host and one layer
+    (or one slice of the table) on the device: checking a large export does not need the whole
+    float model."""
     cfg = contract.config
-    which = "all" if last is None else last
-    f = jax.jit(lambda w, t: model.forward(cfg, w, t, jnp.arange(t.shape[1], dtype=jnp.int32),
-                                           logits=which)[0])
-    return np.asarray(f(params, jnp.asarray(tokens, jnp.int32)[None]))[0]
+    local = {i: cfg.layer_type(i) == ct.LOCAL for i in range(cfg.num_layers)}
+    ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
+    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
+    # the lookup as model.embed does it (a row gather, then one float32 multiply)
+    x = jnp.asarray(params["embed"][ids] * np.float32(cfg.embed_scale))           # [1, T, D]
+    for i in range(cfg.num_layers):
+        x = _block(cfg, local[i], model.layer_params(params, i), x, positions)
+    if last is not None:
+        x = x[:, -last:]
+    table, norm = params["embed"], params["final_norm"]
+    step = max(1, (64 << 20) // (table.shape[1] * 4))                             # 64 MB slices
+    out = [np.asarray(_head(cfg, norm, table[v:v + step], x))[0]
+           for v in range(0, table.shape[0], step)]
+    return np.concatenate(out, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block(cfg, local, p, x, positions):
+    return model.block(cfg, p, local, x, positions)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head(cfg, final_norm, table, x):
+    """Logits of one slice of the vocabulary (the final softcap is elementwise)."""
+    return model.head(cfg, final_norm, table, x)

@@ -56,3 +56,19 @@ def test_benchmark_runs_and_reports_every_figure(tiny_artifacts, tmp_path):
     assert all(v > 0 for v in res["median"].values())
     assert report["machine"]["read_bandwidth_gbs"] > 0
     assert "gemma-aot xla (none)" in r.stdout and "decode @16" in r.stdout
+
+
+def test_export_measurement_reports_time_memory_and_disk(tmp_path):
+    """`--measure-export --export-only` (figures are never asserted, only that they are there):
+    one tiny random checkpoint, one target, and a checkpoint that cannot be read."""
+    import json
+    r = _py("-m", "benchmarks.run", "--measure-export", "--export-only",
+            "--export-checkpoints", "random:gemma3-270m-tiny,random:gemma9-nonexistent",
+            "--export-targets", "xla", "--out", str(tmp_path))
+    assert r.returncode == 1, r.stderr[-3000:]          # the unreadable checkpoint fails its row
+    rows = json.loads((tmp_path / "exports.json").read_text())["exports"]
+    ok, bad = rows
+    assert ok["ok"] and ok["variant"] == "gemma3-270m-tiny" and ok["target"] == "xla"
+    assert ok["wall_s"] > 0 and ok["peak_rss_mb"] > 0 and ok["disk_mb"] >= 0
+    assert not bad["ok"] and "unknown Gemma variant 'gemma9-nonexistent'" in bad["error"]
+    assert "gemma3-270m-tiny" in r.stdout and "peak RSS MB" in r.stdout

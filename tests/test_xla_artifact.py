@@ -90,3 +90,31 @@ def test_truncated_artifact_file_is_refused(tiny_artifacts, tmp_path):
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(runtime.ArtifactError, match="truncated or replaced"):
         runtime.load(out)
+
+
+def test_parity_gate_fails_an_artifact_with_two_layers_swapped(tmp_path, monkeypatch):
+    """A weight pipeline that writes layer 1's tensors as layer 0's (and back) must not publish:
+    the gate compares every logit, KL and the clear top-1 positions with the reference."""
+    from compile import parity
+    from compile.targets import xla
+    real_write = xla.safetensors.write
+
+    def swapped(path, specs, get, **kw):
+        swap = lambda k: k.replace("layers.0.", "@").replace("layers.1.", "layers.0.").replace(
+            "@", "layers.1.")
+        return real_write(path, specs, lambda k: get(swap(k)), **kw)
+
+    monkeypatch.setattr(xla.safetensors, "write", swapped)
+    ck = ex.random_checkpoint("gemma-2b-tiny")
+    out = tmp_path / "art"
+    with pytest.raises(ex.ExportError, match=r"parity check failed.*xla: max \|diff\| .* of max"):
+        ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["xla"], out, log=lambda m: None)
+    assert not out.exists()
+    # and the figures of a correct artifact: every decoded position clear, KL ~ 0
+    figures = parity.compare(np.eye(4, 9) * 5.0, np.eye(4, 9) * 5.0 + 1e-6)
+    assert figures["clear_positions"] == 4 and figures["top1_agreement_clear"] == 1.0
+    assert figures["mean_kl"] < 1e-9 and parity.judge(figures, parity.tolerance("none")) == []
+    near_tie = parity.compare(np.array([[1.0, 1.0001, -3.0]] * 4), np.array([[1.0001, 1.0, -3.0]] * 4))
+    assert near_tie["clear_positions"] == 0 and near_tie["top1_agreement"] == 0.0
+    assert "only 0 of 4 positions have a clear reference top-1" in \
+        parity.judge(near_tie, parity.tolerance("int8"))[0]

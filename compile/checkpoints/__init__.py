@@ -1,7 +1,8 @@
 """Checkpoint loaders: GGUF files and Hugging Face directories, into the model's flat params.
 
-`load(path)` returns a `Checkpoint`: the config, float32 params named as in `model.param_shapes`,
-and the tokenizer as SentencePiece model bytes. Every failure is a `CheckpointError` naming the file
+`load(path)` returns a `Checkpoint`: the config, the float32 params named as in
+`model.param_shapes` as a lazy `weights.Params` (each tensor read when asked for, never all at
+once), and the tokenizer as SentencePiece model bytes. Every failure is a `CheckpointError` naming the file
 and, where one is at fault, the tensor.
 """
 
@@ -11,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ..config import GemmaConfig
 from ..model import param_shapes
+from ..weights import Params
 
 
 class CheckpointError(ValueError):
@@ -24,7 +25,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     config: GemmaConfig
-    params: dict[str, np.ndarray]
+    params: Params
     tokenizer_model: bytes          # serialized SentencePiece ModelProto
     special_ids: dict[str, int]     # bos, eos, pad, unk, start_of_turn, end_of_turn
     source: dict = field(default_factory=dict)
@@ -58,11 +59,13 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def check_params(cfg: GemmaConfig, params: dict, source: Path) -> None:
+def check_params(cfg: GemmaConfig, params: Params, source: Path) -> None:
+    """Every tensor the config needs is there with its shape (read from headers only)."""
     want = param_shapes(cfg)
     for name, shape in want.items():
-        if name not in params:
+        if name not in params.tensors:
             raise CheckpointError(f"{source}: missing tensor for {name}")
-        if tuple(params[name].shape) != shape:
-            raise CheckpointError(f"{source}: tensor for {name} has shape "
-                                  f"{tuple(params[name].shape)}, expected {shape}")
+        t = params.tensors[name]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{t.origin or source}: tensor for {name} has shape "
+                                  f"{tuple(t.shape)}, expected {shape}")

@@ -1,7 +1,8 @@
-"""Hugging Face checkpoints (`config.json`, `*.safetensors`, `tokenizer.model`) of Gemma 1/2/3 text.
+"""Hugging Face checkpoints (`config.json`, `*.safetensors` — sharded ones through their index —
+and `tokenizer.model`) of Gemma 1/2/3 text.
 
-Safetensors are read by parsing the header and memory-mapping the data (bf16 included, via
-ml_dtypes), which also lets a truncated file be named exactly. HF stores linear weights [out, in].
+Safetensors headers are read up front (`weights.safetensors`: a bad file is named with its tensor);
+each tensor is read from the file and converted to float32 in our layout only when asked for. HF stores linear weights [out, in].
 Gemma 1's `post_attention_layernorm` is its pre-FFN norm; in Gemma 2/3 it normalizes the attention
 output and `pre_feedforward_layernorm` is the pre-FFN norm.
 """
@@ -10,46 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from ..config import GLOBAL, LOCAL, GemmaConfig, make_config, match_variant
+from ..weights import Params, Tensor, safetensors
 from . import Checkpoint, CheckpointError, check_params
 
 MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end} "
-                                  f"but the file has {size} bytes")
-        dt = np.dtype(_DTYPES[info["dtype"]])
-        out[name] = data[8 + n + begin: 8 + n + end].view(dt).reshape(info["shape"])
-    return out
 
 
 # config.json key -> GemmaConfig field, where the value maps as it is
@@ -157,7 +128,35 @@ def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:
     return f"layers.{i}.{ours}", kind
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files: those a sharded checkpoint's index names (each must exist), else
+    every *.safetensors in the directory."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _tensor(ours: str, kind: str, w: safetensors.Entry, origin: str) -> Tensor:
+    """A lazy float32 tensor in our layout: linear weights [out, in] -> [in, out]."""
+    if kind == "linear":
+        return Tensor(ours, tuple(w.shape[::-1]), np.dtype(np.float32),
+                      lambda: np.ascontiguousarray(w.load().astype(np.float32).T), origin)
+    return Tensor(ours, tuple(w.shape), np.dtype(np.float32),
+                  lambda: w.load().astype(np.float32, copy=False), origin)
+
+
 def load_hf(path: Path, progress=None) -> Checkpoint:
+    """Reads the config and the tensors' headers; the weights stay in their memory-mapped files
+    until a consumer reads them, one at a time (`weights.Params`)."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
@@ -165,26 +164,25 @@ def load_hf(path: Path, progress=None) -> Checkpoint:
         cfg = config_from_hf(json.loads(cfg_file.read_text()), cfg_file)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
-    files = sorted(path.glob("*.safetensors"))
+    files = _weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weight files")
-    params = {}
-    bar = progress(total=len(files), desc="load safetensors", unit="file") if progress else None
+    tensors: dict[str, Tensor] = {}
     for f in files:
-        for hf_name, w in read_safetensors(f).items():
-            mapped = _hf_to_ours(cfg, hf_name)
-            if mapped is None:
+        try:
+            mapped = safetensors.read(f)
+        except safetensors.SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        for hf_name, w in mapped.items():
+            ours = _hf_to_ours(cfg, hf_name)
+            if ours is None:
                 continue
-            ours, kind = mapped
-            w = np.asarray(w, dtype=np.float32)
-            params[ours] = np.ascontiguousarray(w.T) if kind == "linear" else w
-            if kind == "embed" and w.shape[0] > cfg.vocab_size:
-                raise CheckpointError(f"{f}: embedding has {w.shape[0]} rows, vocab is "
-                                      f"{cfg.vocab_size}")
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
+            name, kind = ours
+            if name in tensors:
+                raise CheckpointError(f"{f}: tensor {hf_name} ({name}) also appears in "
+                                      f"{tensors[name].origin}")
+            tensors[name] = _tensor(name, kind, w, f"{f} ({hf_name})")
+    params = Params(tensors)
     check_params(cfg, params, path)
     tok_file = path / "tokenizer.model"
     if not tok_file.exists():

@@ -2,6 +2,8 @@
 
     NAME: str                       the manifest key and the artifact's subdirectory
     QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
+    TRACE_PLATFORMS: tuple[str, ...]  the platforms it needs each signature jax.export-ed for
+                                    (empty: it lowers the traced functions itself)
                                     (the parity limits per quantization are `compile.parity`'s)
     def write(traced, params, out_dir, options, progress) -> dict
         lowers the traced signatures, writes files under out_dir, and returns the target-specific

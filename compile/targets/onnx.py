@@ -28,11 +28,12 @@ from runtime import contract as ct
 
 from .. import kv
 from .. import model as gemma
-from ..weights import split_embedding
+from ..weights import nbytes_of, split_embedding
 
 NAME = "onnx"
 QUANTS = ("none", "int8", "int4")
 DEFAULT_QUANT = "none"
+TRACE_PLATFORMS = ()   # jax2onnx lowers the model function with symbolic lengths itself
 DATA_FILE = "model.onnx.data"
 
 
@@ -139,4 +140,4 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
             "float_embedding": bool(options.get("float_embedding")),
             "max_length": contract.max_context, "cache_outputs": ct.ROWS,
             "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-            "weights_bytes_fp32": int(sum(v.nbytes for v in params.values()))}
+            "weights_bytes_fp32": nbytes_of(params)}

@@ -24,11 +24,12 @@ import numpy as np
 
 from runtime import chat
 
-from ..weights import split_embedding
+from ..weights import nbytes_of, split_embedding
 
 NAME = "tflite"
 QUANTS = ("none", "int8", "int4")
 DEFAULT_QUANT = "int8"
+TRACE_PLATFORMS = ()   # jax2tf lowers each traced signature function itself
 FLATBUFFER_LIMIT = 2**31 - 1
 
 
@@ -68,7 +69,7 @@ def convert(traced, params: dict, work: Path, progress=None) -> bytes:
         bar.update()
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=list(functions))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if sum(v.nbytes for v in params.values()) > FLATBUFFER_LIMIT // 2:
+    if nbytes_of(params) > FLATBUFFER_LIMIT // 2:
         converter._experimental_use_buffer_offset = True   # weights after the flatbuffer
     model = converter.convert()
     shutil.rmtree(saved, ignore_errors=True)
@@ -120,19 +121,19 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tflite-", dir=out_dir.parent))
     float_embedding = bool(options.get("float_embedding"))
+    contract = next(iter(traced.values())).contract
     try:
         model = convert(traced, split_embedding(params, quant, float_embedding), work, progress)
-        model = quantize(model, quant, float_embedding, params["embed"].shape[0])
+        model = quantize(model, quant, float_embedding, contract.vocab_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out_dir / "model.tflite").write_bytes(model)
-    contract = next(iter(traced.values())).contract
     bundle_name = f"{contract.config.name}-{quant}.litertlm"
     bundle(out_dir / "model.tflite", Path(options["tokenizer_path"]), options["special_ids"],
            contract, out_dir / bundle_name)
     return {"files": {"model": "model.tflite", "litertlm": bundle_name}, "quantization": quant,
             "float_embedding": bool(options.get("float_embedding")),
-            "weights_bytes_fp32": int(sum(v.nbytes for v in params.values()))}
+            "weights_bytes_fp32": nbytes_of(params)}
 
 
 def llm_metadata(special: dict, contract) -> bytes:

@@ -12,18 +12,20 @@ from pathlib import Path
 
 import jax
 import jaxlib
-from safetensors.numpy import save_file
+from ..weights import safetensors, specs_of
 
 NAME = "xla"
 QUANTS = ("none",)
 DEFAULT_QUANT = "none"
+TRACE_PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"weights": "weights.safetensors"}
     bar = progress(total=len(traced) + 1, desc="write xla", unit="file") if progress else None
-    save_file(dict(params), str(out_dir / files["weights"]))
+    specs = specs_of(params)
+    safetensors.write(out_dir / files["weights"], specs, params.__getitem__)   # tensor by tensor
     if bar:
         bar.update()
     platforms = None
@@ -36,6 +38,6 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     if bar:
         bar.close()
     return {"files": files, "platforms": platforms, "quantization": "none",
-            "weights_dtype": str(next(iter(params.values())).dtype),
+            "weights_dtype": str(next(iter(specs.values()))[1]),
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                          "serialization": traced[next(iter(traced))].exported.calling_convention_version}}

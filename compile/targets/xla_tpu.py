@@ -39,9 +39,12 @@ import numpy as np
 
 from runtime import contract as ct
 
+from ..weights import safetensors, specs_of
+
 NAME = "xla-tpu"
 QUANTS = ("bf16", "none")       # weight dtype: bf16 (the TPU's native one) or float32
 DEFAULT_QUANT = "bf16"
+TRACE_PLATFORMS = ()   # compiled for the topology from the traced functions
 GiB = 1 << 30
 
 
@@ -186,9 +189,9 @@ def lower(traced, params: dict, devices, model: int, weight_dtype, tick=None):
     rep = NamedSharding(mesh, P())
     kvs = NamedSharding(mesh, P(*kv_spec(cfg, model)))
     wspecs = {k: param_spec(cfg, k, model) for k in params}
-    weights = {k: jax.ShapeDtypeStruct(v.shape, weight_dtype if _is_float(v) else v.dtype,
+    weights = {k: jax.ShapeDtypeStruct(shape, weight_dtype if _is_float(dt) else dt,
                                        sharding=NamedSharding(mesh, P(*wspecs[k])))
-               for k, v in params.items()}
+               for k, (shape, dt) in specs_of(params).items()}
     state = {s.name: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype), sharding=kvs) for s in kv}
     compiled = {}
     for name, t in traced.items():
@@ -207,13 +210,12 @@ def lower(traced, params: dict, devices, model: int, weight_dtype, tick=None):
     return mesh, wspecs, compiled
 
 
-def _is_float(a) -> bool:
-    return np.issubdtype(np.asarray(a).dtype, np.floating)
+def _is_float(dtype) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating)
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     from jax.experimental.serialize_executable import serialize
-    from safetensors.numpy import save_file
 
     topology = options["tpu_topology"]
     chip, _ = parse_topology(topology)
@@ -230,8 +232,10 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     mesh, wspecs, compiled = lower(traced, params, devices, model, dtype,
                                    tick=bar.update if bar else None)
     files = {"weights": "weights.safetensors"}
-    save_file({k: np.asarray(v).astype(dtype) if _is_float(v) else np.asarray(v)
-               for k, v in params.items()}, str(out_dir / files["weights"]))
+    stored = {k: (shape, np.dtype(dtype) if _is_float(dt) else dt)
+              for k, (shape, dt) in specs_of(params).items()}
+    safetensors.write(out_dir / files["weights"], stored,     # tensor by tensor
+                      lambda k: np.asarray(params[k]).astype(stored[k][1]))
     if bar:
         bar.update()
     memory, trees = {}, {}

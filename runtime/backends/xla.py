@@ -47,7 +47,6 @@ class XlaBackend(JaxSignatures):
         import jax
         import jax.numpy as jnp
         from jax import export
-        from safetensors.numpy import load_file
 
         self._jax, self._jnp = jax, jnp
         self.cache_dir = None if cache_dir is False else enable_compilation_cache(
@@ -60,8 +59,8 @@ class XlaBackend(JaxSignatures):
         why = unsupported(record, machine)
         if why:
             raise ArtifactError(f"cannot run the xla artifact here: {why}")
-        weights = load_file(str(manifest.path(files["weights"]["path"])))
-        self.weights = jax.device_put(weights)
+        self.weights = device_weights(manifest.path(files["weights"]["path"]),
+                                      lambda name, a: jax.device_put(a))
         self._fns = {}
         for s in manifest.contract.signatures():
             exp = export.deserialize(bytearray(manifest.path(files[s.name]["path"]).read_bytes()))
@@ -77,6 +76,25 @@ class XlaBackend(JaxSignatures):
         out = self._fns[name](self.weights, state, jnp.asarray(tokens.reshape(1, n), jnp.int32),
                               jnp.arange(start, start + n, dtype=jnp.int32))
         return out, {k: out[k] for k in self._kv.names}
+
+
+def device_weights(path, put) -> dict:
+    """The weights file placed on the device one tensor at a time by `put(name, array)`: the host
+    holds one tensor beyond the device copies, not a second copy of the model. (On CPU the device
+    copy is itself host memory: XLA does not use the mapped file in place.)"""
+    from safetensors import SafetensorError, safe_open
+
+    from ..manifest import ArtifactError
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            names = list(f.keys())
+        out = {}
+        for k in names:   # reopened per tensor: closing unmaps the pages just read from our RSS
+            with safe_open(str(path), framework="numpy") as f:
+                out[k] = put(k, f.get_tensor(k))
+        return out
+    except SafetensorError as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def enable_compilation_cache(preferred) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kv
-from .xla import JaxSignatures
+from .xla import JaxSignatures, device_weights
 
 TARGET = "xla-tpu"
 
@@ -55,7 +55,6 @@ class XlaTpuBackend(JaxSignatures):
         import jax
         from jax.experimental.serialize_executable import deserialize_and_load
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from safetensors.numpy import load_file
 
         from ..devices import Machine, from_jax, query
         from ..manifest import ArtifactError
@@ -77,9 +76,9 @@ class XlaTpuBackend(JaxSignatures):
         self.mesh = mesh
         specs = record["shardings"]
         files = record["files"]
-        weights = load_file(str(manifest.path(files["weights"]["path"])))
-        self.weights = {k: jax.device_put(v, NamedSharding(mesh, P(*specs["weights"][k])))
-                        for k, v in weights.items()}
+        self.weights = device_weights(
+            manifest.path(files["weights"]["path"]),
+            lambda k, v: jax.device_put(v, NamedSharding(mesh, P(*specs["weights"][k]))))
         self._kv_sharding = NamedSharding(mesh, P(*specs["kv_cache"]))
         self._replicated = NamedSharding(mesh, P())
         self._kv = manifest.contract.kv

@@ -1,0 +1,17 @@
+"""The weight pipeline: every tensor passes through memory once, on its way into an artifact.
+
+  sources      lazy tensors: a checkpoint's tensors are read (GGUF through its memory map,
+               safetensors through a header-parsed memory map, sharded files alike), dequantized and
+               transformed into the model's layout one at a time, when asked for (`Params`)
+  safetensors  reading a safetensors header with checks that name the file and tensor, and writing
+               a safetensors file tensor by tensor (header first, then each tensor as it arrives)
+  quant        the quantization helpers the quantizing targets use
+
+Nothing in the pipeline holds the whole float model: `Params` is a mapping whose values are
+produced on access and not kept; its `specs()` give every shape and dtype without reading a byte.
+"""
+
+from .quant import int8_rows, split_embedding
+from .sources import Params, Tensor, nbytes_of, seeded, specs_of
+
+__all__ = ["Params", "Tensor", "int8_rows", "nbytes_of", "seeded", "specs_of", "split_embedding"]

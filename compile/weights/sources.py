@@ -1,0 +1,92 @@
+"""Lazy tensors: a weight is read, dequantized and put into the model's layout only when asked for.
+
+A `Tensor` knows its name, shape and dtype without reading anything; `read()` produces the array
+(a float32 array in `model.param_shapes` layout, unless the source says otherwise). `Params` maps the
+model's parameter names to them: `params[name]` reads one tensor and keeps nothing, so iterating
+over a checkpoint's weights holds one tensor (plus what its reader maps) at a time.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str                      # the model's parameter name
+    shape: tuple[int, ...]         # what read() returns
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+    origin: str = ""               # file and tensor it comes from, for error messages
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def get(self) -> np.ndarray:
+        a = self.read()
+        if tuple(a.shape) != tuple(self.shape) or a.dtype != self.dtype:
+            raise ValueError(f"{self.origin or self.name}: read {a.dtype}{list(a.shape)}, expected "
+                             f"{np.dtype(self.dtype)}{list(self.shape)}")
+        return a
+
+
+class Params(Mapping):
+    """Parameter name -> array, each read on access and not kept."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        self.tensors = dict(tensors)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Params":
+        """In-memory arrays (tiny test models) behind the same interface."""
+        return cls({k: Tensor(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in
+                    arrays.items()})
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[name].get()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (shape, dtype), reading nothing."""
+        return {k: (t.shape, np.dtype(t.dtype)) for k, t in self.tensors.items()}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def subset(self, names) -> dict[str, np.ndarray]:
+        """The arrays of `names`, read now (e.g. one layer's weights)."""
+        return {n: self[n] for n in names}
+
+
+def specs_of(params: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of a Params (reading nothing) or of a dict of arrays."""
+    if isinstance(params, Params):
+        return params.specs()
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in params.items()}
+
+
+def nbytes_of(params: Mapping) -> int:
+    return int(sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+                   for shape, dt in specs_of(params).values()))
+
+
+def seeded(shapes: Mapping[str, tuple[int, ...]], seed: int, std: Callable[[str, tuple], float],
+           dtype=np.float32) -> Params:
+    """Random weights produced on the fly, each tensor from its own generator seeded by (seed,
+    name): the same values whatever order they are read in, with no storage."""
+    def make(name, shape):
+        def read():
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            return (rng.standard_normal(shape, dtype=np.float32) * std(name, shape)).astype(dtype)
+        return Tensor(name, tuple(shape), np.dtype(dtype), read, origin=f"random:{name}")
+    return Params({n: make(n, s) for n, s in shapes.items()})
