@@ -183,3 +183,64 @@ def test_export_into_a_directory_with_a_bad_manifest_names_it(tmp_path, text, me
                                              r"can add to \(.*" + message):
         ex.export(ck, ct.Contract(ck.config, (4,), 32), ["xla"], out, log=lambda m: None)
     assert (out / "manifest.json").read_text() == text
+
+
+def _st_header(path):
+    import json
+    import struct
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _st_write(path, header, data):
+    import json
+    import struct
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_checkpoint_reading_errors_name_file_and_tensor(tmp_path):
+    """Each a one-line CheckpointError naming the file and the tensor (or field) at fault."""
+    import json
+    import shutil
+    from compile.config import get_variant
+    from helpers import write_hf_checkpoint
+    d = tmp_path / "m"
+    write_hf_checkpoint(get_variant("gemma3-270m-tiny"), d)
+    st = d / "model.safetensors"
+    good = st.read_bytes()
+    header, data = _st_header(st)
+    name = "model.layers.0.mlp.up_proj.weight"
+    bad = json.loads(json.dumps(header))
+    bad[name]["data_offsets"][1] -= 4                       # offsets that do not fit the shape
+    _st_write(st, bad, data)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {name}: data_offsets "
+                                              r"\[\d+, \d+\] hold \d+ bytes, its F32 shape"):
+        checkpoints.load(d)
+    _st_write(st, [1, 2], b"")                              # a header that is a JSON list
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header: "
+                                              r"not a JSON object"):
+        checkpoints.load(d)
+    bad = {k: v for k, v in header.items() if k != name}    # a tensor the config needs is absent
+    _st_write(st, bad, data)
+    with pytest.raises(CheckpointError, match=r"missing tensor for layers\.0\.up_proj"):
+        checkpoints.load(d)
+    st.write_bytes(good)
+    shutil.move(st, d / "model-00001-of-00002.safetensors")  # an index naming a missing shard
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"index\.json: lists shards that are missing: "
+                                              r"model-00002-of-00002\.safetensors"):
+        checkpoints.load(d)
+
+
+def test_streamed_xla_weights_equal_the_in_memory_file(tiny_artifacts):
+    """The tensor-by-tensor writer gives the bytes safetensors' own writer gives for the whole
+    model in memory."""
+    from safetensors.numpy import save
+    from compile import export as ex
+    art = tiny_artifacts("gemma2-2b-tiny")
+    ck = ex.random_checkpoint("gemma2-2b-tiny")
+    assert (art / "xla" / "weights.safetensors").read_bytes() == save(dict(ck.params))
