@@ -50,7 +50,7 @@ def parity_tokens(contract: ct.Contract, encode, bos: int) -> tuple[np.ndarray, 
     """A fixed text's ids long enough for two prefill chunks plus decode steps, and where the
     decoded part starts."""
     lengths = contract.prefill_lengths
-    steps = min(PARITY_DECODE_STEPS, contract.max_context // 4)
+    steps = max(1, min(PARITY_DECODE_STEPS, contract.max_context // 4))
     prefill = min(lengths[-1] + max(1, lengths[0] // 2), contract.max_context - steps)
     total = prefill + steps
     ids = [bos]

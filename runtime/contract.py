@@ -246,6 +246,10 @@ class Contract:
             lengths = ()
         if not lengths or lengths[0] < 1:
             raise ValueError(f"prefill lengths must be positive integers, got {self.prefill_lengths}")
+        if isinstance(self.max_context, bool) or not isinstance(self.max_context, int) \
+                or self.max_context < 2:
+            raise ValueError(f"max context must be an integer of at least 2 (a prompt token and "
+                             f"one to generate), got {self.max_context!r}")
         if lengths[-1] > self.max_context:
             raise ValueError(f"prefill length {lengths[-1]} exceeds max context {self.max_context}")
         object.__setattr__(self, "prefill_lengths", lengths)
