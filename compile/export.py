@@ -151,6 +151,7 @@ def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, name
         return manifest
     # Merge into an existing directory: move new target dirs in, then replace the manifest last.
     merged = dict(existing)
+    merged["schema_version"] = manifest["schema_version"]   # the runtime reads older versions too
     merged["artifacts"] = {**existing.get("artifacts", {}), **manifest["artifacts"]}
     for name in names:
         old = out / name

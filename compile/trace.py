@@ -92,13 +92,14 @@ def reference_logits(contract: ct.Contract, params, tokens: np.ndarray, last: in
     local = {i: cfg.layer_type(i) == ct.LOCAL for i in range(cfg.num_layers)}
     ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
+    table = params["embed"]                   # read once: the lookup and the output projection
     # the lookup as model.embed does it (a row gather, then one float32 multiply)
-    x = jnp.asarray(params["embed"][ids] * np.float32(cfg.embed_scale))           # [1, T, D]
+    x = jnp.asarray(table[ids] * np.float32(cfg.embed_scale))                     # [1, T, D]
     for i in range(cfg.num_layers):
         x = _block(cfg, local[i], model.layer_params(params, i), x, positions)
     if last is not None:
         x = x[:, -last:]
-    table, norm = params["embed"], params["final_norm"]
+    norm = params["final_norm"]
     step = max(1, (64 << 20) // (table.shape[1] * 4))                             # 64 MB slices
     out = [np.asarray(_head(cfg, norm, table[v:v + step], x))[0]
            for v in range(0, table.shape[0], step)]

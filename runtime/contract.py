@@ -44,9 +44,10 @@ KV layout per layer (`LayerCache`): each cache-owning layer has its own KV-head 
 window, so layers of different head sizes fit; a layer that owns no cache (one that reads another
 layer's) simply has no entry, and `KVLayout.owner(i)` says whose cache it reads.
 
-Manifest (`manifest.json`, version `SCHEMA_VERSION`), checked by `validate` with errors that name
-the bad field; unknown fields are ignored (older artifacts carried `kv_layout` and
-`dynamic_length`, which nothing read):
+Manifest (`manifest.json`, version `SCHEMA_VERSION`; versions `READABLE_VERSIONS` are read), checked
+by `validate` with errors that name the bad field; unknown fields are ignored (version 1 artifacts
+carried `kv_layout`, and onnx records `dynamic_length`, `past_window` and `output_names`, which this
+runtime derives from the contract instead):
   schema_version  int
   model           {"variant": str, "config": {GemmaConfig fields}, "source": {...}}
   tokenizer       {"file": str, "sha256": str, and the ids "bos", "eos", "pad", "unk",
@@ -56,8 +57,8 @@ the bad field; unknown fields are ignored (older artifacts carried `kv_layout` a
                                 "outputs": [TensorSpec]}]}   (exactly what `Contract` derives)
   artifacts       {target: {"target", "dir", "files": {role: {"path", "sha256", "bytes"}},
                             "quantization", "parity": {...} or {"skipped": reason}, "created",
-                            "export_s", ...target fields (onnx: cache_outputs, past_window,
-                            output_names, max_length; xla-tpu: topology, mesh, shardings...)}}
+                            "export_s", ...target fields (onnx: cache_outputs, max_length;
+                            xla-tpu: topology, mesh, shardings...)}}
 Paths are relative to the artifact directory.
 """
 
@@ -66,7 +67,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # what the exporter writes
+READABLE_VERSIONS = (1, 2)  # 2 dropped fields nothing read (v1 had signatures.kv_layout and, for
+                            # onnx, dynamic_length/past_window/output_names): a v1 runtime cannot
+                            # run a v2 onnx artifact, so it must refuse v2 by its version
 MANIFEST_FILE = "manifest.json"
 
 # -- tensor and signature names --------------------------------------------------------------
@@ -347,8 +351,9 @@ def validate(data) -> dict:
     if not isinstance(data, dict):
         raise ManifestError(f"must be a JSON object, got {_short(data)}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"schema version {version!r}, this runtime reads {SCHEMA_VERSION}")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ManifestError(f"schema version {version!r}, this runtime reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     model = _need(data, "model", dict, "", "an object")
     _need(model, "variant", str, "model.", "a string")
     config = _need(model, "config", dict, "model.", "an object")
@@ -368,18 +373,25 @@ def validate(data) -> dict:
         raise ManifestError(f"field 'signatures.prefill_lengths' must be a list of integers, "
                             f"got {_short(lengths)}")
     entries = _need(sigs, "entries", list, "signatures.", "a list")
+    if sigs.get("kv_dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise ManifestError(f"field 'signatures.kv_dtype' must be float32, float16 or bfloat16, "
+                            f"got {_short(sigs['kv_dtype'])}")
+    types = config.get("layer_types") or []
+    if not isinstance(types, list) or types and len(types) != config["num_layers"] or \
+            any(t not in (LOCAL, GLOBAL) for t in types):
+        raise ManifestError(f"field 'model.config.layer_types' must list {LOCAL!r} or {GLOBAL!r} "
+                            f"for each of the {config['num_layers']} layers")
     try:
         want = Contract.from_manifest(data).to_manifest()["entries"]
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, LookupError) as e:
         raise ManifestError(f"field 'signatures': {e}") from None
-    for i, w in enumerate(want):
-        got = entries[i] if i < len(entries) else None
-        if got != w:
-            raise ManifestError(f"field 'signatures.entries[{i}]' is not the {w['name']!r} "
-                                f"signature this model's contract defines")
     if len(entries) != len(want):
         raise ManifestError(f"field 'signatures.entries' lists {len(entries)} signatures, the "
                             f"contract defines {len(want)}")
+    for i, w in enumerate(want):
+        if entries[i] != w:
+            raise ManifestError(f"field 'signatures.entries[{i}]' is not the {w['name']!r} "
+                                f"signature this model's contract defines")
     arts = _need(data, "artifacts", dict, "", "an object")
     for target, rec in arts.items():
         where = f"artifacts.{target}."

@@ -195,17 +195,19 @@ class Generator:
 
     @staticmethod
     def _pieces(tokens: "Generation", text: TextStream):
-        for token in tokens:
-            piece = text.add(token)
+        try:
+            for token in tokens:
+                piece = text.add(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    tokens.stats["finish_reason"] = "stop"
+                    return
+            piece = text.finish()
             if piece:
                 yield piece
-            if text.stopped:
-                tokens.stats["finish_reason"] = "stop"
-                tokens.close()
-                return
-        piece = text.finish()
-        if piece:
-            yield piece
+        finally:   # closing the text stream closes the token stream under it
+            tokens.close()
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

@@ -165,7 +165,9 @@ def _edited_copy(src, dst, edit):
      r"field 'signatures.entries\[0\]' is not the 'prefill_4' signature"),
     (lambda m: m["artifacts"]["xla"]["files"]["weights"].update(bytes="12"),
      "field 'artifacts.xla.files.weights.bytes' must be an integer"),
-    (lambda m: m.update(schema_version=2), "schema version 2, this runtime reads 1"),
+    (lambda m: m.update(schema_version=3), "schema version 3, this runtime reads versions 1, 2"),
+    (lambda m: m["model"]["config"].update(layer_types=["local"]),
+     "field 'model.config.layer_types' must list 'local' or 'global' for each of the 7 layers"),
 ])
 def test_manifest_schema_errors_name_the_field(tiny_artifacts, tmp_path, edit, message):
     art = _edited_copy(tiny_artifacts("gemma3-270m-tiny"), tmp_path / "a", edit)

@@ -30,7 +30,7 @@ def test_artifact_logits_match_reference(tiny_artifacts, variant):
 def test_manifest_records_files_parity_and_contract(tiny_artifacts):
     out = tiny_artifacts("gemma3-270m-tiny")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == 2
     assert m["model"]["variant"] == "gemma3-270m-tiny"
     assert m["model"]["config"] == get_variant("gemma3-270m-tiny").to_dict()
     assert m["tokenizer"]["file"] == "tokenizer.model"

@@ -155,8 +155,8 @@ def _tensor(ours: str, kind: str, w: safetensors.Entry, origin: str) -> Tensor:
 
 
 def load_hf(path: Path, progress=None) -> Checkpoint:
-    """Reads the config and the tensors' headers; the weights stay in their memory-mapped files
-    until a consumer reads them, one at a time (`weights.Params`)."""
+    """Reads the config and the tensors' headers; the weights stay in their files until a
+    consumer reads them, one at a time (`weights.Params`)."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")

@@ -1,7 +1,7 @@
 """The weight pipeline: every tensor passes through memory once, on its way into an artifact.
 
   sources      lazy tensors: a checkpoint's tensors are read (GGUF through its memory map,
-               safetensors through a header-parsed memory map, sharded files alike), dequantized and
+               safetensors by plain reads per tensor, sharded files alike), dequantized and
                transformed into the model's layout one at a time, when asked for (`Params`)
   safetensors  reading a safetensors header with checks that name the file and tensor, and writing
                a safetensors file tensor by tensor (header first, then each tensor as it arrives)

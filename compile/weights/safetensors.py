@@ -116,7 +116,7 @@ def write(path: Path, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
             f.write(text)
             for name in order:
                 shape, dtype = specs[name]
-                a = np.ascontiguousarray(get(name))
+                a = np.require(get(name), requirements="C")
                 if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
                     raise ValueError(f"{name}: got {a.dtype}{list(a.shape)}, expected "
                                      f"{np.dtype(dtype)}{list(shape)}")

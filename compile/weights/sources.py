@@ -56,6 +56,9 @@ class Params(Mapping):
     def __len__(self) -> int:
         return len(self.tensors)
 
+    def __contains__(self, name) -> bool:   # Mapping's default would read the tensor
+        return name in self.tensors
+
     def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """name -> (shape, dtype), reading nothing."""
         return {k: (t.shape, np.dtype(t.dtype)) for k, t in self.tensors.items()}
