@@ -272,11 +272,12 @@ def measure_export(checkpoints: list[str | None], targets: list[tuple[str, str |
     `compile.export --checkpoint` takes (None: the embedded default; `random:VARIANT` makes a
     full-size model on the fly, with no input on disk)."""
     from compile import export as ex
+    from compile.weights import nbytes_of
     out = []
     for spec in checkpoints:
         try:
             ck = ex.load_checkpoint(spec)
-            name, weights_gb = ck.config.name, ck.params.nbytes() / 1e9
+            name, weights_gb = ck.config.name, nbytes_of(ck.params) / 1e9
             del ck
         except Exception as e:   # reported like a failed export
             name, weights_gb = spec or "default", None

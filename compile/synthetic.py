@@ -24,32 +24,23 @@ import numpy as np
 
 from runtime import contract as ct
 
+from .checkpoints.hf import layer_names
 from .config import GemmaConfig, get_variant
 from .model import init_std, param_shapes
 from .tokenizer import tiny_tokenizer
 from .weights import safetensors, seeded
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-_LAYER = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-          "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-          "down_proj": "mlp.down_proj", "attn_norm": "input_layernorm",
-          "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
-          "post_attn_norm": "post_attention_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
-_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def hf_name(cfg: GemmaConfig, ours: str) -> str:
-    """Our parameter name -> the transformers state-dict name."""
+def hf_name(cfg: GemmaConfig, ours: str) -> tuple[str, bool]:
+    """Our parameter name -> (the transformers state-dict name, whether it is a linear weight,
+    stored [out, in] there): the HF loader's table, inverted."""
     if ours == "embed":
-        return "model.embed_tokens.weight"
+        return "model.embed_tokens.weight", False
     if ours == "final_norm":
-        return "model.norm.weight"
+        return "model.norm.weight", False
     _, i, short = ours.split(".", 2)
-    if short == "ffn_norm":   # Gemma 1 calls its pre-FFN norm post_attention_layernorm
-        hf = "post_attention_layernorm" if cfg.family == 1 else "pre_feedforward_layernorm"
-    else:
-        hf = _LAYER[short]
-    return f"model.layers.{i}.{hf}.weight"
+    hf, kind = {o: (h, k) for h, (o, k) in layer_names(cfg.family).items()}[short]
+    return f"model.layers.{i}.{hf}.weight", kind == "linear"
 
 
 def hf_config(cfg: GemmaConfig, dtype: str) -> dict:
@@ -102,7 +93,8 @@ def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
     # shards in name order, each up to shard_bytes (a tensor larger than that gets its own)
     shards: list[list[str]] = [[]]
     used = 0
-    for name in sorted(shapes, key=lambda k: hf_name(cfg, k)):
+    hf = {k: hf_name(cfg, k) for k in shapes}                 # ours -> (HF name, linear)
+    for name in sorted(shapes, key=lambda k: hf[k][0]):
         if shards[-1] and used + sizes[name] > shard_bytes:
             shards.append([])
             used = 0
@@ -115,16 +107,15 @@ def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
     for names, fname in zip(shards, files):
         specs = {}
         for k in names:
-            shape = shapes[k][::-1] if k.split(".")[-1] in _LINEAR else shapes[k]   # HF [out, in]
-            specs[hf_name(cfg, k)] = (tuple(shape), np.dtype(DTYPES[dtype]))
-            weight_map[hf_name(cfg, k)] = fname
-        by_hf = {hf_name(cfg, k): k for k in names}
+            shape = shapes[k][::-1] if hf[k][1] else shapes[k]                    # HF [out, in]
+            specs[hf[k][0]] = (tuple(shape), np.dtype(DTYPES[dtype]))
+            weight_map[hf[k][0]] = fname
+        by_hf = {hf[k][0]: k for k in names}
 
-        def get(hf, by_hf=by_hf):
-            k = by_hf[hf]
+        def get(name, by_hf=by_hf):
+            k = by_hf[name]
             a = params[k]
-            return np.ascontiguousarray(a.T if k.split(".")[-1] in _LINEAR else a
-                                        ).astype(DTYPES[dtype])
+            return np.ascontiguousarray(a.T if hf[k][1] else a).astype(DTYPES[dtype])
 
         safetensors.write(out / fname, specs, get, metadata={"format": "pt"},
                           tick=bar.update if bar else None)

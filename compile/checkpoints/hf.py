@@ -96,6 +96,22 @@ def _rope(d: dict, family: int, path: Path) -> dict:
     return out
 
 
+def layer_names(family: int) -> dict[str, tuple[str, str]]:
+    """transformers' per-layer module name -> (our short name, kind: 'linear' or 'norm')."""
+    return {
+        "self_attn.q_proj": ("q_proj", "linear"), "self_attn.k_proj": ("k_proj", "linear"),
+        "self_attn.v_proj": ("v_proj", "linear"), "self_attn.o_proj": ("o_proj", "linear"),
+        "mlp.gate_proj": ("gate_proj", "linear"), "mlp.up_proj": ("up_proj", "linear"),
+        "mlp.down_proj": ("down_proj", "linear"), "input_layernorm": ("attn_norm", "norm"),
+        "self_attn.q_norm": ("q_norm", "norm"), "self_attn.k_norm": ("k_norm", "norm"),
+        "post_feedforward_layernorm": ("post_ffn_norm", "norm"),
+        # Gemma 1's post_attention_layernorm is its pre-FFN norm; Gemma 2/3 have both
+        **({"post_attention_layernorm": ("ffn_norm", "norm")} if family == 1 else
+           {"post_attention_layernorm": ("post_attn_norm", "norm"),
+            "pre_feedforward_layernorm": ("ffn_norm", "norm")}),
+    }
+
+
 def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:
     """(our name, kind) where kind is 'linear', 'norm' or 'embed'; None for tensors we ignore."""
     for pre in _PREFIXES:
@@ -112,16 +128,7 @@ def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:
     if parts[0] != "layers" or parts[-1] != "weight":
         return None
     i, rest = parts[1], ".".join(parts[2:-1])
-    table = {
-        "self_attn.q_proj": ("q_proj", "linear"), "self_attn.k_proj": ("k_proj", "linear"),
-        "self_attn.v_proj": ("v_proj", "linear"), "self_attn.o_proj": ("o_proj", "linear"),
-        "mlp.gate_proj": ("gate_proj", "linear"), "mlp.up_proj": ("up_proj", "linear"),
-        "mlp.down_proj": ("down_proj", "linear"), "input_layernorm": ("attn_norm", "norm"),
-        "self_attn.q_norm": ("q_norm", "norm"), "self_attn.k_norm": ("k_norm", "norm"),
-        "pre_feedforward_layernorm": ("ffn_norm", "norm"),
-        "post_feedforward_layernorm": ("post_ffn_norm", "norm"),
-        "post_attention_layernorm": ("ffn_norm" if cfg.family == 1 else "post_attn_norm", "norm"),
-    }
+    table = layer_names(cfg.family)
     if rest not in table:
         return None
     ours, kind = table[rest]

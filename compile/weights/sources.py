@@ -23,10 +23,6 @@ class Tensor:
     read: Callable[[], np.ndarray]
     origin: str = ""               # file and tensor it comes from, for error messages
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
     def get(self) -> np.ndarray:
         a = self.read()
         if tuple(a.shape) != tuple(self.shape) or a.dtype != self.dtype:
@@ -62,9 +58,6 @@ class Params(Mapping):
     def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """name -> (shape, dtype), reading nothing."""
         return {k: (t.shape, np.dtype(t.dtype)) for k, t in self.tensors.items()}
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     def subset(self, names) -> dict[str, np.ndarray]:
         """The arrays of `names`, read now (e.g. one layer's weights)."""
