@@ -36,6 +36,14 @@ from . import kv
 from .config import GemmaConfig, LOCAL
 
 
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_linear(name: str) -> bool:
+    """A matmul weight [in, out] (the tied embedding is not one: it is [V, D])."""
+    return name.rsplit(".", 1)[-1] in LINEAR
+
+
 def param_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
     D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     shapes = {"embed": (cfg.vocab_size, D), "final_norm": (D,)}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import runtime
+from litert_converter import schema_py_generated as S
 from compile import export as ex, trace
 from runtime import contract as ct
 
@@ -34,12 +35,15 @@ def test_fp32_tflite_matches_reference(tmp_path, variant):
     assert m["quantization"] == "none" and m["parity"]["top1_agreement"] == 1.0
 
 
+def _read(path):
+    """The flatbuffer as objects (buffers stay views of the bytes read)."""
+    return S.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
+
+
 def _cache_consumers(path, cache_shapes):
     """(op name, subgraph) for every op that takes a tensor shaped like a whole KV cache."""
-    from ai_edge_quantizer import qtyping
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
-    m = fu.read_model(str(path))
-    op_names = {v: k for k, v in vars(qtyping.BuiltinOperator).items() if not k.startswith("_")}
+    m = _read(path)
+    op_names = {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_")}
     out = []
     for si, sub in enumerate(m.subgraphs):
         for op in sub.operators:
@@ -82,6 +86,70 @@ def test_quantized_tflite(tmp_path, quant):
     gen = runtime.load(out)
     assert gen.target == "tflite"
     assert len(gen.generate("the cat", max_new_tokens=4)) > 0
+
+
+def _stored_weights(path):
+    """param name -> (tensor, its bytes) for every FULLY_CONNECTED weight of the first subgraph."""
+    from compile.weights import tflite as container
+    m = _read(path)
+    raw = path.read_bytes()
+    sg = m.subgraphs[0]
+    out = {}
+    for op in sg.operators:
+        code = m.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == S.BuiltinOperator.FULLY_CONNECTED:
+            t = sg.tensors[op.inputs[1]]
+            b = m.buffers[t.buffer]
+            name = container._param_of(t)
+            assert b.offset > 1 and b.data is None, "weights are stored after the flatbuffer"
+            out[name] = (t, raw[b.offset:b.offset + b.size], sg, m, raw)
+    return out
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
+    """Every matmul weight in the file is the streaming quantizer's output for the checkpoint's
+    tensor, bit for bit, with its scales; and every matmul weight is quantized."""
+    from compile.model import is_linear
+    from compile.weights import quant as wq
+    ck, out = _export(tmp_path, "gemma3-270m-tiny", quant=quant)
+    stored = _stored_weights(out / "tflite" / "model.tflite")
+    want = sorted(n for n in ck.params if is_linear(n)) + ["embed"]
+    assert sorted(stored) == sorted(want)
+    for name, (t, data, sg, m, raw) in stored.items():
+        w = ck.params[name]
+        rows = w if name == "embed" else w.T                                  # [out, in]
+        assert tuple(t.shape) == rows.shape
+        if quant == "int8":
+            q, scale = wq.int8_rows(rows)
+            assert t.type == S.TensorType.INT8
+            np.testing.assert_array_equal(np.frombuffer(data, np.int8).reshape(rows.shape), q)
+            np.testing.assert_array_equal(t.quantization.scale, scale)
+            assert t.quantization.quantizedDimension == 0 and not t.quantization.zeroPoint.any()
+        else:
+            q, scale = wq.int4_blocks(rows)
+            assert t.type == S.TensorType.INT4 and t.quantization.details.blockSize == 32
+            np.testing.assert_array_equal(wq.unpack_int4(np.frombuffer(data, np.uint8), q.size)
+                                          .reshape(rows.shape), q)
+            st = sg.tensors[t.quantization.details.scales]
+            sb = m.buffers[st.buffer]
+            assert st.type == S.TensorType.FLOAT16
+            np.testing.assert_array_equal(
+                np.frombuffer(raw[sb.offset:sb.offset + sb.size], np.float16).reshape(scale.shape),
+                scale)
+
+
+def test_rewrite_refuses_a_weight_no_matmul_reads(tmp_path):
+    """A quantized weight left behind a CAST would compute with unscaled values: refused."""
+    from compile.weights import tflite as container
+    _, out = _export(tmp_path, "gemma3-270m-tiny", quant="none")
+    src = out / "tflite" / "model.tflite"
+    scale = np.ones(64, np.float32)
+    with pytest.raises(ValueError, match="tflite: no matmul reads layers.0.q_proj; cannot "
+                                         "quantize them"):
+        container.finish(src, tmp_path / "x.tflite",
+                         {"layers.0.q_proj": container.Quantized("int8", scale)})
+    assert not (tmp_path / "x.tflite").exists() and not list(tmp_path.glob("x.tflite*"))
 
 
 def test_float_embedding_keeps_output_layer_float(tmp_path):

@@ -142,3 +142,26 @@ def test_rows_cache_passes_the_window_and_writes_rows_in_place():
     assert past["kv_cache_k_1"][0, 0, :, 0].tolist() == [0, 2, 4, 6, 8, 10]
     assert past["kv_cache_k_1"].base is not None                       # a view, not a copy
     assert cache.past(state, 0)["kv_cache_k_0"].shape == (1, 1, 1, 2)  # one masked slot
+
+
+def test_int8_rows_exact():
+    from compile.weights.quant import int8_rows
+    q, scale = int8_rows(np.array([[1.0, -0.3, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 1.0]]))
+    np.testing.assert_array_equal(scale, np.float32([1 / 127, 1.0, 2.0]))
+    np.testing.assert_array_equal(q, [[127, -38, 32], [0, 0, 0], [-127, 64, 0]])  # rint: ties to even
+
+
+def test_int4_blocks_exact_and_packing():
+    from compile.weights.quant import int4_blocks, pack_int4, unpack_int4
+    w = np.array([[7.0, -3.5, 1.0, 0.0, 0.5, -1.0, 0.25, 0.0]], np.float32)
+    q, scale = int4_blocks(w, block=4)
+    assert scale.dtype == np.float16 and scale.shape == (1, 2)
+    assert float(scale[0, 0]) == 1.0
+    # 1/7 rounded to a 7-bit mantissa (bf16) first: 0.142578125, exact in float16
+    assert float(scale[0, 1]) == 0.142578125
+    np.testing.assert_array_equal(q, [[7, -4, 1, 0, 4, -7, 2, 0]])   # -3.5 -> -4 (ties to even)
+    packed = pack_int4(q)
+    np.testing.assert_array_equal(packed, np.uint8([0xC7, 0x01, 0x94, 0x02]))
+    np.testing.assert_array_equal(unpack_int4(packed, 8), q.reshape(-1))
+    with pytest.raises(ValueError, match="int4: a row of 6 values does not split into blocks of 4"):
+        int4_blocks(np.zeros((2, 6)), block=4)

@@ -1,116 +1,193 @@
 """TFLite / LiteRT target: one multi-signature `.tflite` plus a LiteRT-LM `.litertlm` bundle.
 
-Lowering: each traced signature function goes through jax2tf into one `tf.function` of a
-`tf.Module` that holds the weights as `tf.Variable`s, so the converter stores every weight once for
-all signatures (closed-over constants would be duplicated per signature). Inputs and outputs keep
-the contract's names (`runtime.contract`), which are LiteRT-LM's. Builtin ops only. The V cache is stored transposed ([1, K, H, S]) so
-both attention matmuls read the caches as they are: no op copies or transposes a whole cache.
+Lowering, traced once per signature from shapes: each signature's function is `jax.export`-ed
+for cpu with its weights as arguments, in the form this target stores them; `litert-converter`
+(the converter litert-torch uses) parses that StableHLO, every weight argument becomes a constant
+that references the weight's numpy buffer (`DenseResourceElementsAttr`, no copy, no MLIR text),
+the same constant in every signature so that the flatbuffer stores it once, and the signatures are
+merged and converted to TFLite builtin ops. `weights.tflite.finish` then turns the quantized matmul
+weights into INT8/INT4 FULLY_CONNECTED weights and writes the file with its buffers after the
+flatbuffer, streamed from the converter's file one buffer at a time. Neither TensorFlow nor a
+float copy of a quantized model is involved.
 
-Quantization (ai-edge-quantizer): `int8` = dynamic-range int8 weights, per channel (the default for
-phones); `int4` = blockwise int4 (block 32) dynamic; `none` = fp32. The tied embedding/output matrix
-is quantized too unless `float_embedding` is set: the output projection like every other matmul,
-the lookup table as per-row int8 inside the graph (`weights.split_embedding`). Weights past the
-2 GB flatbuffer limit are written after the flatbuffer with buffer offsets, which LiteRT loads.
+Weight forms (`weight_forms`, filled one tensor at a time from the lazy checkpoint):
+  matmul weights  stored [out, in] (the layout FULLY_CONNECTED reads; [in, out] would leave a
+                  TRANSPOSE of every weight in every step, the converter does not fold constants);
+                  `none`: float32; `int8`: per-channel int8 (dynamic range); `int4`: blockwise int4
+                  (block 32, float16 scales) — see `weights.quant`
+  embedding       `none` or `float_embedding`: float32 for the lookup and the output projection;
+                  `int8`: one per-row int8 table with float scales serves both the lookup (GATHER,
+                  then the row's scale in the graph) and the projection (INT8 per channel, the same
+                  rows and scales), stored once; `int4`: the lookup per-row int8, the projection
+                  blockwise int4
+  norms           float32
+So memory holds the weights once, in their stored (quantized) form, plus the converter's copy.
+
+Inputs and outputs keep the contract's names (`runtime.contract`), which are LiteRT-LM's. The V
+cache is stored transposed ([1, K, H, S]) so both attention matmuls read the caches as they are: no
+op copies or transposes a whole cache. Weights past the 2 GB flatbuffer limit need no special
+case: every file is written with buffer offsets, which LiteRT loads.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from runtime import chat
+from runtime import contract as ct
 
-from ..weights import nbytes_of, split_embedding
+from .. import model as gemma
+from ..weights import nbytes_of, specs_of
+from ..weights import quant as wq
+from ..weights import tflite as container
 
 NAME = "tflite"
 QUANTS = ("none", "int8", "int4")
 DEFAULT_QUANT = "int8"
-TRACE_PLATFORMS = ()   # jax2tf lowers each traced signature function itself
-FLATBUFFER_LIMIT = 2**31 - 1
+TRACE_PLATFORMS = ()   # traced here, for cpu, from the weight forms this target stores
 
 
-def _quiet_tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    tf.get_logger().setLevel("ERROR")
-    tf.autograph.set_verbosity(0)
-    return tf
+def weight_forms(params, quant: str, float_embedding: bool, tick=None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, container.Quantized]]:
+    """The graph's constants (name -> array in its stored form) and, for each quantized matmul
+    weight, how it was quantized. Reads `params` one tensor at a time."""
+    consts: dict[str, np.ndarray] = {}
+    quantized: dict[str, container.Quantized] = {}
+    for name in params:
+        w = params[name]
+        if gemma.is_linear(name) or name == "embed":
+            rows = np.ascontiguousarray(np.asarray(w, np.float32).T if name != "embed" else w,
+                                        np.float32)                            # [out, in]
+            del w
+            if name == "embed" and quant != "none" and not float_embedding:
+                q8, s8 = wq.int8_rows(rows)
+                consts["embed_q"], consts["embed_scale"] = q8, s8
+            if quant == "none" or (name == "embed" and float_embedding):
+                consts[name] = rows
+            elif quant == "int8":
+                consts[name], scale = (consts["embed_q"], consts["embed_scale"]) \
+                    if name == "embed" else wq.int8_rows(rows)
+                quantized[name] = container.Quantized("int8", scale)
+            else:
+                consts[name], scale = wq.int4_blocks(rows, wq.INT4_BLOCK)
+                quantized[name] = container.Quantized("int4", scale, wq.INT4_BLOCK)
+        else:
+            consts[name] = np.ascontiguousarray(w, np.float32)
+        if tick:
+            tick()
+    return consts, quantized
 
 
-def convert(traced, params: dict, work: Path, progress=None) -> bytes:
-    """Float TFLite flatbuffer with one signature per traced signature."""
-    tf = _quiet_tf()
-    from jax.experimental import jax2tf
+def graph_fn(fn):
+    """The traced signature function `fn(params, inputs)` over the stored forms: matmul weights
+    back to [in, out] float (a CAST and a transpose the converter folds into FULLY_CONNECTED)."""
+    import jax.numpy as jnp
 
-    module = tf.Module()
-    module.weights = {k: tf.Variable(v, trainable=False, name=k.replace(".", "_"))
-                      for k, v in params.items()}
-    functions = {}
-    bar = progress(total=len(traced) + 2, desc="tflite convert", unit="step") if progress else None
-    for name, t in traced.items():
-        fn = jax2tf.convert(t.fn, with_gradient=False, native_serialization_platforms=("cpu",))
-        names = [s.name for s in t.signature.inputs]
-        spec = [tf.TensorSpec(s.shape, s.dtype, name=s.name) for s in t.signature.inputs]
+    def f(weights, inputs):
+        p = {}
+        for k, v in weights.items():
+            if gemma.is_linear(k):
+                p[k] = v.astype(jnp.float32).T
+            elif k == "embed":
+                p[k] = v.astype(jnp.float32)
+            else:
+                p[k] = v
+        return fn(p, inputs)
 
-        def call(*args, fn=fn, names=names):
-            return fn(module.weights, dict(zip(names, args)))
+    f.__name__ = fn.__name__
+    return f
 
-        functions[name] = tf.function(call, input_signature=spec, autograph=False
-                                      ).get_concrete_function()
-        if bar:
-            bar.update()
-    saved = work / "saved_model"
-    tf.saved_model.save(module, str(saved), signatures=functions)
-    if bar:
-        bar.update()
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=list(functions))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if nbytes_of(params) > FLATBUFFER_LIMIT // 2:
-        converter._experimental_use_buffer_offset = True   # weights after the flatbuffer
-    model = converter.convert()
-    shutil.rmtree(saved, ignore_errors=True)
+
+def convert(traced, consts: dict, path: Path, progress=None, quantized=()) -> None:
+    """Writes the converter's flatbuffer (one signature per traced signature) to `path`. A
+    constant shared by several names (the int8 embedding: lookup and projection) is named after
+    the one in `quantized`."""
+    import jax
+    from litert_converter.mlir import ir, passmanager
+    from litert_converter.mlir.dialects import arith
+    from litert_converter.mlir._mlir_libs import converter_api_ext as conv
+
+    wspecs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in consts.items()}
+    bar = progress(total=len(traced) + 1, desc="tflite trace+convert", unit="step") \
+        if progress else None
+    ctx = ir.Context()
+    conv.prepare_mlir_context(ctx)
+    attrs: dict[int, object] = {}    # id(array) -> its constant attribute, shared by signatures
+    owner = {id(consts[k]): k for k in quantized}
+    label = {k: owner.get(id(v), k) for k, v in consts.items()}
+    with ctx, ir.Location.unknown():
+        def attr(a: np.ndarray):
+            if id(a) not in attrs:
+                elem = ir.IntegerType.get_signless(8) if a.dtype == np.int8 else ir.F32Type.get()
+                attrs[id(a)] = ir.DenseResourceElementsAttr.get_from_buffer(
+                    a, f"w{len(attrs)}", ir.RankedTensorType.get(a.shape, elem))
+            return attrs[id(a)]
+
+        modules = []
+        # decode first: the interpreter's primary subgraph is the one that has every weight
+        order = sorted(traced.items(), key=lambda kv: kv[1].signature.kind != ct.DECODE)
+        for name, t in order:
+            exported = jax.export.export(jax.jit(graph_fn(t.fn)), platforms=("cpu",))(
+                wspecs, {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
+                         for s in t.signature.inputs})
+            flat = jax.tree_util.tree_leaves(({k: k for k in wspecs},
+                                              {s.name: s.name for s in t.signature.inputs}))
+            args = [flat[i] for i in sorted(exported.module_kept_var_idx)]
+            module = ir.Module.parse(exported.mlir_module())
+            _bind_weights(module, args, consts, label, attr, arith, ir)
+            outputs = jax.tree_util.tree_leaves(
+                {s.name: s.name for s in t.signature.outputs})
+            conv.set_signature(module.operation, signature_name=name,
+                               input_names=[a for a in args if a not in consts],
+                               output_names=outputs)
+            modules.append(module)
+            if bar:
+                bar.update()
+        merged = conv.merge_modules(modules)
+        config = conv.ConvertToTFLConfig()
+        config.canonicalizing_inf_as_min_max_float = False   # keep -inf/finfo.min masks as they are
+        conv.run_convert_to_tfl_passes(merged, passmanager.PassManager(), config)
+        conv.export_flatbuffer_to_file(merged.operation, str(path))
+        del merged, modules
     if bar:
         bar.update()
         bar.close()
-    return model
 
 
-def _logits_projection(model: bytes, vocab: int) -> str | None:
-    """Name of the output tensor of the FULLY_CONNECTED that projects onto the vocabulary."""
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
-    m = fu.read_model(bytearray(model))
-    for sg in m.subgraphs:
-        for op in sg.operators:
-            if len(op.inputs) > 1 and op.inputs[1] >= 0:
-                w = sg.tensors[op.inputs[1]]
-                if w.shape is not None and len(w.shape) == 2 and w.shape[0] == vocab \
-                        and m.operatorCodes[op.opcodeIndex].builtinCode == 9:  # FULLY_CONNECTED
-                    return fu.get_tensor_name(sg.tensors[op.outputs[0]])  # op scope: "name;"
-    return None
-
-
-def quantize(model: bytes, quant: str, float_embedding: bool, vocab: int) -> bytes:
-    if quant == "none":
-        return model
-    import re
-    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
-    q = quantizer.Quantizer(bytearray(model))
-    granularity = (qtyping.QuantGranularity.CHANNELWISE if quant == "int8"
-                   else qtyping.QuantGranularity.BLOCKWISE_32)
-    fc = qtyping.TFLOperationName.FULLY_CONNECTED
-    q.add_dynamic_config(regex=".*", operation_name=fc, num_bits=8 if quant == "int8" else 4,
-                         granularity=granularity)
-    if float_embedding:
-        name = _logits_projection(model, vocab)
-        if name is None:
-            raise RuntimeError("tflite: cannot find the logits projection to keep it in float")
-        q.update_quantization_recipe(regex=f"^{re.escape(name)};?$", operation_name=fc,
-                                     algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
-    return bytes(q.quantize().quantized_model)
+def _bind_weights(module, args: list[str], consts: dict, label: dict, attr, arith, ir) -> None:
+    """Replaces the weight arguments of the module's `main` by constants, named for
+    `weights.tflite` (`w:<parameter>`)."""
+    main = next(op for op in module.body.operations if op.operation.name == "func.func"
+                and ir.StringAttr(op.attributes["sym_name"]).value == "main")
+    block = main.regions[0].blocks[0]
+    if len(block.arguments) != len(args):
+        raise RuntimeError(f"tflite: main takes {len(block.arguments)} arguments, the traced "
+                           f"signature {len(args)}")
+    made = {}   # one constant op per array: merged ones would lose their names
+    with ir.InsertionPoint.at_block_begin(block):
+        for j, name in enumerate(args):
+            if name in consts:
+                key = id(consts[name])
+                if key not in made:
+                    a = attr(consts[name])
+                    made[key] = arith.ConstantOp(
+                        a.type, a, loc=ir.Location.name(container.constant_name(label[name])))
+                block.arguments[j].replace_all_uses_with(made[key].result)
+    for j in reversed(range(len(args))):
+        if args[j] in consts:
+            block.erase_argument(j)
+    results = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value).results
+    main.attributes["function_type"] = ir.TypeAttr.get(
+        ir.FunctionType.get([a.type for a in block.arguments], results))
+    if "arg_attrs" in main.attributes:
+        kept = [a for j, a in enumerate(ir.ArrayAttr(main.attributes["arg_attrs"]))
+                if args[j] not in consts]
+        main.attributes["arg_attrs"] = ir.ArrayAttr.get(kept)
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
@@ -123,17 +200,23 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     float_embedding = bool(options.get("float_embedding"))
     contract = next(iter(traced.values())).contract
     try:
-        model = convert(traced, split_embedding(params, quant, float_embedding), work, progress)
-        model = quantize(model, quant, float_embedding, contract.vocab_size)
+        bar = progress(total=len(params), desc=f"tflite weights ({quant})", unit="tensor") \
+            if progress else None
+        consts, quantized = weight_forms(params, quant, float_embedding,
+                                         bar.update if bar else None)
+        if bar:
+            bar.close()
+        convert(traced, consts, work / "converted.tflite", progress, quantized)
+        del consts
+        counts = container.finish(work / "converted.tflite", out_dir / "model.tflite", quantized)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (out_dir / "model.tflite").write_bytes(model)
     bundle_name = f"{contract.config.name}-{quant}.litertlm"
     bundle(out_dir / "model.tflite", Path(options["tokenizer_path"]), options["special_ids"],
            contract, out_dir / bundle_name)
     return {"files": {"model": "model.tflite", "litertlm": bundle_name}, "quantization": quant,
-            "float_embedding": bool(options.get("float_embedding")),
-            "weights_bytes_fp32": nbytes_of(params)}
+            "float_embedding": float_embedding, "weights_bytes_fp32": nbytes_of(params),
+            **counts}
 
 
 def llm_metadata(special: dict, contract) -> bytes:

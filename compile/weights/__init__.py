@@ -5,13 +5,15 @@
                transformed into the model's layout one at a time, when asked for (`Params`)
   safetensors  reading a safetensors header with checks that name the file and tensor, and writing
                a safetensors file tensor by tensor (header first, then each tensor as it arrives)
-  quant        the quantization helpers the quantizing targets use
+  quant        the streaming quantizer (numpy, one tensor at a time): per-row int8, blockwise int4
+  tflite       the TFLite container: quantized weights into FULLY_CONNECTED, buffers written after
+               the flatbuffer one at a time
 
 Nothing in the pipeline holds the whole float model: `Params` is a mapping whose values are
 produced on access and not kept; its `specs()` give every shape and dtype without reading a byte.
 """
 
-from .quant import int8_rows, split_embedding
+from .quant import int4_blocks, int8_rows, pack_int4, split_embedding
 from .sources import Params, Tensor, nbytes_of, seeded, specs_of
 
-__all__ = ["Params", "Tensor", "int8_rows", "nbytes_of", "seeded", "specs_of", "split_embedding"]
+__all__ = ["Params", "Tensor", "int4_blocks", "int8_rows", "pack_int4", "nbytes_of", "seeded", "specs_of", "split_embedding"]

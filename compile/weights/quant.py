@@ -1,4 +1,14 @@
-"""Weight transforms shared by the targets that quantize (tflite, onnx).
+"""The streaming quantizer: numpy, one tensor at a time, and the weight transforms that go with it.
+
+Formats (symmetric, zero point 0; a tensor is quantized along its rows, [out, in], as the matmul
+kernels read it):
+
+  int8_rows    int8, one float32 scale per row (per output channel): max|row| / 127
+  int4_blocks  int4 values in [-8, 7], one scale per block of `block` consecutive inputs of a row:
+               max|block| / 7, the scale rounded to float16 with a 7-bit mantissa (what LiteRT's
+               blockwise kernels read) *before* the values are rounded, so the stored scale is
+               the one they were quantized with
+  pack_int4    two int4 values per byte, the even element in the low nibble
 
 The tied embedding is both a lookup table and the output projection. Quantizers only handle the
 projection (a matmul); left shared, the table stays float (671 MB of Gemma 3 270M's 1 GB) or gets
@@ -8,15 +18,50 @@ read by `model.forward`) and `embed` is left to the quantizer as the projection.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+
+INT4_BLOCK = 32
 
 
 def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8: table ~= q * scale[:, None]."""
+    table = np.asarray(table, np.float32)
     scale = np.abs(table).max(axis=1) / 127.0
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
+
+
+def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blockwise int4 of w [out, in]: (q int8 [out, in] with values in [-8, 7],
+    scales float16 [out, in / block]); w ~= q * repeat(scales, block, axis=1)."""
+    w = np.asarray(w, np.float32)
+    out, n = w.shape
+    if n % block:
+        raise ValueError(f"int4: a row of {n} values does not split into blocks of {block}")
+    blocks = w.reshape(out, n // block, block)
+    bound = np.maximum(np.abs(blocks).max(axis=2), 1e-9)
+    scale = (bound / 7.0).astype(ml_dtypes.bfloat16).astype(np.float16)    # 7-bit mantissa
+    scale = np.where(scale == 0, np.float16(2.0 ** -24), scale)              # bf16 underflow
+    q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int8)
+    return q.reshape(out, n), scale
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int4 values (int8 holding [-8, 7]) -> bytes, two per byte, element 2i in the low nibble."""
+    flat = np.ascontiguousarray(q).reshape(-1).view(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)
+
+
+def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    """The inverse of `pack_int4`: int8 values in [-8, 7]."""
+    low = (packed & 0x0F).astype(np.int8)
+    high = (packed >> 4).astype(np.int8)
+    both = np.stack([low, high], axis=1).reshape(-1)[:count]
+    return np.where(both > 7, both - 16, both).astype(np.int8)
 
 
 def split_embedding(params: dict, quant: str, float_embedding: bool) -> dict:

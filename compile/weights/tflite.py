@@ -1,0 +1,235 @@
+"""TFLite container writer: quantized weights into FULLY_CONNECTED ops, buffers streamed to disk.
+
+The converter (`litert-converter`) is handed every weight as a graph constant in the form the
+graph reads it: float32, or for a quantized matmul weight its int8 values behind a CAST to float
+(int4 values too, one per byte), named `w:<parameter>` so the flatbuffer's tensor names say which
+parameter a constant holds. `finish` then rewrites the converted flatbuffer:
+
+  * every FULLY_CONNECTED whose weight is CAST(w:<p>) for a quantized parameter p reads the
+    constant directly, typed INT8 with per-channel scales (dynamic-range int8) or INT4 with a
+    float16 scales tensor per block (`BlockwiseQuantization`), which LiteRT's FULLY_CONNECTED
+    kernels (builtin and XNNPACK) run as hybrid matmuls; the CASTs are removed. Every quantized
+    parameter must end up read that way, or the rewrite fails (a CAST left behind would compute
+    with unscaled values).
+  * the flatbuffer is written without its buffers (each buffer records an offset and size in the
+    file, the format LiteRT uses for models over 2 GB), followed by each buffer's bytes, copied one
+    buffer at a time from the converter's file through a memory map (int4 values packed two per
+    byte on the way). So the rewrite never holds the model: only the small flatbuffer and one
+    buffer.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .quant import pack_int4
+
+PREFIX = "w:"            # the location name of a weight constant: "w:layers.0.q_proj"
+ALIGN = 64               # buffer alignment in the file (XNNPACK reads weights in place)
+_NAME = re.compile(r"w:(.+?)\d*")   # the exporter appends a count to repeated names
+
+
+def constant_name(param: str) -> str:
+    if param[-1:].isdigit():
+        raise ValueError(f"weight name {param!r} ends in a digit; the flatbuffer's tensor names "
+                         f"could not be told apart from the exporter's counters")
+    return PREFIX + param
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """How a matmul weight [out, in] was quantized: 'int8' (scale [out] float32) or 'int4'
+    (scale [out, in / block] float16)."""
+    kind: str
+    scale: np.ndarray
+    block: int = 0
+
+
+def _schema():
+    from litert_converter import schema_py_generated as S
+    return S
+
+
+def _opcode(model, op) -> int:
+    c = model.operatorCodes[op.opcodeIndex]
+    return max(c.deprecatedBuiltinCode, c.builtinCode)
+
+
+def _param_of(tensor) -> str | None:
+    m = _NAME.fullmatch(tensor.name.decode(errors="replace")) if tensor.name else None
+    return m.group(1) if m else None
+
+
+def finish(src: Path, dst: Path, quantized: dict[str, Quantized]) -> dict:
+    """Rewrites the converter's flatbuffer `src` into `dst` (see the module doc). Returns counts
+    for the manifest: rewritten matmuls and bytes of weights by type."""
+    S = _schema()
+    with open(src, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        model = S.ModelT.InitFromPackedBuf(mm, 0)
+        sources = [_source(mm, b) for b in model.buffers]     # (offset, size) in src, or None
+        new_data: dict[int, np.ndarray] = {}                   # buffer index -> replacement bytes
+        done = _rewrite(S, model, quantized, sources, mm, new_data)
+        _write(S, model, mm, sources, new_data, Path(dst))
+        return done
+    finally:
+        model = None   # its numpy views (shapes, names) point into the map
+        gc.collect()
+        try:
+            mm.close()
+        except BufferError:   # a view still alive (e.g. in a traceback): the map goes with it
+            pass
+
+
+def _source(mm, buf) -> tuple[int, int] | None:
+    if buf.data is not None and len(buf.data):
+        # a view into the map: its position is the buffer's offset in the file
+        start = buf.data.__array_interface__["data"][0] - _base(mm)
+        return start, len(buf.data)
+    if buf.offset > 1:
+        return buf.offset, buf.size
+    return None
+
+
+def _base(mm) -> int:
+    return np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
+
+
+def _rewrite(S, model, quantized, sources, mm, new_data) -> dict:
+    fc, cast = S.BuiltinOperator.FULLY_CONNECTED, S.BuiltinOperator.CAST
+    rewritten: dict[str, int] = {}
+    scale_buffers: dict[str, int] = {}
+    for sg in model.subgraphs:
+        producer = {o: op for op in sg.operators for o in op.outputs}
+        readers: dict[int, int] = {}
+        for op in sg.operators:
+            for i in op.inputs:
+                readers[i] = readers.get(i, 0) + 1
+        for i in sg.outputs:
+            readers[i] = readers.get(i, 0) + 1
+        drop = set()
+        for op in sg.operators:
+            if _opcode(model, op) != fc or len(op.inputs) < 2:
+                continue
+            p = producer.get(op.inputs[1])
+            if p is None or _opcode(model, p) != cast:
+                continue
+            w = sg.tensors[p.inputs[0]]
+            name = _param_of(w)
+            if name not in quantized or sources[w.buffer] is None:
+                continue
+            q = quantized[name]
+            out = int(w.shape[0])
+            if q.kind == "int8":
+                if w.type != S.TensorType.INT8:
+                    raise ValueError(f"tflite: {name}: constant of type {w.type}, expected int8")
+                w.quantization = S.QuantizationParametersT(
+                    scale=np.asarray(q.scale, np.float32),
+                    zeroPoint=np.zeros(out, np.int64), quantizedDimension=0)
+            elif q.kind == "int4":
+                if w.buffer not in new_data:
+                    start, size = sources[w.buffer]
+                    new_data[w.buffer] = pack_int4(np.frombuffer(mm, np.int8, size, start))
+                if name not in scale_buffers:
+                    model.buffers.append(S.BufferT())
+                    scale_buffers[name] = len(model.buffers) - 1
+                    sources.append(None)
+                    new_data[scale_buffers[name]] = np.ascontiguousarray(q.scale, np.float16)
+                st = S.TensorT(shape=np.asarray(q.scale.shape, np.int32), type=S.TensorType.FLOAT16,
+                               buffer=scale_buffers[name], name=(w.name + b"_scales"))
+                sg.tensors.append(st)
+                details = S.BlockwiseQuantizationT()
+                details.scales, details.zeroPoints, details.blockSize = \
+                    len(sg.tensors) - 1, -1, q.block
+                w.type = S.TensorType.INT4
+                w.quantization = S.QuantizationParametersT(
+                    detailsType=S.QuantizationDetails.BlockwiseQuantization, details=details,
+                    quantizedDimension=0)
+            else:
+                raise ValueError(f"tflite: {name}: unknown quantization {q.kind!r}")
+            cast_out = op.inputs[1]
+            op.inputs = np.array(op.inputs)    # a read-only view into the map
+            op.inputs[1] = p.inputs[0]
+            readers[cast_out] -= 1
+            if readers[cast_out] == 0:
+                drop.add(id(p))
+            rewritten[name] = rewritten.get(name, 0) + 1
+        sg.operators = [op for op in sg.operators if id(op) not in drop]
+        for op in sg.operators:   # nothing may read a quantized weight through a CAST any more
+            if _opcode(model, op) == cast and _param_of(sg.tensors[op.inputs[0]]) in quantized:
+                raise ValueError(f"tflite: {_param_of(sg.tensors[op.inputs[0]])} is read by an "
+                                 f"op other than a matmul; cannot quantize it")
+    missing = sorted(set(quantized) - set(rewritten))
+    if missing:
+        raise ValueError(f"tflite: no matmul reads {', '.join(missing[:5])}"
+                         f"{' …' if len(missing) > 5 else ''}; cannot quantize them")
+    return {"quantized_matmuls": sum(rewritten.values()), "quantized_weights": len(rewritten)}
+
+
+def _write(S, model, mm, sources, new_data, dst: Path) -> None:
+    import flatbuffers
+    sizes = {}
+    inline = {md.buffer for md in model.metadata or []}   # small: kept inside the flatbuffer
+    for i, b in enumerate(model.buffers):
+        b.data = None
+        if i in inline:
+            b.offset, b.size = 0, 0
+            if sources[i] is not None:
+                start, size = sources[i]
+                b.data = np.frombuffer(bytes(mm[start:start + size]), np.uint8)
+        elif i in new_data:
+            sizes[i] = new_data[i].nbytes
+        elif sources[i] is not None:
+            sizes[i] = sources[i][1]
+    # pack once with placeholder offsets (stored as uint64 whatever their value) to learn the
+    # flatbuffer's size, then again with the real offsets: the two packings have the same size
+    for i, b in enumerate(model.buffers):
+        if i not in inline:
+            b.offset, b.size = 0, 0
+    for i in sizes:
+        model.buffers[i].offset, model.buffers[i].size = 2, sizes[i]
+    head = _pack(S, flatbuffers, model)
+    offset = _align(len(head))
+    for i in sorted(sizes):
+        model.buffers[i].offset = offset
+        offset = _align(offset + sizes[i])
+    head2 = _pack(S, flatbuffers, model)
+    if len(head2) != len(head):
+        raise RuntimeError("tflite: the flatbuffer changed size between packings")
+    tmp = dst.with_name(dst.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head2)
+            for i in sorted(sizes):
+                b = model.buffers[i]
+                f.write(b"\0" * (b.offset - f.tell()))
+                if i in new_data:
+                    f.write(new_data[i].view(np.uint8).reshape(-1).data)
+                else:
+                    start, size = sources[i]
+                    f.write(mm[start:start + size])
+                    mm.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE,
+                               size + start % mmap.PAGESIZE)
+            f.write(b"\0" * (_align(f.tell()) - f.tell()))
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pack(S, flatbuffers, model) -> bytes:
+    b = flatbuffers.Builder(1 << 20)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
