@@ -20,8 +20,8 @@ __all__ = ["load", "Generator", "Tokenizer", "Manifest", "ArtifactError", "Conte
 def load(artifact_dir: str | Path, target: str = "auto", **options) -> Generator:
     """target: "auto" (the rules in `runtime.backends`; falls back to the next artifact when one
     fails to open) or a manifest target name. options go to the chosen backend where it takes
-    them: num_threads (tflite, onnx), provider (onnx), cache_dir (xla: a directory, or False for
-    no persistent cache)."""
+    them: num_threads (tflite, onnx), provider (onnx), cache_dir (xla: JAX's compilation cache;
+    tflite: XNNPACK's packed-weight cache; a directory, or False for no persistent cache)."""
     from . import backends
     manifest = Manifest.read(artifact_dir)
     order = backends.candidates(manifest, target)

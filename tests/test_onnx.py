@@ -45,7 +45,7 @@ def test_onnx_matches_reference(onnx_artifacts, variant):
     assert art["op_counts"]["MatMul"] >= 7 * ck.config.num_layers // 2
 
 
-@pytest.mark.parametrize("quant,op", [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
+@pytest.mark.parametrize("quant,op", [("int4", "MatMulNBits"), ("int8", "MatMulNBits")])
 def test_quantized_onnx(onnx_artifacts, quant, op):
     ck, out = onnx_artifacts("gemma3-270m-tiny", quant)
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
@@ -57,6 +57,61 @@ def test_quantized_onnx(onnx_artifacts, quant, op):
     assert art["files"]["weights"]["bytes"] < 0.5 * art["weights_bytes_fp32"]
     assert art["parity"]["top1_agreement"] >= 0.9
     assert len(runtime.load(out).generate("the cat", max_new_tokens=3)) > 0
+
+
+def _initializers(out):
+    """name -> array of every initializer, read from the external data file as ORT would."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
+    raw = (out / "onnx" / "model.onnx.data").read_bytes()
+    arrays = {}
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == "model.onnx.data"
+            begin, length = int(info["offset"]), int(info["length"])
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            arrays[t.name] = np.frombuffer(raw[begin:begin + length], dtype).reshape(tuple(t.dims))
+        else:
+            arrays[t.name] = numpy_helper.to_array(t)
+    return m, arrays
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_stored_weights_equal_the_checkpoint_and_the_numpy_quantizer(onnx_artifacts, quant):
+    """fp32: every weight is the checkpoint's tensor bit for bit; quantized: every MatMulNBits
+    holds the numpy quantizer's blocks of the weight's rows, bit for bit, with its scales."""
+    from compile.model import is_linear
+    from compile.weights import quant as wq
+    ck, out = onnx_artifacts("gemma3-270m-tiny", quant)
+    m, arrays = _initializers(out)
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    if quant == "none":
+        assert not nbits
+        for name in ck.params:
+            np.testing.assert_array_equal(arrays[name], ck.params[name])
+        return
+    bits = {"int8": 8, "int4": 4}[quant]
+    read = {n.input[1][:-len(".B")] for n in nbits}
+    assert read == {n for n in ck.params if is_linear(n)} | {"embed"}
+    for n in nbits:
+        name = n.input[1][:-len(".B")]
+        w = ck.params[name]
+        rows = w if name == "embed" else w.T                                   # [N, K]
+        q, scale = wq.int_blocks(rows, bits, 32)
+        attrs = {a.name: a.i for a in n.attribute}
+        assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == \
+            (rows.shape[1], rows.shape[0], bits, 32)
+        u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(-1)
+        if bits == 4:
+            u = u[0::2] | (u[1::2] << 4)
+        np.testing.assert_array_equal(arrays[n.input[1]].reshape(-1), u)
+        np.testing.assert_array_equal(arrays[n.input[2]], scale.reshape(-1))
+    q8, s8 = wq.int8_rows(ck.params["embed"])
+    np.testing.assert_array_equal(arrays["embed_q"], q8)
+    np.testing.assert_array_equal(arrays["embed_scale"], s8)
+    assert "embed" not in arrays                        # the float table is not stored
 
 
 def test_provider_rule():

@@ -9,11 +9,16 @@ inputs are read-only and each call returns only its new K/V rows (`{name}_new`),
 writes into its cache buffers. An ONNX graph cannot alias an output to an input, so returning whole
 updated caches made ORT copy every layer's cache on every decoded token (ScatterND).
 
-Export: jax2onnx -> ORT basic optimizations (constant folding turns transposed weights into plain
-MatMul initializers) -> quantization with ORT's own tools (`int4`: MatMulNBits, blockwise 32,
-symmetric, accuracy level 4; `int8`: dynamic int8 MatMul) -> saved with external data
-(`model.onnx.data`), so models past the 2 GB protobuf limit work. The saved model is the optimized
-one: the runtime does not redo those passes at load.
+Export, streamed: jax2onnx traces the model with every weight a graph input (from shapes only:
+the graph it writes holds no weight); `weights.onnx.finish` then turns each weight input into an
+external-data initializer (`model.onnx.data`), reading, transforming and quantizing one checkpoint
+tensor at a time, and replaces each quantized matmul by MatMulNBits (`int4`: 4 bits, `int8`: 8
+bits; blocks of 32 inputs, symmetric, float32 scales, accuracy level 4). The tied embedding's
+lookup reads a per-row int8 copy when quantizing (`embed_q`, `embed_scale`), its output
+projection is quantized on the table's rows. No graph optimization runs at export: the runtime's
+session applies ORT's optimizations when it loads (folding `1 + w` of the norms, and the output
+projection's Transpose for fp32 artifacts), and models past the 2 GB protobuf limit need nothing
+special because no weight is inside the protobuf.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from runtime import contract as ct
 
 from .. import kv
 from .. import model as gemma
-from ..weights import nbytes_of, split_embedding
+from ..weights import nbytes_of, specs_of
+from ..weights import onnx as container
+from ..weights import quant as wq
 
 NAME = "onnx"
 QUANTS = ("none", "int8", "int4")
@@ -37,8 +44,23 @@ TRACE_PLATFORMS = ()   # jax2onnx lowers the model function with symbolic length
 DATA_FILE = "model.onnx.data"
 
 
-def lower(contract: ct.Contract, params: dict, path: Path) -> None:
-    """jax2onnx with the token and past dimensions symbolic; writes path (+ external data)."""
+BITS = {"int4": 4, "int8": 8}
+BLOCK = 32
+
+
+def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:
+    """name -> (shape, dtype) of the graph's weight inputs, from shapes only."""
+    specs = dict(specs_of(params))
+    if quant != "none" and not float_embedding:
+        V, D = specs["embed"][0]
+        specs["embed_q"] = ((V, D), np.dtype(np.int8))
+        specs["embed_scale"] = ((V,), np.dtype(np.float32))
+    return specs
+
+
+def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
+    """jax2onnx with the token and past dimensions symbolic and every weight an input named as
+    in `wspecs`; writes path."""
     import jax
     import jax.numpy as jnp
     from jax2onnx import to_onnx
@@ -46,9 +68,10 @@ def lower(contract: ct.Contract, params: dict, path: Path) -> None:
     cfg = contract.config
     layout = contract.kv
     names_kv = layout.names
-    weights = {k: jnp.asarray(v) for k, v in params.items()}
+    wnames = sorted(wspecs)
 
-    def fn(tokens, input_pos, *cache):
+    def fn(tokens, input_pos, *rest):
+        cache, weights = rest[:len(names_kv)], dict(zip(wnames, rest[len(names_kv):]))
         logits, new = gemma.forward(cfg, weights, tokens, input_pos, dict(zip(names_kv, cache)),
                                     logits="last", cache_outputs=ct.ROWS, spelling="onnx")
         return (logits.astype(jnp.float32),) + tuple(new[n] for n in names_kv)
@@ -67,77 +90,59 @@ def lower(contract: ct.Contract, params: dict, path: Path) -> None:
     specs = [jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32)]
     specs += kv.trace_specs(layout, ct.ROWS, {w: dims["P"] if w is None else dims["L"]
                                               for w in windows})
+    specs += [jax.ShapeDtypeStruct(*wspecs[k]) for k in wnames]
     to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
-            input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv),
+            input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames,
             output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
 
 
-def optimize(src: Path, dst: Path) -> None:
-    """ORT's basic (provider-independent) graph optimizations, saved to dst."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(dst)
-    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                dst.name + ".data")
-    so.add_session_config_entry(
-        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-
-
-def quantize(src: Path, quant: str, float_embedding: bool, vocab: int):
-    import onnx
-    m = onnx.load(str(src))
-    if quant == "none":
-        return m
-    excluded = []
-    if float_embedding:   # the MatMul whose weight has `vocab` columns projects onto the vocabulary
-        inits = {i.name: i for i in m.graph.initializer}
-        excluded = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-                    and inits[n.input[1]].dims[-1] == vocab]
-    if quant == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        q = MatMulNBitsQuantizer(m, block_size=32, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_exclude=excluded)
-        q.process()
-        return q.model.model
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    out = src.with_name("int8.onnx")
-    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=excluded, per_channel=True, use_external_data_format=True)
-    return onnx.load(str(out))
+def weight_stream(params, quant: str, float_embedding: bool):
+    """(name, array or container.Blocks) for every graph weight, one checkpoint tensor read at a
+    time: matmul weights quantized on their rows ([out, in]), the embedding's int8 lookup copy
+    beside its quantized projection."""
+    for name in params:
+        w = params[name]
+        if quant != "none" and (gemma.is_linear(name) or
+                                (name == "embed" and not float_embedding)):
+            rows = np.ascontiguousarray(w.T if name != "embed" else w, np.float32)   # [N, K]
+            del w
+            if name == "embed":
+                q8, s8 = wq.int8_rows(rows)
+                yield "embed_q", q8
+                yield "embed_scale", s8
+                del q8, s8
+            q, scale = wq.int_blocks(rows, BITS[quant], BLOCK)
+            del rows
+            yield name, container.Blocks(BITS[quant], BLOCK, q, scale)
+        else:
+            yield name, np.ascontiguousarray(w, np.float32)
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     import onnx
     quant = options.get("quant") or DEFAULT_QUANT
     contract = next(iter(traced.values())).contract
+    float_embedding = bool(options.get("float_embedding"))
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="onnx-", dir=out_dir.parent))
-    bar = progress(total=4, desc="onnx", unit="step") if progress else None
     try:
-        float_embedding = bool(options.get("float_embedding"))
-        lower(contract, split_embedding(params, quant, float_embedding), work / "raw.onnx")
+        wspecs = weight_specs(params, quant, float_embedding)
+        lower(contract, wspecs, work / "graph.onnx")
+        graph = onnx.load(str(work / "graph.onnx"))
+        bar = progress(total=len(params), desc=f"onnx weights ({quant})", unit="tensor") \
+            if progress else None
+        counts = container.finish(graph, weight_stream(params, quant, float_embedding),
+                                  out_dir / DATA_FILE, tick=bar.update if bar else None)
         if bar:
-            bar.update()
-        optimize(work / "raw.onnx", work / "opt.onnx")
-        if bar:
-            bar.update()
-        m = quantize(work / "opt.onnx", quant, float_embedding, contract.config.vocab_size)
-        if bar:
-            bar.update()
-        onnx.save_model(m, str(out_dir / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
-        if bar:
-            bar.update()
             bar.close()
+        onnx.save_model(graph, str(out_dir / "model.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ops = {}
-    for n in onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph.node:
+    for n in graph.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
-            "float_embedding": bool(options.get("float_embedding")),
+            "float_embedding": float_embedding,
             "max_length": contract.max_context, "cache_outputs": ct.ROWS,
             "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-            "weights_bytes_fp32": nbytes_of(params)}
+            "weights_bytes_fp32": nbytes_of(params), **counts}

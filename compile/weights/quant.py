@@ -4,10 +4,10 @@ Formats (symmetric, zero point 0; a tensor is quantized along its rows, [out, in
 kernels read it):
 
   int8_rows    int8, one float32 scale per row (per output channel): max|row| / 127
-  int4_blocks  int4 values in [-8, 7], one scale per block of `block` consecutive inputs of a row:
-               max|block| / 7, the scale rounded to float16 with a 7-bit mantissa (what LiteRT's
-               blockwise kernels read) *before* the values are rounded, so the stored scale is
-               the one they were quantized with
+  int_blocks   int4 or int8 values, one scale per block of `block` consecutive inputs of a row:
+               max|block| / 7 (or / 127); float32 scales (ONNX Runtime's MatMulNBits), or rounded
+               to float16 with a 7-bit mantissa before the values are rounded (`int4_blocks`,
+               LiteRT's blockwise int4), so the stored scale is the one they were quantized with
   pack_int4    two int4 values per byte, the even element in the low nibble
 
 The tied embedding is both a lookup table and the output projection. Quantizers only handle the
@@ -33,19 +33,31 @@ def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric blockwise int4 of w [out, in]: (q int8 [out, in] with values in [-8, 7],
-    scales float16 [out, in / block]); w ~= q * repeat(scales, block, axis=1)."""
+def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blockwise quantization of w [out, in] to `bits` (4 or 8): (q int8 [out, in] with
+    values in [-2^(bits-1), 2^(bits-1) - 1], scales [out, in / block]); w ~= q * repeat(scales,
+    block, axis=1). A block's scale is max|block| / (2^(bits-1) - 1); with `fp16_scales` it is
+    rounded to float16 with a 7-bit mantissa (what LiteRT's blockwise kernels read) *before* the
+    values are rounded, so the stored scale is the one they were quantized with."""
     w = np.asarray(w, np.float32)
     out, n = w.shape
     if n % block:
-        raise ValueError(f"int4: a row of {n} values does not split into blocks of {block}")
+        raise ValueError(f"int{bits}: a row of {n} values does not split into blocks of {block}")
+    top = (1 << (bits - 1)) - 1
     blocks = w.reshape(out, n // block, block)
     bound = np.maximum(np.abs(blocks).max(axis=2), 1e-9)
-    scale = (bound / 7.0).astype(ml_dtypes.bfloat16).astype(np.float16)    # 7-bit mantissa
-    scale = np.where(scale == 0, np.float16(2.0 ** -24), scale)              # bf16 underflow
-    q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int8)
-    return q.reshape(out, n), scale
+    scale = (bound / top).astype(np.float32)
+    if fp16_scales:
+        scale = scale.astype(ml_dtypes.bfloat16).astype(np.float16)          # 7-bit mantissa
+        scale = np.where(scale == 0, np.float16(2.0 ** -24), scale)          # bf16 underflow
+    q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -top - 1, top)
+    return q.astype(np.int8).reshape(out, n), scale
+
+
+def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise int4 with float16 scales (LiteRT's format); see `int_blocks`."""
+    return int_blocks(w, 4, block, fp16_scales=True)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

@@ -1,5 +1,13 @@
 """Runs the TFLite artifact with LiteRT's CompiledModel API (XNNPACK on CPU, physical-core threads).
 
+Memory: XNNPACK repacks every matmul weight into its own layout. Without a weight cache that
+copy is anonymous memory beside the mapped model file (Gemma 3 270M fp32: 2.1 GB anonymous +
+1.05 GB of file pages for a 1.07 GB model; int8: 0.58 GB + 0.29 GB). So the backend gives
+XNNPACK a weight cache file, by default `tflite/xnnpack_cache/<model sha256>.xnnpack_cache` beside
+the artifact (or `$XDG_CACHE_HOME/gemma-aot/xnnpack`, or `cache_dir`; False turns it off): the
+first load packs into that file (fp32 270M: 1.3 GB peak instead of 3.2 GB), later loads map it
+(0.1 s instead of 2 s), and the packed weights are file pages the kernel can reclaim.
+
 The KV cache of a generation is a set of LiteRT TensorBuffers, bound as both the input and the
 output of the same name on every call, so the graph updates it in place, as LiteRT-LM's engine does
 on CPU: nothing copies the cache between steps or between prefill and decode. (The classic
@@ -24,10 +32,42 @@ def unsupported(record: dict, machine) -> str | None:
     """LiteRT's CPU kernels (XNNPACK) run on any machine its wheel installs on."""
     return None
 
+def weight_cache_path(preferred, sha256: str) -> str | None:
+    """Where XNNPACK keeps this model's packed weights: a file named by the model's sha256 in
+    `preferred` (or `$XDG_CACHE_HOME/gemma-aot/xnnpack` when that is not writable); None when
+    neither is writable."""
+    import os
+    from pathlib import Path
+    for d in (Path(preferred), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+              / "gemma-aot" / "xnnpack"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return str(d / f"{sha256[:32]}-{_machine_key()}.xnnpack_cache")
+        except OSError:
+            continue
+    return None
+
+
+def _machine_key() -> str:
+    """The packed layout depends on the kernels XNNPACK picks for this CPU: a cache is only
+    reused on a machine with the same architecture and CPU feature flags."""
+    import hashlib
+    import platform
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
 class TfliteBackend:
     target = TARGET
 
-    def __init__(self, manifest, record: dict, num_threads: int | None = None):
+    def __init__(self, manifest, record: dict, num_threads: int | None = None,
+                 cache_dir: str | bool | None = None):
         from ai_edge_litert.compiled_model import CompiledModel
         from ai_edge_litert.options import Options
         path = manifest.path(record["files"]["model"]["path"])
@@ -39,6 +79,10 @@ class TfliteBackend:
         self.num_threads = num_threads or physical_cores()
         options = Options()
         options.cpu_options.num_threads = self.num_threads
+        self.weight_cache = None if cache_dir is False else weight_cache_path(
+            cache_dir or path.parent / "xnnpack_cache", record["files"]["model"]["sha256"])
+        if self.weight_cache:
+            options.cpu_options.xnnpack_weight_cache_path = self.weight_cache
         try:
             self.model = CompiledModel.from_file(str(path), options=options)
             names = set(self.model.get_signature_list())
