@@ -14,7 +14,8 @@ Weight forms (`weight_forms`, filled one tensor at a time from the lazy checkpoi
   matmul weights  stored [out, in] (the layout FULLY_CONNECTED reads; [in, out] would leave a
                   TRANSPOSE of every weight in every step, the converter does not fold constants);
                   `none`: float32; `int8`: per-channel int8 (dynamic range); `int4`: blockwise int4
-                  (block 32, float16 scales) — see `weights.quant`
+                  (block 32, float16 scales), held packed, two values a byte — see
+                  `weights.quant`
   embedding       `none` or `float_embedding`: float32 for the lookup and the output projection;
                   `int8`: one per-row int8 table with float scales serves both the lookup (GATHER,
                   then the row's scale in the graph) and the projection (INT8 per channel, the same
@@ -74,7 +75,9 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
                     if name == "embed" else wq.int8_rows(rows)
                 quantized[name] = container.Quantized("int8", scale)
             else:
-                consts[name], scale = wq.int4_blocks(rows, wq.INT4_BLOCK)
+                q, scale = wq.int4_blocks(rows, wq.INT4_BLOCK)
+                consts[name] = wq.pack_int4(q).view(np.int8).reshape(q.shape[0], -1)  # [N, K/2]
+                del q
                 quantized[name] = container.Quantized("int4", scale, wq.INT4_BLOCK)
         else:
             consts[name] = np.ascontiguousarray(w, np.float32)
@@ -83,14 +86,19 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
     return consts, quantized
 
 
-def graph_fn(fn):
+def graph_fn(fn, packed=frozenset()):
     """The traced signature function `fn(params, inputs)` over the stored forms: matmul weights
-    back to [in, out] float (a CAST and a transpose the converter folds into FULLY_CONNECTED)."""
+    back to [in, out] float (a CAST and a transpose the converter folds into FULLY_CONNECTED).
+    A `packed` (int4) weight is [N, K/2] bytes: a CONCATENATION of its CAST gives the [N, K]
+    the matmul is typed with; `weights.tflite` replaces the pair by the packed constant."""
     import jax.numpy as jnp
 
     def f(weights, inputs):
         p = {}
         for k, v in weights.items():
+            if k in packed:
+                v = v.astype(jnp.float32)
+                v = jnp.concatenate([v, v], axis=1)                               # [N, K]
             if gemma.is_linear(k):
                 p[k] = v.astype(jnp.float32).T
             elif k == "embed":
@@ -119,6 +127,7 @@ def convert(traced, consts: dict, path: Path, progress=None, quantized=()) -> No
     conv.prepare_mlir_context(ctx)
     attrs: dict[int, object] = {}    # id(array) -> its constant attribute, shared by signatures
     owner = {id(consts[k]): k for k in quantized}
+    packed = frozenset(k for k, q in quantized.items() if q.kind == "int4")
     label = {k: owner.get(id(v), k) for k, v in consts.items()}
     with ctx, ir.Location.unknown():
         def attr(a: np.ndarray):
@@ -132,7 +141,7 @@ def convert(traced, consts: dict, path: Path, progress=None, quantized=()) -> No
         # decode first: the interpreter's primary subgraph is the one that has every weight
         order = sorted(traced.items(), key=lambda kv: kv[1].signature.kind != ct.DECODE)
         for name, t in order:
-            exported = jax.export.export(jax.jit(graph_fn(t.fn)), platforms=("cpu",))(
+            exported = jax.export.export(jax.jit(graph_fn(t.fn, packed)), platforms=("cpu",))(
                 wspecs, {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
                          for s in t.signature.inputs})
             flat = jax.tree_util.tree_leaves(({k: k for k in wspecs},

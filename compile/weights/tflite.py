@@ -1,21 +1,21 @@
 """TFLite container writer: quantized weights into FULLY_CONNECTED ops, buffers streamed to disk.
 
-The converter (`litert-converter`) is handed every weight as a graph constant in the form the
-graph reads it: float32, or for a quantized matmul weight its int8 values behind a CAST to float
-(int4 values too, one per byte), named `w:<parameter>` so the flatbuffer's tensor names say which
-parameter a constant holds. `finish` then rewrites the converted flatbuffer:
+The converter (`litert-converter`) is handed every weight as a graph constant in its stored
+form, named `w:<parameter>` so the flatbuffer's tensor names say which parameter a constant holds:
+float32; for an int8 matmul weight its int8 values [N, K] behind a CAST to float; for an int4 one
+its packed bytes [N, K/2] (two values a byte) behind a CAST and a CONCATENATION that give the
+converter a float [N, K] to type the matmul with. `finish` then rewrites the converted flatbuffer:
 
-  * every FULLY_CONNECTED whose weight is CAST(w:<p>) for a quantized parameter p reads the
-    constant directly, typed INT8 with per-channel scales (dynamic-range int8) or INT4 with a
-    float16 scales tensor per block (`BlockwiseQuantization`), which LiteRT's FULLY_CONNECTED
-    kernels (builtin and XNNPACK) run as hybrid matmuls; the CASTs are removed. Every quantized
-    parameter must end up read that way, or the rewrite fails (a CAST left behind would compute
-    with unscaled values).
+  * every FULLY_CONNECTED whose weight is computed from w:<p> for a quantized parameter p (through
+    those ops only, read by nothing else) reads the constant directly, typed INT8 with per-channel
+    scales (dynamic-range int8) or INT4 [N, K] with a float16 scales tensor per block
+    (`BlockwiseQuantization`), which LiteRT's FULLY_CONNECTED kernels (builtin and XNNPACK) run
+    as hybrid matmuls; the ops in between are removed. Every quantized parameter must end up read
+    that way, or the rewrite fails (what the placeholder ops compute is not the weight).
   * the flatbuffer is written without its buffers (each buffer records an offset and size in the
     file, the format LiteRT uses for models over 2 GB), followed by each buffer's bytes, copied one
-    buffer at a time from the converter's file through a memory map (int4 values packed two per
-    byte on the way). So the rewrite never holds the model: only the small flatbuffer and one
-    buffer.
+    buffer at a time from the converter's file through a memory map. So the rewrite never holds
+    the model: only the small flatbuffer and one buffer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .quant import pack_int4
 
 PREFIX = "w:"            # the location name of a weight constant: "w:layers.0.q_proj"
 ALIGN = 64               # buffer alignment in the file (XNNPACK reads weights in place)
@@ -103,15 +102,40 @@ def _base(mm) -> int:
     return np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
 
 
+# ops through which the graph turns a stored weight into the float matrix a matmul reads; the
+# rewrite removes them (int8: a CAST; int4: a CAST and a CONCATENATION that widens the packed
+# [N, K/2] bytes to [N, K]; TRANSPOSE/RESHAPE should the converter leave one)
+_CHAIN = ("CAST", "CONCATENATION", "TRANSPOSE", "RESHAPE")
+
+
+def _root(S, model, sg, producer, readers, t: int):
+    """(constant tensor index, ops between it and `t`) when `t` is computed from one constant
+    through `_CHAIN` ops that nothing else reads; else None."""
+    chain = []
+    codes = {getattr(S.BuiltinOperator, n) for n in _CHAIN}
+    concat = S.BuiltinOperator.CONCATENATION
+    while True:
+        op = producer.get(t)
+        if op is None:
+            return t, chain
+        if _opcode(model, op) not in codes or (chain and readers.get(t, 0) != 1):
+            return None
+        ins = [i for i in op.inputs if i >= 0]
+        if _opcode(model, op) == concat and len(set(ins)) != 1:
+            return None
+        chain.append(op)
+        t = ins[0]
+
+
 def _rewrite(S, model, quantized, sources, mm, new_data) -> dict:
-    fc, cast = S.BuiltinOperator.FULLY_CONNECTED, S.BuiltinOperator.CAST
+    fc = S.BuiltinOperator.FULLY_CONNECTED
     rewritten: dict[str, int] = {}
     scale_buffers: dict[str, int] = {}
     for sg in model.subgraphs:
         producer = {o: op for op in sg.operators for o in op.outputs}
-        readers: dict[int, int] = {}
+        readers: dict[int, int] = {}           # how many ops (and subgraph outputs) read a tensor
         for op in sg.operators:
-            for i in op.inputs:
+            for i in set(op.inputs):
                 readers[i] = readers.get(i, 0) + 1
         for i in sg.outputs:
             readers[i] = readers.get(i, 0) + 1
@@ -119,25 +143,25 @@ def _rewrite(S, model, quantized, sources, mm, new_data) -> dict:
         for op in sg.operators:
             if _opcode(model, op) != fc or len(op.inputs) < 2:
                 continue
-            p = producer.get(op.inputs[1])
-            if p is None or _opcode(model, p) != cast:
+            found = _root(S, model, sg, producer, readers, op.inputs[1])
+            if found is None or not found[1]:
                 continue
-            w = sg.tensors[p.inputs[0]]
+            root, chain = found
+            w = sg.tensors[root]
             name = _param_of(w)
             if name not in quantized or sources[w.buffer] is None:
                 continue
             q = quantized[name]
-            out = int(w.shape[0])
+            N, K = (int(d) for d in sg.tensors[op.inputs[1]].shape)
+            if w.type != S.TensorType.INT8:
+                raise ValueError(f"tflite: {name}: constant of type {w.type}, expected int8")
             if q.kind == "int8":
-                if w.type != S.TensorType.INT8:
-                    raise ValueError(f"tflite: {name}: constant of type {w.type}, expected int8")
                 w.quantization = S.QuantizationParametersT(
                     scale=np.asarray(q.scale, np.float32),
-                    zeroPoint=np.zeros(out, np.int64), quantizedDimension=0)
+                    zeroPoint=np.zeros(N, np.int64), quantizedDimension=0)
             elif q.kind == "int4":
-                if w.buffer not in new_data:
-                    start, size = sources[w.buffer]
-                    new_data[w.buffer] = pack_int4(np.frombuffer(mm, np.int8, size, start))
+                if tuple(int(d) for d in w.shape) == (N, K // 2):
+                    w.shape = np.asarray([N, K], np.int32)        # packed: two values a byte
                 if name not in scale_buffers:
                     model.buffers.append(S.BufferT())
                     scale_buffers[name] = len(model.buffers) - 1
@@ -155,18 +179,21 @@ def _rewrite(S, model, quantized, sources, mm, new_data) -> dict:
                     quantizedDimension=0)
             else:
                 raise ValueError(f"tflite: {name}: unknown quantization {q.kind!r}")
-            cast_out = op.inputs[1]
+            if tuple(int(d) for d in w.shape) != (N, K):
+                raise ValueError(f"tflite: {name}: stored {list(w.shape)}, the matmul reads "
+                                 f"[{N}, {K}]")
             op.inputs = np.array(op.inputs)    # a read-only view into the map
-            op.inputs[1] = p.inputs[0]
-            readers[cast_out] -= 1
-            if readers[cast_out] == 0:
-                drop.add(id(p))
+            op.inputs[1] = root
+            drop.update(id(c) for c in chain)
             rewritten[name] = rewritten.get(name, 0) + 1
         sg.operators = [op for op in sg.operators if id(op) not in drop]
-        for op in sg.operators:   # nothing may read a quantized weight through a CAST any more
-            if _opcode(model, op) == cast and _param_of(sg.tensors[op.inputs[0]]) in quantized:
-                raise ValueError(f"tflite: {_param_of(sg.tensors[op.inputs[0]])} is read by an "
-                                 f"op other than a matmul; cannot quantize it")
+        for op in sg.operators:   # nothing but a matmul (or the lookup) may read a quantized weight
+            for i in op.inputs:
+                name = _param_of(sg.tensors[i]) if i >= 0 else None
+                if name in quantized and _opcode(model, op) not in (fc, S.BuiltinOperator.GATHER,
+                                                                    S.BuiltinOperator.GATHER_ND):
+                    raise ValueError(f"tflite: {name} is read by an op other than a matmul; "
+                                     f"cannot quantize it")
     missing = sorted(set(quantized) - set(rewritten))
     if missing:
         raise ValueError(f"tflite: no matmul reads {', '.join(missing[:5])}"
