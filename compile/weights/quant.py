@@ -24,12 +24,27 @@ import numpy as np
 INT4_BLOCK = 32
 
 
+CHUNK_BYTES = 64 << 20   # rows are quantized this many float32 bytes at a time
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, CHUNK_BYTES // max(1, cols * 4))
+    for r in range(0, rows, step):
+        yield slice(r, min(rows, r + step))
+
+
 def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8: table ~= q * scale[:, None]."""
-    table = np.asarray(table, np.float32)
-    scale = np.abs(table).max(axis=1) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+    """Symmetric per-row int8: table ~= q * scale[:, None]. Works through the rows a chunk at a
+    time, so its temporaries stay small however large the table (a 12B embedding is 4 GB)."""
+    table = np.asarray(table)
+    q = np.empty(table.shape, np.int8)
+    scale = np.empty(table.shape[0], np.float32)
+    for r in _row_chunks(*table.shape):
+        t = table[r].astype(np.float32)
+        s = np.abs(t).max(axis=1) / 127.0
+        s = np.where(s == 0, 1.0, s).astype(np.float32)
+        q[r] = np.clip(np.rint(t / s[:, None]), -127, 127)
+        scale[r] = s
     return q, scale
 
 
@@ -40,19 +55,23 @@ def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False
     block, axis=1). A block's scale is max|block| / (2^(bits-1) - 1); with `fp16_scales` it is
     rounded to float16 with a 7-bit mantissa (what LiteRT's blockwise kernels read) *before* the
     values are rounded, so the stored scale is the one they were quantized with."""
-    w = np.asarray(w, np.float32)
+    w = np.asarray(w)
     out, n = w.shape
     if n % block:
         raise ValueError(f"int{bits}: a row of {n} values does not split into blocks of {block}")
     top = (1 << (bits - 1)) - 1
-    blocks = w.reshape(out, n // block, block)
-    bound = np.maximum(np.abs(blocks).max(axis=2), 1e-9)
-    scale = (bound / top).astype(np.float32)
-    if fp16_scales:
-        scale = scale.astype(ml_dtypes.bfloat16).astype(np.float16)          # 7-bit mantissa
-        scale = np.where(scale == 0, np.float16(2.0 ** -24), scale)          # bf16 underflow
-    q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -top - 1, top)
-    return q.astype(np.int8).reshape(out, n), scale
+    q = np.empty((out, n), np.int8)
+    scale = np.empty((out, n // block), np.float16 if fp16_scales else np.float32)
+    for r in _row_chunks(out, n):        # a chunk of rows at a time: small temporaries
+        blocks = w[r].astype(np.float32).reshape(-1, n // block, block)
+        s = (np.maximum(np.abs(blocks).max(axis=2), 1e-9) / top).astype(np.float32)
+        if fp16_scales:
+            s = s.astype(ml_dtypes.bfloat16).astype(np.float16)              # 7-bit mantissa
+            s = np.where(s == 0, np.float16(2.0 ** -24), s)                  # bf16 underflow
+        q[r] = np.clip(np.rint(blocks / s.astype(np.float32)[..., None]), -top - 1, top
+                       ).reshape(-1, n)
+        scale[r] = s
+    return q, scale
 
 
 def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +84,12 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(q).reshape(-1).view(np.uint8)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)
+    out = np.empty(flat.size // 2, np.uint8)
+    step = CHUNK_BYTES
+    for i in range(0, out.size, step):
+        lo, hi = flat[2 * i:2 * (i + step):2], flat[2 * i + 1:2 * (i + step):2]
+        out[i:i + step] = (lo & 0x0F) | ((hi & 0x0F) << 4)
+    return out
 
 
 def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:

@@ -83,6 +83,8 @@ def seeded(shapes: Mapping[str, tuple[int, ...]], seed: int, std: Callable[[str,
     def make(name, shape):
         def read():
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            return (rng.standard_normal(shape, dtype=np.float32) * std(name, shape)).astype(dtype)
+            a = rng.standard_normal(shape, dtype=np.float32)
+            a *= np.float32(std(name, shape))          # in place: a 12B embedding is 4 GB
+            return a.astype(dtype, copy=False)
         return Tensor(name, tuple(shape), np.dtype(dtype), read, origin=f"random:{name}")
     return Params({n: make(n, s) for n, s in shapes.items()})
