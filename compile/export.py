@@ -116,6 +116,7 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
                 "export_s": round(time.perf_counter() - t0, 2),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             log(f"wrote {mod.NAME} artifact in {time.perf_counter() - t0:.1f}s")
+            parity.release()   # the target's transient buffers, before the next one
         _write_json(stage / ct.MANIFEST_FILE, manifest)
         failures = parity.check(ck, contract, stage, manifest,
                                 {m.NAME: targets.quant(m, options) for m in mods}, log)

@@ -72,7 +72,7 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
     sp = spm.SentencePieceProcessor(model_proto=ck.tokenizer_model)
     tokens, start = parity_tokens(contract, sp.encode, ck.special_ids["bos"])
     ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
-    gc.collect()   # the reference's weights, before the artifacts load theirs
+    release()   # the reference's weights, before the artifacts load theirs
     failures = []
     here = runtime.backends.reasons(runtime.Manifest.read(stage))
     for target, quant in quants.items():
@@ -89,6 +89,7 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
                                cache_dir=tmp if target == "tflite" else False)
             got = gen.logits(tokens, start=start)
             del gen
+        release()
         figures = {"tokens": int(len(tokens)), "prefill_tokens": int(start),
                    **compare(ref, got), "tolerance": tolerance(quant)}
         manifest["artifacts"][target]["parity"] = figures
@@ -100,6 +101,18 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
         if problems:
             failures.append(f"{target}: " + "; ".join(problems))
     return failures
+
+
+def release() -> None:
+    """Frees what the last step dropped and hands the freed heap back to the system: glibc keeps
+    freed blocks below its (growing) mmap threshold in the heap, which held over 1 GB of the
+    reference's per-layer arrays through the artifacts' checks."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
