@@ -99,6 +99,10 @@ class GemmaConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not v > 0):
                 raise ValueError(f"{self.name}: {f} must be a positive number, got {v!r}")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"{self.name}: sliding_window must be a positive integer or "
+                             f"null, got {w!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")

@@ -63,6 +63,18 @@ def test_hf_directory_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor for layers\.0\.gate_proj has shape "
                                               r"\(64, 128\), expected \(64, 96\)"):
         checkpoints.load(d)
+    g3 = tmp_path / "g3"
+    write_hf_checkpoint(get_variant("gemma3-270m-tiny"), g3)
+    cfg3 = json.loads((g3 / "config.json").read_text())
+    for key, value, message in [                            # config fields of the wrong type
+            ("num_hidden_layers", "eighteen", "num_layers must be a positive integer, got "
+                                              "'eighteen'"),
+            ("rms_norm_eps", "small", "norm_eps must be a positive number, got 'small'"),
+            ("sliding_window", [1], r"sliding_window must be a positive integer or null, got "
+                                    r"\[1\]")]:
+        (g3 / "config.json").write_text(json.dumps({**cfg3, key: value}))
+        with pytest.raises(CheckpointError, match=r"config\.json: unusable config: .*" + message):
+            checkpoints.load(g3)
     (d / "config.json").write_text(json.dumps(cfg))
     st = d / "model.safetensors"
     st.write_bytes(st.read_bytes()[:-1000])

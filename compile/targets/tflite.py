@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from runtime import chat
 from runtime import contract as ct
 
 from .. import model as gemma
-from ..weights import nbytes_of, specs_of
+from ..weights import nbytes_of
 from ..weights import quant as wq
 from ..weights import tflite as container
 
