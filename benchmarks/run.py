@@ -302,7 +302,9 @@ def measure_export(checkpoints: list[str | None], targets: list[tuple[str, str |
                    "fp32_weights_gb": round(weights_gb, 3) if weights_gb else None,
                    "s_per_fp32_gb": round(wall / weights_gb, 1) if weights_gb else None, "ok": ok}
             if not ok:
-                row["error"] = (err.strip().splitlines() or ["(no message)"])[-1]
+                lines = err.strip().splitlines()
+                said = [ln for ln in lines if ln.startswith("error:")]   # the CLI's own message
+                row["error"] = (said or lines or ["(no message)"])[-1]
             out.append(row)
             print(f"export {name} {target} {quant or ''}: {wall:.0f} s, {row['peak_rss_mb']} MB "
                   f"peak RSS, {row['disk_mb']} MB on disk" + ("" if ok else f" FAILED: "

@@ -24,7 +24,7 @@ from runtime import contract as ct
 from . import checkpoints, parity, targets
 from .checkpoints import Checkpoint, CheckpointError
 from .config import get_variant
-from .model import init_params, init_std, param_shapes
+from .model import full_size_std, init_params, param_shapes
 from .weights import Params, seeded
 from .tokenizer import tiny_tokenizer
 
@@ -43,7 +43,7 @@ def random_checkpoint(variant: str, seed: int = 0) -> Checkpoint:
     if cfg.vocab_size <= 512:
         params = Params.from_arrays(init_params(cfg, seed))
     else:
-        params = seeded(param_shapes(cfg), seed, init_std)
+        params = seeded(param_shapes(cfg), seed, full_size_std)
     return Checkpoint(cfg, params, model_bytes, special,
                       source={"format": "random", "variant": variant, "seed": seed})
 

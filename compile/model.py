@@ -83,6 +83,16 @@ def init_std(name: str, shape: tuple) -> float:
     return 0.2 if name.endswith("norm") else (1.0 if name == "embed" else shape[0] ** -0.5)
 
 
+def full_size_std(name: str, shape: tuple) -> float:
+    """Scale of random full-size weights (`random:VARIANT`, `compile.synthetic`): as `init_std`
+    but the embedding 1/sqrt(D), about what trained Gemma tables have. With D in the thousands a
+    unit-scale table makes the tied output's logits ~N(0, D): Gemma 2's final softcap (30) then
+    flattens every position's top logits together and no parity check could tell an artifact's
+    top-1 (random Gemma 2 2B: 0 of 32 positions with a clear top-1). At 1/sqrt(D) the logits are
+    ~N(0, 1) and the embedding's input scale sqrt(D) still starts the residual stream at unit scale."""
+    return shape[1] ** -0.5 if name == "embed" else init_std(name, shape)
+
+
 def rms_norm(x, scale, eps):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)

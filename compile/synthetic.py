@@ -26,7 +26,7 @@ from runtime import contract as ct
 
 from .checkpoints.hf import layer_names
 from .config import GemmaConfig, get_variant
-from .model import init_std, param_shapes
+from .model import full_size_std, param_shapes
 from .tokenizer import tiny_tokenizer
 from .weights import safetensors, seeded
 
@@ -81,7 +81,7 @@ def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty")
     shapes = param_shapes(cfg)
-    params = seeded(shapes, seed, init_std)
+    params = seeded(shapes, seed, full_size_std)
     item = np.dtype(DTYPES[dtype]).itemsize
     sizes = {k: int(np.prod(s, dtype=np.int64)) * item for k, s in shapes.items()}
     need = sum(sizes.values())
