@@ -261,3 +261,21 @@ def test_streamed_xla_weights_equal_the_in_memory_file(tiny_artifacts):
     art = tiny_artifacts("gemma2-2b-tiny")
     ck = ex.random_checkpoint("gemma2-2b-tiny")
     assert (art / "xla" / "weights.safetensors").read_bytes() == save(dict(ck.params))
+
+
+def test_tflite_without_its_converter_says_how_to_install_it(tmp_path):
+    """litert-converter comes with --no-deps (pyproject's tflite extra cannot list it): when it is
+    missing, the export says so before any work, in one line."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['litert_converter'] = None\n"
+            "from compile import export\n"
+            f"sys.exit(export.main(['--checkpoint', 'random:gemma3-270m-tiny', '--target', "
+            f"'tflite', '--out', {str(tmp_path / 'a')!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == (
+        "error: the tflite target needs litert-converter: pip install --no-deps "
+        "litert-converter==0.5.0 (see pyproject.toml's tflite extra)")
+    assert not (tmp_path / "a").exists()

@@ -52,6 +52,15 @@ DEFAULT_QUANT = "int8"
 TRACE_PLATFORMS = ()   # traced here, for cpu, from the weight forms this target stores
 
 
+def check_options(options: dict) -> None:
+    """Before any work: the converter is installed (it comes without its dependencies)."""
+    try:
+        import litert_converter  # noqa: F401
+    except ImportError:
+        raise ValueError("the tflite target needs litert-converter: pip install --no-deps "
+                         "litert-converter==0.5.0 (see pyproject.toml's tflite extra)") from None
+
+
 def weight_forms(params, quant: str, float_embedding: bool, tick=None
                  ) -> tuple[dict[str, np.ndarray], dict[str, container.Quantized]]:
     """The graph's constants (name -> array in its stored form) and, for each quantized matmul
