@@ -13,7 +13,7 @@ Nothing in the pipeline holds the whole float model: `Params` is a mapping whose
 produced on access and not kept; its `specs()` give every shape and dtype without reading a byte.
 """
 
-from .quant import int4_blocks, int8_rows, pack_int4, split_embedding
+from .quant import int4_blocks, int8_rows, pack_int4
 from .sources import Params, Tensor, nbytes_of, seeded, specs_of
 
-__all__ = ["Params", "Tensor", "int4_blocks", "int8_rows", "pack_int4", "nbytes_of", "seeded", "specs_of", "split_embedding"]
+__all__ = ["Params", "Tensor", "int4_blocks", "int8_rows", "pack_int4", "nbytes_of", "seeded", "specs_of"]

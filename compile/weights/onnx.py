@@ -4,8 +4,7 @@ The graph arrives with every weight as a graph input (jax2onnx traced the model 
 as arguments, so the graph holds none of them). `finish` turns each weight input into an
 initializer whose bytes live in the data file beside the model, appending tensors as the lazy
 checkpoint produces them (those of 64 KiB or more at a 4 KiB-aligned offset, so ONNX Runtime can
-map them), and
-replaces every quantized matmul by ORT's `MatMulNBits` (com.microsoft):
+map them), and replaces every quantized matmul by ORT's `MatMulNBits` (com.microsoft):
 
   B       uint8 [N, K / block, block * bits / 8]: the weight's rows ([out, in] = [N, K]) in blocks
           of `block` inputs, each value stored unsigned as q + 2^(bits-1) (4 bits: two per byte,
@@ -132,13 +131,13 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
                                              for c in consumers.get(n.output[0], [])):
             targets += consumers.get(n.output[0], [])
             drop.add(id(n))
-        elif n.op_type != "Gather":
+        elif n.op_type == "Gather":
+            raise ValueError(f"onnx: {name} is also a lookup table; quantize a copy for the lookup")
+        else:
             raise ValueError(f"onnx: {name} is read by a {n.op_type} node ({n.name}); only "
                              f"MatMuls can read a quantized weight")
     if not targets:
         raise ValueError(f"onnx: no MatMul reads {name}; cannot quantize it")
-    if any(n.op_type == "Gather" for n in consumers.get(name, [])):
-        raise ValueError(f"onnx: {name} is also a lookup table; quantize a copy for the lookup")
     g.initializer.append(data.add(name + ".B", w.packed()))
     g.initializer.append(data.add(name + ".scales", w.scale.astype(np.float32).reshape(-1)))
     for n in targets:

@@ -10,10 +10,9 @@ kernels read it):
                LiteRT's blockwise int4), so the stored scale is the one they were quantized with
   pack_int4    two int4 values per byte, the even element in the low nibble
 
-The tied embedding is both a lookup table and the output projection. Quantizers only handle the
-projection (a matmul); left shared, the table stays float (671 MB of Gemma 3 270M's 1 GB) or gets
-duplicated per signature. So the lookup gets its own per-row int8 copy (`embed_q`, `embed_scale`,
-read by `model.forward`) and `embed` is left to the quantizer as the projection.
+The tied embedding is both a lookup table and the output projection. A quantizing target gives
+the lookup a per-row int8 table (`int8_rows`: `embed_q`, `embed_scale`, read by `model.forward`)
+and quantizes `embed` as the projection (the tflite target's int8 shares one table for both).
 """
 
 from __future__ import annotations
@@ -98,12 +97,3 @@ def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     high = (packed >> 4).astype(np.int8)
     both = np.stack([low, high], axis=1).reshape(-1)[:count]
     return np.where(both > 7, both - 16, both).astype(np.int8)
-
-
-def split_embedding(params: dict, quant: str, float_embedding: bool) -> dict:
-    """The weights a quantizing target builds its graph on: unchanged for `none` or when the
-    embedding stays float, else with the int8 lookup table added."""
-    if quant == "none" or float_embedding:
-        return dict(params)
-    q, scale = int8_rows(params["embed"])
-    return {**params, "embed_q": q, "embed_scale": scale}

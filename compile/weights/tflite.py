@@ -76,7 +76,7 @@ def finish(src: Path, dst: Path, quantized: dict[str, Quantized]) -> dict:
         model = S.ModelT.InitFromPackedBuf(mm, 0)
         sources = [_source(mm, b) for b in model.buffers]     # (offset, size) in src, or None
         new_data: dict[int, np.ndarray] = {}                   # buffer index -> replacement bytes
-        done = _rewrite(S, model, quantized, sources, mm, new_data)
+        done = _rewrite(S, model, quantized, sources, new_data)
         _write(S, model, mm, sources, new_data, Path(dst))
         return done
     finally:
@@ -127,7 +127,7 @@ def _root(S, model, sg, producer, readers, t: int):
         t = ins[0]
 
 
-def _rewrite(S, model, quantized, sources, mm, new_data) -> dict:
+def _rewrite(S, model, quantized, sources, new_data) -> dict:
     fc = S.BuiltinOperator.FULLY_CONNECTED
     rewritten: dict[str, int] = {}
     scale_buffers: dict[str, int] = {}

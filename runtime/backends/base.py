@@ -46,3 +46,18 @@ def physical_cores() -> int:
     except OSError:
         pass
     return os.cpu_count() or 1
+
+
+def writable_dir(preferred, name: str):
+    """`preferred`, created if needed, or `$XDG_CACHE_HOME/gemma-aot/<name>` when that is not
+    writable (a read-only artifact directory); None when neither is."""
+    from pathlib import Path
+    for d in (Path(preferred), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+              / "gemma-aot" / name):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    return None

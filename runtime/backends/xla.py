@@ -98,26 +98,20 @@ def device_weights(path, put) -> dict:
 
 
 def enable_compilation_cache(preferred) -> str | None:
-    import os
-    from pathlib import Path
-
     import jax
+
+    from .base import writable_dir
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
-    for d in (Path(preferred), Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-              / "gemma-aot" / "jax"):
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK):
-                jax.config.update("jax_compilation_cache_dir", str(d))
-                # decode graphs compile in well under a second; cache them all
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-                jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-                return str(d)
-        except OSError:
-            continue
-    return None
+    d = writable_dir(preferred, "jax")
+    if d is None:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    # decode graphs compile in well under a second; cache them all
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(d)
 
 
 def _with_inputs(exp):
