@@ -189,9 +189,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=ct.DEFAULT_MAX_CONTEXT,
                    help="KV cache length (default: 2048)")
     p.add_argument("--quant", default=None,
-                   help="weight quantization: none, int8 or int4 (bf16 or none for xla-tpu; "
-                        "default: the target's own: none for xla and onnx, int8 for tflite, "
-                        "bf16 for xla-tpu)")
+                   help="weight quantization: none, native, int8 or int4 (bf16 or none for "
+                        "xla-tpu). native keeps a GGUF checkpoint's own blocks (Q8_0, Q5_0, Q4_K, "
+                        "Q6_K, ...) unchanged: onnx stores them, xla their exact float values; "
+                        "int8/int4 re-quantize (default: the target's own: none for xla and onnx, "
+                        "int8 for tflite, bf16 for xla-tpu)")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the tied embedding/output layer in float when quantizing")
     p.add_argument("--tpu-topology", default=None,

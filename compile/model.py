@@ -6,7 +6,8 @@ target and weight file shares one naming. Linear weights are stored [in, out] an
 dot) without reshaping einsums.
 
 The tied embedding is `embed` [V, D]. A target that quantizes may add `embed_q` (int8 [V, D]) and
-`embed_scale` (float [V]) for the lookup, keeping `embed` for the output projection only: the two
+`embed_scale` (float [V], or [V, D / b] per block of b inputs, with an optional `embed_bias` of the
+same shape: row = scale * q + bias per block) for the lookup, keeping `embed` for the output projection only: the two
 then live in separate buffers that its quantizer can treat independently.
 
 `spelling` picks how attention's matmuls are written for the exporter: "xla" for every target that
@@ -194,9 +195,18 @@ def layer_params(params, i: int) -> dict:
 
 def embed(cfg: GemmaConfig, params: dict, tokens):
     """tokens [B, T] -> scaled embeddings [B, T, D]."""
-    if "embed_q" in params:   # int8 lookup table with per-row scales (quantized TFLite artifacts)
-        rows = params["embed_q"][tokens].astype(jnp.float32)                      # [B, T, D]
-        x = rows * params["embed_scale"][tokens][..., None]
+    if "embed_q" in params:   # an integer lookup table (quantizing targets)
+        q = params["embed_q"][tokens].astype(jnp.float32)                         # [B, T, D]
+        scale = params["embed_scale"][tokens]                       # [B, T] or [B, T, D / b]
+        if scale.ndim == q.ndim - 1:                                # one scale per row
+            x = q * scale[..., None]
+        else:                                                       # per block of b inputs
+            B, T, D = q.shape
+            nb = scale.shape[-1]
+            x = q.reshape(B, T, nb, D // nb) * scale[..., None]
+            if "embed_bias" in params:
+                x = x + params["embed_bias"][tokens][..., None]
+            x = x.reshape(B, T, D)
     else:
         x = params["embed"][tokens]                                                # [B, T, D]
     return x * jnp.asarray(cfg.embed_scale, x.dtype)

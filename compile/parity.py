@@ -37,6 +37,10 @@ TOLERANCE = {
     "none": {"max_rel_diff": 2e-4, "min_top1": 1.0, "max_kl": 1e-3},
     # bf16 weights and activations (xla-tpu) against the fp32 reference
     "bf16": {"max_rel_diff": 0.1, "min_top1": 0.9, "max_kl": None},
+    # a block-quantized checkpoint's own values (the reference dequantizes the same blocks):
+    # only the kernels' arithmetic differs (ONNX Runtime's MatMulNBits quantizes activations to
+    # int8 per block of 32, as llama.cpp does)
+    "native": {"max_rel_diff": 1.0, "min_top1": 0.9, "max_kl": None},
     # quantized weights change logits by design; the check guards against broken graphs
     "int8": {"max_rel_diff": 1.0, "min_top1": 0.9, "max_kl": None},
     "int4": {"max_rel_diff": 1.0, "min_top1": 0.75, "max_kl": None},

@@ -83,11 +83,20 @@ def trace(contract: ct.Contract, params: dict, platforms=PLATFORMS, progress=Non
 def reference_logits(contract: ct.Contract, params, tokens: np.ndarray, last: int | None = None
                      ) -> np.ndarray:
     """The JAX model's full forward (no cache) over `tokens` [T]: logits [T, V], or [last, V] for
-    the last positions only. It runs layer by layer, reading each layer's weights from `params`
-    (a lazy `weights.Params` or a dict) just before using them, and the output projection a slice
-    of the vocabulary at a time, so it holds at most the embedding table on the host and one layer
-    (or one slice of the table) on the device: checking a large export does not need the whole
-    float model."""
+    the last positions only. See `reference_logit_chunks`."""
+    T = len(tokens)
+    start = 0 if last is None else T - last
+    return np.concatenate(list(reference_logit_chunks(contract, params, tokens, T, start)))
+
+
+def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, rows: int,
+                           start: int = 0):
+    """The full forward's logits for positions start..T-1 of `tokens` [T], yielded `rows`
+    positions at a time ([r, V] each). It runs layer by layer, reading each layer's weights from
+    `params` (a lazy `weights.Params` or a dict) just before using them, and the output
+    projection a slice of the vocabulary at a time, so it holds at most the embedding table on
+    the host and one layer (or one slice of the table) on the device: checking a large export
+    does not need the whole float model."""
     cfg = contract.config
     local = {i: cfg.layer_type(i) == ct.LOCAL for i in range(cfg.num_layers)}
     ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
@@ -97,13 +106,12 @@ def reference_logits(contract: ct.Contract, params, tokens: np.ndarray, last: in
     x = jnp.asarray(table[ids] * np.float32(cfg.embed_scale))                     # [1, T, D]
     for i in range(cfg.num_layers):
         x = _block(cfg, local[i], model.layer_params(params, i), x, positions)
-    if last is not None:
-        x = x[:, -last:]
     norm = params["final_norm"]
     step = max(1, (64 << 20) // (table.shape[1] * 4))                             # 64 MB slices
-    out = [np.asarray(_head(cfg, norm, table[v:v + step], x))[0]
-           for v in range(0, table.shape[0], step)]
-    return np.concatenate(out, axis=-1)
+    for r in range(start, ids.shape[1], rows):
+        xr = x[:, r:r + rows]
+        yield np.concatenate([np.asarray(_head(cfg, norm, table[v:v + step], xr))[0]
+                              for v in range(0, table.shape[0], step)], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

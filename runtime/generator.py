@@ -126,16 +126,18 @@ class Generator:
     def logits(self, token_ids, start: int = 0) -> np.ndarray:
         """Logits [T - start, V] for positions start..T-1 of token_ids: tokens before `start` go
         through chunked prefill, the rest through decode one at a time."""
+        return np.stack(list(self.iter_logits(token_ids, start)))
+
+    def iter_logits(self, token_ids, start: int = 0) -> Iterator[np.ndarray]:
+        """`logits` a row [V] at a time (teacher-forced evaluation over long texts)."""
         ids = [int(t) for t in token_ids]
         if not 0 <= start < len(ids):
             raise ValueError(f"start must be in [0, {len(ids)}), got {start}")
         self._check_fits(len(ids), 0)
         state = self._fill(ids[:start], self.backend.new_state())
-        rows = []
         for pos in range(start, len(ids)):
             row, state = self.backend.decode(ids[pos], pos, state)
-            rows.append(row)
-        return np.stack(rows)
+            yield row
 
     def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len < 1:

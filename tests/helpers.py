@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from compile.config import LOCAL, GemmaConfig
 from compile.tokenizer import tiny_tokenizer
 
@@ -149,6 +151,46 @@ def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path) -> None:
             _, _, i, rest = name.split(".", 3)
             ours = names[rest.removesuffix(".weight")]
             w.add_tensor(f"blk.{i}.{ours}.weight", a + 1.0 if ours.endswith("norm") else a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+_GGUF_LINEAR = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+_GGUF_NORM = {"attn_norm": "attn_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
+              "post_attn_norm": "post_attention_norm", "ffn_norm": "ffn_norm",
+              "post_ffn_norm": "post_ffw_norm"}
+
+
+def write_quantized_gguf(cfg: GemmaConfig, params: dict, path: Path, types: dict) -> None:
+    """Our params (model layout) written as llama.cpp does, block-quantized by `gguf`'s own
+    quantizers: `types` maps "embed" and each linear kind ("q_proj", ...) to a GGML type name
+    (missing: F32)."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), _GGUF_ARCH[cfg.family])
+    write_gguf_metadata(w, cfg)
+    write_gguf_vocab(w, tiny_tokenizer(cfg.vocab_size)[0])
+
+    def add(name, a, kind):
+        t = types.get(kind)
+        if t is None:
+            w.add_tensor(name, np.ascontiguousarray(a, np.float32))
+        else:
+            qt = gguf.GGMLQuantizationType[t]
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(a, np.float32), qt),
+                         raw_dtype=qt)
+    add("token_embd.weight", params["embed"], "embed")
+    add("output_norm.weight", params["final_norm"] + 1.0, None)
+    for name, a in params.items():
+        if not name.startswith("layers."):
+            continue
+        _, i, kind = name.split(".", 2)
+        if kind in _GGUF_LINEAR:
+            add(f"blk.{i}.{_GGUF_LINEAR[kind]}.weight", np.asarray(a).T, kind)   # [out, in]
+        else:
+            add(f"blk.{i}.{_GGUF_NORM[kind]}.weight", np.asarray(a) + 1.0, None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import tokenizer as tok
 from ..config import GemmaConfig, make_config, match_variant
-from ..weights import Params, Tensor
+from ..weights import Params, Tensor, gguf_blocks
 from . import Checkpoint, CheckpointError, check_params
 
 ARCHS = {"gemma": 1, "gemma2": 2, "gemma3": 3}
@@ -144,8 +144,19 @@ def _tensor(path: Path, t, ours: str, norm: bool, linear: bool, mm) -> Tensor:
             return w - 1.0   # llama.cpp stores Gemma's RMSNorm weights with the +1 added
         return np.ascontiguousarray(w.T) if linear else w
 
+    kind = t.tensor_type.name
+
+    def blocks():
+        try:
+            b = gguf_blocks.decode(t.data, kind, shape)   # rows [out, in] as GGUF stores them
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot decode the blocks of tensor {t.name} "
+                                  f"({kind}): {e}") from e
+        _release(mm, int(t.data_offset), int(t.n_bytes))
+        return b
+    native = kind in gguf_blocks.SUPPORTED and len(shape) == 2
     return Tensor(ours, shape[::-1] if linear else shape, np.dtype(np.float32), read,
-                  f"{path} ({t.name})")
+                  f"{path} ({t.name})", format=kind, blocks=blocks if native else None)
 
 
 _CHUNK_BYTES = 16 << 20

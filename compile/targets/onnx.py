@@ -13,9 +13,12 @@ Export, streamed: jax2onnx traces the model with every weight a graph input (fro
 the graph it writes holds no weight); `weights.onnx.finish` then turns each weight input into an
 external-data initializer (`model.onnx.data`), reading, transforming and quantizing one checkpoint
 tensor at a time, and replaces each quantized matmul by MatMulNBits (`int4`: 4 bits, `int8`: 8
-bits; blocks of 32 inputs, symmetric, float32 scales, accuracy level 4). The tied embedding's
-lookup reads a per-row int8 copy when quantizing (`embed_q`, `embed_scale`), its output
-projection is quantized on the table's rows. No graph optimization runs at export: the runtime's
+bits; blocks of 32 inputs, symmetric, float32 scales, accuracy level 4 — activations quantized to
+int8 per block). `native` keeps a GGUF checkpoint's own blocks instead (`weights.gguf_blocks`:
+every value as llama.cpp stores it; a type it cannot keep is refused by name), float tensors
+stay float. The tied embedding's lookup reads an int8 copy when quantizing (`embed_q` with per-row
+`embed_scale`, or with `native` the checkpoint's own blocks: per-block scales and biases), its
+output projection is quantized on the table's rows. No graph optimization runs at export: the runtime's
 session applies ORT's optimizations when it loads (folding `1 + w` of the norms, and the output
 projection's Transpose for fp32 artifacts), and models past the 2 GB protobuf limit need nothing
 special because no weight is inside the protobuf.
@@ -34,11 +37,12 @@ from runtime import contract as ct
 from .. import kv
 from .. import model as gemma
 from ..weights import nbytes_of, specs_of
+from ..weights import gguf_blocks
 from ..weights import onnx as container
 from ..weights import quant as wq
 
 NAME = "onnx"
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "native", "int8", "int4")
 DEFAULT_QUANT = "none"
 TRACE_PLATFORMS = ()   # jax2onnx lowers the model function with symbolic lengths itself
 DATA_FILE = "model.onnx.data"
@@ -48,13 +52,47 @@ BITS = {"int4": 4, "int8": 8}
 BLOCK = 32
 
 
+def _native_layout(params, name: str):
+    """(bits, block, has a bias) of a tensor kept in its checkpoint's blocks, None for a float one;
+    a block type this target cannot store raises, naming the tensor, its type and the targets that
+    can."""
+    fmt = params.format(name) if hasattr(params, "format") else "F32"
+    if fmt in FLOAT_FORMATS:
+        return None
+    lay = gguf_blocks.layout(fmt)
+    if lay is None:
+        raise ValueError(f"--quant native: tensor {name} is stored as {fmt}, which the onnx "
+                         f"target cannot keep (it keeps {', '.join(gguf_blocks.SUPPORTED)}); "
+                         f"targets that can take it: xla (as float32); or re-quantize with "
+                         f"--quant int8 or int4")
+    return lay
+
+
+FLOAT_FORMATS = ("F32", "F16", "BF16")
+
+
+def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
+    """Whether `name` reaches the graph as Blocks (a MatMulNBits weight)."""
+    if not (gemma.is_linear(name) or (name == "embed" and not float_embedding)):
+        return False
+    if quant == "native":
+        return _native_layout(params, name) is not None
+    return quant != "none"
+
+
 def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:
     """name -> (shape, dtype) of the graph's weight inputs, from shapes only."""
     specs = dict(specs_of(params))
-    if quant != "none" and not float_embedding:
+    if quantized(params, "embed", quant, float_embedding):
         V, D = specs["embed"][0]
         specs["embed_q"] = ((V, D), np.dtype(np.int8))
-        specs["embed_scale"] = ((V,), np.dtype(np.float32))
+        if quant == "native":   # the checkpoint's own blocks serve the lookup too
+            _, block, bias = _native_layout(params, "embed")
+            specs["embed_scale"] = ((V, D // block), np.dtype(np.float32))
+            if bias:
+                specs["embed_bias"] = ((V, D // block), np.dtype(np.float32))
+        else:
+            specs["embed_scale"] = ((V,), np.dtype(np.float32))
     return specs
 
 
@@ -97,13 +135,22 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
 
 
 def weight_stream(params, quant: str, float_embedding: bool):
-    """(name, array or container.Blocks) for every graph weight, one checkpoint tensor read at a
-    time: matmul weights quantized on their rows ([out, in]), the embedding's int8 lookup copy
-    beside its quantized projection."""
+    """(name, array or quant.Blocks) for every graph weight, one checkpoint tensor read at a
+    time: matmul weights as Blocks over their rows ([out, in]) — the checkpoint's own (`native`)
+    or our quantizer's — and the embedding's lookup copy beside its quantized projection."""
     for name in params:
-        w = params[name]
-        if quant != "none" and (gemma.is_linear(name) or
-                                (name == "embed" and not float_embedding)):
+        if not quantized(params, name, quant, float_embedding):
+            yield name, np.ascontiguousarray(params[name], np.float32)
+            continue
+        if quant == "native":
+            blocks = params.native(name)
+            if name == "embed":
+                yield "embed_q", blocks.q
+                yield "embed_scale", blocks.scale
+                if blocks.bias is not None:
+                    yield "embed_bias", blocks.bias
+        else:
+            w = params[name]
             rows = np.ascontiguousarray(w.T if name != "embed" else w, np.float32)   # [N, K]
             del w
             if name == "embed":
@@ -113,9 +160,26 @@ def weight_stream(params, quant: str, float_embedding: bool):
                 del q8, s8
             q, scale = wq.int_blocks(rows, BITS[quant], BLOCK)
             del rows
-            yield name, container.Blocks(BITS[quant], BLOCK, q, scale)
+            blocks = wq.Blocks(BITS[quant], BLOCK, q, scale, source=quant)
+        yield name, blocks
+        del blocks
+
+
+def tensor_formats(params, quant: str, float_embedding: bool) -> dict[str, str]:
+    """parameter -> how this artifact stores it (the manifest's record)."""
+    out = {}
+    for name in params:
+        src = params.format(name) if hasattr(params, "format") else "F32"
+        if not quantized(params, name, quant, float_embedding):
+            out[name] = "float32" + (f" (from {src})" if src != "F32" else "")
+        elif quant == "native":
+            bits, block, bias = _native_layout(params, name)
+            out[name] = (f"{src} kept: MatMulNBits {8 if bits > 4 else 4}-bit, block {block}"
+                         + (", + block-sum bias" if bias else ""))
         else:
-            yield name, np.ascontiguousarray(w, np.float32)
+            out[name] = f"{quant}: MatMulNBits {BITS[quant]}-bit, block {BLOCK}, symmetric" + \
+                (f" (re-quantized from {src})" if src not in FLOAT_FORMATS else "")
+    return out
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
@@ -142,6 +206,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     for n in graph.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
+            "tensor_formats": tensor_formats(params, quant, float_embedding),
             "float_embedding": float_embedding,
             "max_length": contract.max_context, "cache_outputs": ct.ROWS,
             "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),

@@ -4,6 +4,10 @@ Files: `weights.safetensors` (the flat params, stored once) and `{signature}.jax
 signature. The exported functions take `(weights, inputs)` as traced, so the runtime feeds the
 weights it loaded once to every signature. The modules run on any platform listed in the manifest;
 JAX compiles them on load (deviceless TPU executables are a separate target).
+
+XLA computes in float on CPU: `--quant native` (a block-quantized checkpoint's own values) stores
+the checkpoint's dequantized values exactly, in float32, as `none` does; the manifest records each
+tensor's source format.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import jaxlib
 from ..weights import safetensors, specs_of
 
 NAME = "xla"
-QUANTS = ("none",)
+QUANTS = ("none", "native")
 DEFAULT_QUANT = "none"
 TRACE_PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -37,7 +41,11 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
             bar.update()
     if bar:
         bar.close()
-    return {"files": files, "platforms": platforms, "quantization": "none",
+    quant = options.get("quant") or DEFAULT_QUANT
+    formats = {n: "float32" + (f" (from {params.format(n)})" if hasattr(params, "format") and
+                               params.format(n) != "F32" else "") for n in specs}
+    return {"files": files, "platforms": platforms, "quantization": quant,
+            "tensor_formats": formats,
             "weights_dtype": str(next(iter(specs.values()))[1]),
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                          "serialization": traced[next(iter(traced))].exported.calling_convention_version}}

@@ -5,7 +5,11 @@
                transformed into the model's layout one at a time, when asked for (`Params`)
   safetensors  reading a safetensors header with checks that name the file and tensor, and writing
                a safetensors file tensor by tensor (header first, then each tensor as it arrives)
-  quant        the streaming quantizer (numpy, one tensor at a time): per-row int8, blockwise int4
+  quant        the streaming quantizer (numpy, one tensor at a time): per-row int8, blockwise int4;
+               `Blocks`, the one blockwise format every container writes from
+  gguf_blocks  a GGUF tensor's own blocks (Q8_0, Q5_0, Q4_K, Q6_K, ...) decoded into `Blocks`
+               without changing a value (`--quant native`)
+  onnx         the ONNX container: external data, `Blocks` into MatMulNBits
   tflite       the TFLite container: quantized weights into FULLY_CONNECTED, buffers written after
                the flatbuffer one at a time
 

@@ -8,9 +8,15 @@ map them), and replaces every quantized matmul by ORT's `MatMulNBits` (com.micro
 
   B       uint8 [N, K / block, block * bits / 8]: the weight's rows ([out, in] = [N, K]) in blocks
           of `block` inputs, each value stored unsigned as q + 2^(bits-1) (4 bits: two per byte,
-          the even element in the low nibble)
+          the even element in the low nibble); 5- and 6-bit blocks (GGUF's Q5_0, Q6_K) are
+          stored in 8 bits, exactly
   scales  float32 [N * K / block]
   (no zero points: ORT's default, 2^(bits-1), makes the blocks symmetric)
+
+Asymmetric blocks (`Blocks.bias`: GGUF's Q4_K, Q4_1, ...) add their bias term beside the
+MatMulNBits: the input's per-block sums (a MatMul by a 0/1 indicator) times the transposed
+biases, a matmul 1/block the size of the weight's. ORT's float zero points would express them
+directly but run its unpacked path (measured: 50x slower than the packed kernels).
 
 So the writer holds one float tensor (and its quantized form) at a time, never the model. The
 output projection (the tied embedding, reached through a Transpose in the traced graph) becomes a
@@ -20,32 +26,30 @@ MatMulNBits on the table's own rows, and the Transpose goes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .quant import pack_int4
+from .quant import Blocks, pack_int4
 
 PAGE = 4096
 MS_DOMAIN = "com.microsoft"
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """A matmul weight quantized for MatMulNBits: q int8 [N, K] (signed, in [-2^(b-1), 2^(b-1))),
-    scales float32 [N, K / block]."""
-    bits: int
-    block: int
-    q: np.ndarray
-    scale: np.ndarray
+def container_bits(b: Blocks) -> int:
+    """MatMulNBits stores 4 or 8 bits: 5- and 6-bit values (Q5_0, Q6_K, ...) widen to 8, exactly."""
+    return 4 if b.bits <= 4 else 8
 
-    def packed(self) -> np.ndarray:
-        N, K = self.q.shape
-        u = (self.q.astype(np.int16) + (1 << (self.bits - 1))).astype(np.uint8)
-        if self.bits == 4:
-            u = pack_int4(u.view(np.int8))                           # same nibble order
-        return u.reshape(N, K // self.block, self.block * self.bits // 8)
+
+def packed(b: Blocks) -> np.ndarray:
+    """uint8 [N, K / block, block * bits / 8]: each value stored unsigned as q + 2^(bits-1) of
+    the container's bits (ORT's default zero point), 4 bits two per byte (even element low)."""
+    N, K = b.q.shape
+    bits = container_bits(b)
+    u = (b.q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        u = pack_int4(u.view(np.int8))                           # same nibble order
+    return u.reshape(N, K // b.block, b.block * bits // 8)
 
 
 class DataFile:
@@ -97,13 +101,14 @@ def finish(graph, tensors, data_path: Path, tick=None) -> dict:
     ok = False
     replaced = 0
     drop = set()
+    after: dict[int, list] = {}   # id(node) -> nodes that must follow it
     try:
         for name, value in tensors:
             if name not in inputs:
                 raise ValueError(f"onnx: the traced graph has no weight input {name!r}")
             g.input.remove(inputs.pop(name))
             if isinstance(value, Blocks):
-                replaced += _to_matmul_nbits(g, name, value, consumers, data, drop)
+                replaced += _to_matmul_nbits(g, name, value, consumers, data, drop, after)
             else:
                 g.initializer.append(data.add(name, value))
             if tick:
@@ -111,7 +116,10 @@ def finish(graph, tensors, data_path: Path, tick=None) -> dict:
         ok = True
     finally:
         data.close(keep=ok)
-    kept = [n for n in g.node if id(n) not in drop]
+    kept = []
+    for n in g.node:
+        if id(n) not in drop:
+            kept += [n] + after.get(id(n), [])
     del g.node[:]
     g.node.extend(kept)
     if not any(o.domain == MS_DOMAIN for o in graph.opset_import) and replaced:
@@ -119,8 +127,13 @@ def finish(graph, tensors, data_path: Path, tick=None) -> dict:
     return {"quantized_matmuls": replaced}
 
 
-def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: set) -> int:
-    """Replaces the MatMuls that read `name` ([K, N], or a Transpose of the [N, K] table)."""
+def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: set,
+                     after: dict) -> int:
+    """Replaces the MatMuls that read `name` ([K, N], or a Transpose of the [N, K] table). Blocks
+    with a bias (asymmetric: w = scale * q + bias) become the symmetric MatMulNBits plus the bias
+    term, x's per-block sums times the biases: MatMul(MatMul(x, S), bias^T) with S [K, K / block]
+    the 0/1 block indicator, a matmul 1/block the size of the weight's (ORT's float zero points,
+    the direct form, run its unpacked path: 50x slower)."""
     import onnx
     N, K = w.q.shape
     targets = []
@@ -138,12 +151,29 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
                              f"MatMuls can read a quantized weight")
     if not targets:
         raise ValueError(f"onnx: no MatMul reads {name}; cannot quantize it")
-    g.initializer.append(data.add(name + ".B", w.packed()))
+    g.initializer.append(data.add(name + ".B", packed(w)))
     g.initializer.append(data.add(name + ".scales", w.scale.astype(np.float32).reshape(-1)))
+    if w.bias is not None:
+        nb = K // w.block
+        indicator = np.zeros((K, nb), np.float32)
+        indicator[np.arange(K), np.arange(K) // w.block] = 1.0
+        g.initializer.append(data.add(name + ".block_sum", indicator))
+        g.initializer.append(data.add(name + ".bias_t", np.ascontiguousarray(w.bias.T,
+                                                                             np.float32)))
     for n in targets:
+        x, (y,) = n.input[0], list(n.output)
+        sym = y if w.bias is None else f"{y}/symmetric"
         new = onnx.helper.make_node(
-            "MatMulNBits", [n.input[0], name + ".B", name + ".scales"], list(n.output),
-            name=n.name, domain=MS_DOMAIN, K=K, N=N, bits=w.bits, block_size=w.block,
-            accuracy_level=4)
+            "MatMulNBits", [x, name + ".B", name + ".scales"], [sym],
+            name=n.name, domain=MS_DOMAIN, K=K, N=N, bits=container_bits(w),
+            block_size=w.block, accuracy_level=4)
+        if w.bias is not None:
+            after[id(n)] = [
+                onnx.helper.make_node("MatMul", [x, name + ".block_sum"], [f"{y}/block_sums"],
+                                      name=f"{n.name}/block_sums"),
+                onnx.helper.make_node("MatMul", [f"{y}/block_sums", name + ".bias_t"],
+                                      [f"{y}/bias"], name=f"{n.name}/bias"),
+                onnx.helper.make_node("Add", [sym, f"{y}/bias"], [y], name=f"{n.name}/add_bias"),
+            ]
         n.CopyFrom(new)
     return len(targets)

@@ -17,10 +17,44 @@ and quantizes `embed` as the projection (the tflite target's int8 shares one tab
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ml_dtypes
 import numpy as np
 
 INT4_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A matrix [N, K] (a matmul weight as [out, in], or the embedding table) in blocks of `block`
+    consecutive inputs of a row: w = scale * q + bias, per block.
+
+    bits    how many bits the integers need (q in [-2^(bits-1), 2^(bits-1)))
+    q       int8 [N, K]
+    scale   float32 [N, K / block]
+    bias    float32 [N, K / block], or None for symmetric blocks
+    source  what the blocks are: a GGUF type kept as it was ("Q4_K"), or our quantizer's ("int4")
+    """
+    bits: int
+    block: int
+    q: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray | None = None
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]."""
+        N, K = self.q.shape
+        w = self.q.reshape(N, K // self.block, self.block).astype(np.float32)
+        w *= self.scale.astype(np.float32)[..., None]
+        if self.bias is not None:
+            w += self.bias[..., None]
+        return w.reshape(N, K)
 
 
 CHUNK_BYTES = 64 << 20   # rows are quantized this many float32 bytes at a time

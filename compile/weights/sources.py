@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .quant import Blocks
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,9 @@ class Tensor:
     dtype: np.dtype
     read: Callable[[], np.ndarray]
     origin: str = ""               # file and tensor it comes from, for error messages
+    format: str = "F32"            # how the checkpoint stores it (a GGUF type, "F32", "BF16", ...)
+    blocks: Callable[[], "Blocks"] | None = None   # its stored blocks, unchanged (`quant.Blocks`
+    #                                [out, in] rows), where the checkpoint is block-quantized
 
     def get(self) -> np.ndarray:
         a = self.read()
@@ -58,6 +64,15 @@ class Params(Mapping):
     def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """name -> (shape, dtype), reading nothing."""
         return {k: (t.shape, np.dtype(t.dtype)) for k, t in self.tensors.items()}
+
+    def format(self, name: str) -> str:
+        return self.tensors[name].format
+
+    def native(self, name: str):
+        """The checkpoint's own blocks of `name` (`quant.Blocks`, rows as [out, in]), or None
+        when it is stored in float."""
+        t = self.tensors[name]
+        return t.blocks() if t.blocks else None
 
     def subset(self, names) -> dict[str, np.ndarray]:
         """The arrays of `names`, read now (e.g. one layer's weights)."""

@@ -1,0 +1,166 @@
+"""Quality of an artifact (or a peer) against the fp32 JAX reference, teacher-forced on a text that
+no model generated: `compile/eval_text.txt` (prose, code, Chinese, Russian and chat turns; origins
+in its header).
+
+The text's tokens are cut into windows of at most `window` tokens, each starting with <bos>; in
+every window the artifact reads the tokens one at a time through its cache (prefill-free decode,
+the path generation uses) and its logits at each position are compared with the reference's full
+forward (no cache) at the same position:
+
+  top1        share of positions where the artifact's argmax equals the reference's
+  mean_kl     mean KL(reference || artifact) in nats
+  ppl_ref     perplexity of the text under the reference; ppl under the artifact; ppl_delta their
+              difference (artifact - reference) and ppl_delta_rel relative to ppl_ref
+
+Nothing holds a window's logits whole: the reference yields them in row chunks and each chunk is
+compared with the artifact's rows for the same positions (a 1024-token window of a 262144-token
+vocabulary is 1 GB of float32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from importlib import resources
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from runtime import chat
+
+EVAL_FILE = "eval_text.txt"
+ROW_CHUNK = 64      # reference rows computed per step (64 x 262144 float32 = 64 MB)
+
+
+def eval_text() -> str:
+    return resources.files(__package__).joinpath(EVAL_FILE).read_text(encoding="utf-8")
+
+
+def eval_sha256() -> str:
+    return hashlib.sha256(eval_text().encode("utf-8")).hexdigest()
+
+
+def sections(text: str | None = None) -> list[tuple[str, str]]:
+    """(kind, body) of every section of the evaluation text, in order."""
+    text = eval_text() if text is None else text
+    parts = re.split(r"^### (\w+):[^\n]*\n", text, flags=re.M)
+    return [(kind, body.strip("\n")) for kind, body in zip(parts[1::2], parts[2::2])]
+
+
+def _chat_messages(body: str) -> list[dict]:
+    messages = []
+    for block in re.split(r"^(user|model):\n", body, flags=re.M)[1:]:
+        if block in ("user", "model"):
+            messages.append({"role": block, "content": ""})
+        else:
+            messages[-1]["content"] = block.strip()
+    return messages
+
+
+def eval_ids(encode: Callable[[str], list[int]], piece_id: Callable[[str], int]) -> list[int]:
+    """The whole evaluation text as token ids, without <bos>: plain sections encoded as text
+    (joined by a blank line), chat sections through Gemma's template with its control tokens as
+    ids (never parsed out of text)."""
+    ids: list[int] = []
+    for kind, body in sections():
+        if kind == "chat":
+            pieces = chat.template(_chat_messages(body))[1:-2]   # no <bos>, no open model turn
+            for p in pieces:
+                ids += [piece_id(p)] if isinstance(p, chat.Marker) else encode(p)
+            ids += encode("\n")
+        else:
+            ids += encode(body + "\n\n")
+    return ids
+
+
+def tokenizer_fns(tokenizer_model: bytes):
+    """(encode, piece_id) of a SentencePiece model given as bytes."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer_model)
+    return sp.encode, sp.piece_to_id
+
+
+def windows(ids: list[int], bos: int, window: int, limit: int | None = None) -> list[np.ndarray]:
+    """Consecutive windows of the text, each <bos> + up to window - 1 tokens; `limit` caps the
+    total number of tokens measured (the export gate's slice)."""
+    body = window - 1
+    ids = ids[:limit] if limit else ids
+    return [np.asarray([bos] + ids[i:i + body], np.int32) for i in range(0, len(ids), body)
+            if len(ids[i:i + body]) > 1]
+
+
+def reference_chunks(contract, params, tokens: np.ndarray, rows: int = ROW_CHUNK
+                     ) -> Iterator[np.ndarray]:
+    from . import trace
+    return trace.reference_logit_chunks(contract, params, tokens, rows)
+
+
+def evaluate(contract, params, wins: Iterable[np.ndarray],
+             logits_of: Callable[[np.ndarray], Iterable[np.ndarray]],
+             reference: Callable | None = None, progress=None) -> dict:
+    """Figures of `logits_of(window)` — an iterable of logit rows ([V] or [r, V]) for positions
+    0..len-1 of the window, in order — against the reference on every window."""
+    reference = reference or (lambda w: reference_chunks(contract, params, w))
+    acc = _Acc()
+    wins = list(wins)
+    bar = progress(total=sum(len(w) for w in wins), desc="quality", unit="tok") \
+        if progress else None
+    for w in wins:
+        got_rows = _rows(logits_of(w))
+        pos = 0
+        for ref in reference(w):
+            got = np.stack([next(got_rows) for _ in range(len(ref))])
+            targets = w[pos + 1: pos + 1 + len(ref)]
+            acc.add(np.asarray(ref, np.float32), got, targets)
+            pos += len(ref)
+            if bar:
+                bar.update(len(ref))
+        if next(got_rows, None) is not None:
+            raise ValueError("the artifact returned more logit rows than the window has tokens")
+    if bar:
+        bar.close()
+    return acc.figures(len(wins))
+
+
+def _rows(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    for c in chunks:
+        c = np.asarray(c)
+        if c.ndim == 1:
+            yield c
+        else:
+            yield from c.reshape(-1, c.shape[-1])
+
+
+class _Acc:
+    def __init__(self):
+        self.n = 0
+        self.agree = 0
+        self.kl = 0.0
+        self.nll_ref = 0.0
+        self.nll_got = 0.0
+        self.scored = 0
+
+    def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> None:
+        lp, lq = _log_softmax(ref), _log_softmax(got)
+        self.n += len(ref)
+        self.agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
+        self.kl += float(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0).sum())
+        k = len(targets)   # the last position of a window has no next token to score
+        rows = np.arange(k)
+        self.nll_ref -= float(lp[rows, targets].sum())
+        self.nll_got -= float(lq[rows, targets].sum())
+        self.scored += k
+
+    def figures(self, windows: int) -> dict:
+        ppl_ref = float(np.exp(self.nll_ref / max(1, self.scored)))
+        ppl = float(np.exp(self.nll_got / max(1, self.scored)))
+        return {"positions": self.n, "windows": windows,
+                "top1": self.agree / max(1, self.n), "mean_kl": self.kl / max(1, self.n),
+                "ppl_ref": ppl_ref, "ppl": ppl, "ppl_delta": ppl - ppl_ref,
+                "ppl_delta_rel": (ppl - ppl_ref) / ppl_ref, "text_sha256": eval_sha256()}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -1,0 +1,136 @@
+"""Quantization formats: GGUF's blocks kept unchanged (`--quant native`), against `gguf`'s own
+dequantization, through the ONNX container and end to end on a block-quantized tiny GGUF."""
+
+import json
+
+import numpy as np
+import pytest
+
+import runtime
+from compile import checkpoints, export as ex, trace
+from compile.weights import Params, Tensor, gguf_blocks
+from compile.weights import onnx as container
+from runtime import contract as ct
+from helpers import write_quantized_gguf
+
+CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
+TYPES = {"embed": "Q8_0", "q_proj": "Q5_0", "k_proj": "Q4_1", "v_proj": "Q8_0",
+         "o_proj": "Q4_0", "gate_proj": "Q5_1", "up_proj": "Q5_0", "down_proj": "Q4_1"}
+
+
+def _raw_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """GGUF bytes of a [rows, cols] tensor of `type_name`: gguf's quantizer where it has one,
+    random bytes with sane float16 fields for the K types (any bit pattern of their integer
+    fields is a valid block)."""
+    import gguf
+    qt = gguf.GGMLQuantizationType[type_name]
+    try:
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
+    except NotImplementedError:
+        pass
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    halves = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (size - 2,)}[type_name]
+    for off in halves:   # d (and dmin) as small positive float16 values
+        raw[:, off:off + 2] = (rng.random(len(raw)) * 0.01 + 1e-4).astype(np.float16
+                                                                          ).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", gguf_blocks.SUPPORTED)
+def test_gguf_blocks_dequantize_to_what_gguf_dequantizes(type_name):
+    import gguf
+    rng = np.random.default_rng(0)
+    raw = _raw_blocks(type_name, 6, 512, rng)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(6, 512)
+    b = gguf_blocks.decode(raw, type_name, (6, 512))
+    got = b.dequantize()
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    bits, block, bias = gguf_blocks.layout(type_name)
+    assert (b.bits, b.block, b.bias is not None) == (bits, block, bias)
+    assert b.q.min() >= -(1 << (bits - 1)) and b.q.max() < (1 << (bits - 1))   # fits its bits
+    # through the ONNX container: what MatMulNBits reads ((u - zero point) * scale + bias)
+    cbits = container.container_bits(b)
+    u = container.packed(b).reshape(6, -1)
+    if cbits == 4:
+        u = np.stack([u & 15, u >> 4], -1).reshape(6, -1)
+    stored = (u.astype(np.float32) - (1 << (cbits - 1))).reshape(6, -1, block) \
+        * b.scale[..., None] + (0 if b.bias is None else b.bias[..., None])
+    assert np.abs(stored.reshape(6, 512) - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_a_type_without_a_decoder_is_refused_by_name():
+    with pytest.raises(ValueError, match="no block decoder for GGUF type Q2_K; decodable: Q8_0"):
+        gguf_blocks.decode(np.zeros((1, 84), np.uint8), "Q2_K", (1, 256))
+    from compile.targets import onnx as onnx_target
+    t = Tensor("layers.0.q_proj", (256, 64), np.dtype(np.float32), lambda: None, format="Q2_K")
+    with pytest.raises(ValueError, match=r"tensor layers\.0\.q_proj is stored as Q2_K, which the "
+                                         r"onnx target cannot keep .*targets that can take it: "
+                                         r"xla \(as float32\)"):
+        onnx_target.quantized(Params({t.name: t}), t.name, "native", False)
+
+
+@pytest.fixture(scope="module")
+def native_gguf(tmp_path_factory):
+    from compile.model import init_params
+    from compile.config import get_variant
+    cfg = get_variant("gemma3-270m-tiny")
+    path = tmp_path_factory.mktemp("gguf") / "tiny-mixed.gguf"
+    write_quantized_gguf(cfg, init_params(cfg, 3), path, TYPES)
+    return path
+
+
+def test_native_onnx_keeps_every_gguf_block(native_gguf, tmp_path):
+    import gguf
+    ck = checkpoints.load(str(native_gguf))
+    contract = ct.Contract(ck.config, **CONTRACT)
+    out = tmp_path / "art"
+    ex.export(ck, contract, ["onnx", "xla"], out, {"quant": "native"}, log=lambda m: None)
+    man = json.loads((out / "manifest.json").read_text())["artifacts"]
+    onnx_formats = man["onnx"]["tensor_formats"]
+    assert onnx_formats["layers.0.k_proj"] == "Q4_1 kept: MatMulNBits 4-bit, block 32, + block-sum bias"
+    assert onnx_formats["layers.0.q_proj"] == "Q5_0 kept: MatMulNBits 8-bit, block 32"
+    assert onnx_formats["embed"] == "Q8_0 kept: MatMulNBits 8-bit, block 32"
+    assert onnx_formats["final_norm"] == "float32"
+    assert man["xla"]["tensor_formats"]["layers.0.q_proj"] == "float32 (from Q5_0)"
+    assert man["onnx"]["op_counts"]["MatMulNBits"] == 7 * ck.config.num_layers + 1
+
+    # the stored integers and scales are GGUF's: dequantized, equal to gguf's dequantization
+    import onnx
+    m = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    data = np.memmap(out / "onnx" / "model.onnx.data", np.uint8, mode="r")
+
+    def read(name):
+        t = inits[name]
+        ext = {e.key: e.value for e in t.external_data}
+        raw = data[int(ext["offset"]):int(ext["offset"]) + int(ext["length"])]
+        return raw.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+    reader = gguf.GGUFReader(native_gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    for ours, theirs in (("layers.2.k_proj", "blk.2.attn_k.weight"),
+                         ("layers.1.down_proj", "blk.1.ffn_down.weight"),
+                         ("layers.0.q_proj", "blk.0.attn_q.weight"), ("embed", "token_embd.weight")):
+        t = tensors[theirs]
+        want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+            tuple(int(d) for d in reversed(t.shape)))
+        B = read(f"{ours}.B")
+        N, nb, width = B.shape
+        bits = width * 8 // (want.shape[1] // nb)
+        u = B.reshape(N, -1) if bits == 8 else np.stack([B & 15, B >> 4], -1).reshape(N, -1)
+        w = (u.astype(np.float32) - (1 << (bits - 1))).reshape(N, nb, -1) \
+            * read(f"{ours}.scales").reshape(N, nb, 1)
+        if f"{ours}.bias_t" in inits:
+            w = w + read(f"{ours}.bias_t").T[..., None]
+        np.testing.assert_allclose(w.reshape(want.shape), want, rtol=0,
+                                   atol=1e-6 * np.abs(want).max())
+
+    # end to end: logits near the reference (the kernels quantize activations per 32-block),
+    # the same top-1 nearly everywhere; xla holds the exact values
+    tokens = np.random.default_rng(5).integers(0, ck.config.vocab_size, 30).astype(np.int32)
+    want = trace.reference_logits(contract, ck.params, tokens)
+    got = runtime.load(out, target="onnx").logits(tokens, start=13)
+    assert np.abs(got - want[13:]).max() < 0.05 * np.abs(want).max()
+    assert np.mean(got.argmax(-1) == want[13:].argmax(-1)) >= 0.9
+    got_xla = runtime.load(out, target="xla").logits(tokens, start=13)
+    np.testing.assert_allclose(got_xla, want[13:], atol=5e-5, rtol=0)
