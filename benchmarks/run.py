@@ -14,8 +14,10 @@ repetitions. Measured per engine: load time; prefill tokens/s and time to first 
 --prefill length (TTFT = prompt in, first logits out); decode tokens/s at short context (--short
 prompt tokens, then --decode tokens) and long context (--long prompt tokens, then --decode); peak
 RSS; artifact bytes; bytes read per decoded token (weights + the KV cache a step reads) and the
-roofline it implies at the machine's measured read bandwidth; for our artifacts, the top-1
-agreement with the fp32 reference their export measured. Ratios are to llama.cpp measured in
+roofline it implies at the machine's read bandwidth measured with the run's thread count; and
+for every engine that gives logits (ours, llama.cpp), its quality beside its speed: top-1
+agreement, mean KL and perplexity change against the fp32 JAX reference on the same weights,
+teacher-forced on the evaluation text (`compile.quality`, --quality-window tokens per window). Ratios are to llama.cpp measured in
 the same run. Writes `results.json` and `results.png` (if matplotlib is installed) under --out.
 
 Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
@@ -170,14 +172,19 @@ def run_worker(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- machine facts
 
-def read_bandwidth_gbs(gib: float = 1.0) -> float:
-    """Single-thread streaming read (numpy sum over a float32 array), best of 3."""
+def read_bandwidth_gbs(threads: int = 1, gib: float = 1.0) -> float:
+    """Streaming read bandwidth with `threads` threads (numpy sums over disjoint slices of one
+    float32 array; numpy releases the GIL in them), best of 3: the roofline of a run must use its
+    own thread count (one thread's bandwidth is exceeded by two-thread decode)."""
+    from concurrent.futures import ThreadPoolExecutor
     a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    parts = np.array_split(a, threads)
     best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        a.sum()
-        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -215,7 +222,6 @@ def engines(args) -> list[dict]:
             step = size - lookup + kv_bytes
             out.append({"kind": "ours", "name": f"gemma-aot {target} ({rec.get('quantization')})",
                         "artifacts": str(m.root), "target": target, "artifact_bytes": size,
-                        "top1_vs_fp32": rec.get("parity", {}).get("top1_agreement"),
                         "bytes_per_token": {"short": step, "long": step},
                         "context": context})
             if target == "tflite" and "litert-lm" in args.peers:
@@ -258,6 +264,44 @@ def peer_status(peers: list[str]) -> dict[str, str]:
     if status.get("onnxruntime-genai", "").startswith("onnxruntime_genai"):
         status["onnxruntime-genai"] += " (installed; its model builder has no Gemma 3 GGUF path: not run)"
     return status
+
+
+# ----------------------------------------------------------------------------- quality
+
+def measure_quality(todo: list[dict], args) -> dict[str, dict]:
+    """Teacher-forced top-1, KL and perplexity delta of every engine against the fp32 JAX
+    reference on the evaluation text (`compile.quality`), the reference run once per window for
+    all of them. The reference is the checkpoint llama.cpp reads (the same weights, dequantized)."""
+    from compile import checkpoints, quality
+    from runtime import contract as ct
+    import runtime
+    ck = checkpoints.load(args.gguf or _default_gguf())
+    encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
+    ids = quality.eval_ids(encode, piece_id)
+    window = min([args.quality_window] + [e["context"] for e in todo])
+    wins = quality.windows(ids, ck.special_ids["bos"], window)
+    contract = ct.Contract(ck.config, ct.DEFAULT_PREFILL_LENGTHS, window)
+    candidates, skipped = {}, {}
+    for e in todo:
+        if e["kind"] == "ours":
+            gen = runtime.load(e["artifacts"], target=e["target"], num_threads=args.threads)
+            candidates[e["name"]] = lambda w, gen=gen: gen.iter_logits(w, 0)
+        elif e["kind"] == "llama.cpp":
+            from llama_cpp import Llama
+            llm = Llama(model_path=e["gguf"], n_ctx=window, n_threads=args.threads,
+                        n_batch=512, logits_all=True, verbose=False)
+
+            def llama_rows(w, llm=llm):
+                llm.reset()
+                llm.eval([int(t) for t in w])
+                return np.asarray(llm.scores[:len(w)], np.float32)
+            candidates[e["name"]] = llama_rows
+        else:
+            skipped[e["name"]] = {"skipped": "its Python API returns text, not logits"}
+    print(f"quality: {len(ids)} tokens of the evaluation text in {len(wins)} windows of <= "
+          f"{window}, {len(candidates)} engines", file=sys.stderr)
+    figures = quality.evaluate_many(contract, ck.params, wins, candidates)
+    return {**figures, **skipped}
 
 
 # ----------------------------------------------------------------------------- export
@@ -339,7 +383,8 @@ def table(results: list[dict], args, bandwidth: float) -> str:
     n_big = max(args.prefill)
     head = (f"{'engine':<36}{'prefill ' + str(n_big):>12}{'TTFT ' + str(min(args.prefill)):>10}"
             f"{'decode ≤' + str(args.short + args.decode):>12}{'decode @' + str(args.long):>12}"
-            f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}{'top-1':>7}   vs llama.cpp (prefill/decode)")
+            f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}{'top-1':>7}{'KL':>8}{'ppl Δ':>8}"
+            f"   vs llama.cpp (prefill/decode)")
     lines = [head, "-" * len(head)]
     for r in results:
         m = r["median"]
@@ -355,12 +400,15 @@ def table(results: list[dict], args, bandwidth: float) -> str:
         lines.append(f"{r['name']:<36}{m[f'prefill_{n_big}']:>12.1f}{m[f'ttft_{min(args.prefill)}']:>9.3f}s"
                      f"{m['decode_short']:>12.1f}{m['decode_long']:>12.1f}{roof:>10.1f}"
                      f"{m['peak_rss_mb']:>8.0f}{r['artifact_bytes'] / 1e6:>9.0f}"
-                     f"{_pct(r.get('top1_vs_fp32')):>7}   {ratio}")
+                     f"{_quality(r.get('quality'))}   {ratio}")
     return "\n".join(lines)
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{x:.0%}"
+def _quality(q) -> str:
+    """top-1, mean KL and relative perplexity change against the fp32 reference."""
+    if not q or "top1" not in q:
+        return f"{'-':>7}{'-':>8}{'-':>8}"
+    return f"{q['top1']:>7.3f}{q['mean_kl']:>8.4f}{q['ppl_delta_rel']:>+8.2%}"
 
 
 def chart(results: list[dict], args, path: Path) -> bool:
@@ -410,6 +458,9 @@ def main(argv=None) -> int:
                    help=f"target[:quant],... for --measure-export (default {DEFAULT_EXPORTS})")
     p.add_argument("--export-only", action="store_true",
                    help="with --measure-export: skip the speed runs")
+    p.add_argument("--quality-window", type=int, default=1024,
+                   help="quality of every engine against the fp32 reference, teacher-forced on "
+                        "the evaluation text in windows of this many tokens (0: skip)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.worker:
@@ -437,8 +488,8 @@ def main(argv=None) -> int:
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs; {args.threads} threads; "
           f"{args.reps} reps; peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()),
           file=sys.stderr)
-    bandwidth = read_bandwidth_gbs()
-    print(f"single-thread read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
+    bandwidth = read_bandwidth_gbs(args.threads)
+    print(f"read bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s", file=sys.stderr)
     runs = {e["name"]: [] for e in todo}
     for rep in range(args.reps):
         for e in todo:
@@ -450,10 +501,15 @@ def main(argv=None) -> int:
                      f"decode {r['decode_short']:.1f} / {r['decode_long']:.1f} tok/s"),
                   file=sys.stderr)
     results = [{**e, "runs": runs[e["name"]], "median": summarize(runs[e["name"]])} for e in todo]
+    if args.quality_window:
+        qual = measure_quality(todo, args)
+        for r in results:
+            r["quality"] = qual.get(r["name"])
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
-                    "platform": platform.platform(), "read_bandwidth_gbs": round(bandwidth, 2)},
+                    "platform": platform.platform(), "read_bandwidth_gbs": round(bandwidth, 2),
+                    "read_bandwidth_threads": args.threads},
         "settings": {**common, "reps": args.reps}, "peers": peers, "results": results,
     }
     if args.measure_export:

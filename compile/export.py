@@ -119,9 +119,20 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
             parity.release()   # the target's transient buffers, before the next one
         _write_json(stage / ct.MANIFEST_FILE, manifest)
         failures = parity.check(ck, contract, stage, manifest,
-                                {m.NAME: targets.quant(m, options) for m in mods}, log)
+                                {m.NAME: "none" if targets.exact(m, options, ck.params)
+                                 else targets.quant(m, options) for m in mods}, log)
         if failures:
             raise ExportError("artifact parity check failed against the JAX reference: "
+                              + "; ".join(failures))
+        runnable = [m.NAME for m in mods if "skipped" not in
+                    manifest["artifacts"][m.NAME].get("parity", {})]
+        failures = parity.quality_check(
+            ck, contract, stage, manifest,
+            [m.NAME for m in mods
+             if not targets.exact(m, options, ck.params) and m.NAME in runnable],
+            bool(options.get("accept_quality_loss")), log)
+        if failures:
+            raise ExportError("artifact quality check failed against the fp32 reference: "
                               + "; ".join(failures))
         _write_json(stage / ct.MANIFEST_FILE, manifest)
         return _publish(stage, out, manifest, existing, [m.NAME for m in mods])
@@ -192,8 +203,12 @@ def main(argv=None) -> int:
                    help="weight quantization: none, native, int8 or int4 (bf16 or none for "
                         "xla-tpu). native keeps a GGUF checkpoint's own blocks (Q8_0, Q5_0, Q4_K, "
                         "Q6_K, ...) unchanged: onnx stores them, xla their exact float values; "
-                        "int8/int4 re-quantize (default: the target's own: none for xla and onnx, "
+                        "int8/int4 re-quantize (default: the target's own: none for xla, native for onnx, "
                         "int8 for tflite, bf16 for xla-tpu)")
+    p.add_argument("--accept-quality-loss", action="store_true",
+                   help="publish quantized artifacts of a real checkpoint even when their quality "
+                        "on the evaluation text is below llama.cpp's on the same weights (the "
+                        "manifest records it)")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the tied embedding/output layer in float when quantizing")
     p.add_argument("--tpu-topology", default=None,
@@ -217,6 +232,7 @@ def main(argv=None) -> int:
             names = [n for n in names if n != "all"] + list(targets.PORTABLE)
         names = list(dict.fromkeys(names))
         options = {"quant": args.quant, "float_embedding": args.float_embedding,
+                   "accept_quality_loss": args.accept_quality_loss,
                    "tpu_topology": args.tpu_topology, "mesh": args.mesh}
         for n in names:
             targets.check_options(targets.get(n), options)

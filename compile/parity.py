@@ -10,6 +10,15 @@ reference logit — which must be at least `MIN_CLEAR` of the decoded positions.
 synthetic full-size checkpoints) can give near-ties that any rounding flips; counting only clear
 positions keeps the check meaningful on them, and a broken artifact still fails (a test swaps two
 layers). `top1_agreement` over all positions is recorded too.
+
+Lossy artifacts of real checkpoints also pass a quality gate (`quality_check`): teacher-forced on
+the first `QUALITY_TOKENS` tokens of the evaluation text (`compile.quality`), their top-1
+agreement, mean KL and perplexity change against the fp32 reference must be within
+`QUALITY_LIMITS` — llama.cpp's own figures on the same slice and weights (the embedded Gemma 3
+270M Q4_K_M) — or the export fails, unless the user accepts the loss (`--accept-quality-loss`,
+recorded in the manifest). Random weights (`random:`, tiny test models, `compile.synthetic`
+checkpoints, recognised by their generated tokenizer) predict no text: the margin rule above is
+their only check.
 """
 
 from __future__ import annotations
@@ -105,6 +114,74 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
         if problems:
             failures.append(f"{target}: " + "; ".join(problems))
     return failures
+
+
+QUALITY_TOKENS = 512
+# llama.cpp (llama-cpp-python 0.3.36, 2 threads) on the embedded Gemma 3 270M Q4_K_M, teacher-forced
+# on the same QUALITY_TOKENS slice against the fp32 reference on the same weights (2026-11-30)
+# (ours then: onnx native 0.9707 / 0.0030 / +0.53 %, tflite int8 0.8906 / 0.0296 / +1.96 %)
+LLAMA_CPP_ON_SLICE = {"top1": 0.9492, "mean_kl": 0.00675, "ppl_delta_rel": 0.0133}
+QUALITY_LIMITS = {"min_top1": LLAMA_CPP_ON_SLICE["top1"], "max_kl": LLAMA_CPP_ON_SLICE["mean_kl"],
+                  "max_ppl_delta_rel": LLAMA_CPP_ON_SLICE["ppl_delta_rel"]}
+
+
+def predicts_text(ck) -> bool:
+    """Whether the checkpoint is a trained model (its tokenizer is not one we generated for
+    random weights)."""
+    from .tokenizer import tiny_tokenizer
+    if ck.source.get("format") == "random":
+        return False
+    return ck.tokenizer_model != tiny_tokenizer(ck.config.vocab_size)[0]
+
+
+def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy: list[str],
+                  accept: bool, log) -> list[str]:
+    """The quality gate for the `lossy` targets (see the module docstring); records the figures
+    in `manifest` and returns the failures (none when `accept`)."""
+    import runtime
+    from . import quality
+    if not lossy or not predicts_text(ck):
+        return []
+    encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
+    ids = quality.eval_ids(encode, piece_id)
+    window = min(QUALITY_TOKENS, contract.max_context)
+    wins = quality.windows(ids, ck.special_ids["bos"], window, limit=window - 1)[:1]
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="quality-cache-", dir=stage.parent) as tmp:
+        gens = {t: runtime.load(stage, target=t, cache_dir=tmp if t == "tflite" else False)
+                for t in lossy}
+        figures = quality.evaluate_many(
+            contract, ck.params, wins, {t: (lambda w, g=g: g.iter_logits(w, 0))
+                                        for t, g in gens.items()})
+        del gens
+    release()
+    for target, f in figures.items():
+        problems = judge_quality(f, QUALITY_LIMITS)
+        manifest["artifacts"][target]["quality"] = {
+            **f, "limits": QUALITY_LIMITS, "llama_cpp_on_slice": LLAMA_CPP_ON_SLICE,
+            "passed": not problems, "accepted_loss": bool(problems and accept)}
+        log(f"quality {target}: top-1 {f['top1']:.1%}, KL {f['mean_kl']:.4f}, perplexity "
+            f"{f['ppl_delta_rel']:+.2%} against fp32 on {f['positions']} tokens of the evaluation "
+            f"text" + (f" — below llama.cpp's level: {'; '.join(problems)}"
+                       + (" (accepted: --accept-quality-loss)" if accept else "")
+                       if problems else ""))
+        if problems and not accept:
+            failures.append(f"{target}: on {f['positions']} tokens of the evaluation text "
+                            + "; ".join(problems) + " — worse than llama.cpp on the same "
+                            "weights; pass --accept-quality-loss to publish it anyway")
+    return failures
+
+
+def judge_quality(f: dict, limits: dict) -> list[str]:
+    out = []
+    if f["top1"] < limits["min_top1"]:
+        out.append(f"top-1 agreement {f['top1']:.1%} (minimum {limits['min_top1']:.1%})")
+    if f["mean_kl"] > limits["max_kl"]:
+        out.append(f"mean KL {f['mean_kl']:.4f} (maximum {limits['max_kl']:.4f})")
+    if f["ppl_delta_rel"] > limits["max_ppl_delta_rel"]:
+        out.append(f"perplexity {f['ppl_delta_rel']:+.2%} (maximum "
+                   f"{limits['max_ppl_delta_rel']:+.2%})")
+    return out
 
 
 def release() -> None:

@@ -100,26 +100,36 @@ def evaluate(contract, params, wins: Iterable[np.ndarray],
              reference: Callable | None = None, progress=None) -> dict:
     """Figures of `logits_of(window)` — an iterable of logit rows ([V] or [r, V]) for positions
     0..len-1 of the window, in order — against the reference on every window."""
+    return evaluate_many(contract, params, wins, {"": logits_of}, reference, progress)[""]
+
+
+def evaluate_many(contract, params, wins: Iterable[np.ndarray],
+                  candidates: dict[str, Callable[[np.ndarray], Iterable[np.ndarray]]],
+                  reference: Callable | None = None, progress=None) -> dict[str, dict]:
+    """`evaluate` for several candidates at once: the reference runs once per window."""
     reference = reference or (lambda w: reference_chunks(contract, params, w))
-    acc = _Acc()
+    accs = {name: _Acc() for name in candidates}
     wins = list(wins)
-    bar = progress(total=sum(len(w) for w in wins), desc="quality", unit="tok") \
-        if progress else None
+    bar = progress(total=sum(len(w) for w in wins) * len(candidates), desc="quality",
+                   unit="tok") if progress else None
     for w in wins:
-        got_rows = _rows(logits_of(w))
+        rows = {name: _rows(fn(w)) for name, fn in candidates.items()}
         pos = 0
         for ref in reference(w):
-            got = np.stack([next(got_rows) for _ in range(len(ref))])
+            ref = np.asarray(ref, np.float32)
             targets = w[pos + 1: pos + 1 + len(ref)]
-            acc.add(np.asarray(ref, np.float32), got, targets)
+            for name, it in rows.items():
+                got = np.stack([next(it) for _ in range(len(ref))])
+                accs[name].add(ref, got, targets)
+                if bar:
+                    bar.update(len(ref))
             pos += len(ref)
-            if bar:
-                bar.update(len(ref))
-        if next(got_rows, None) is not None:
-            raise ValueError("the artifact returned more logit rows than the window has tokens")
+        for name, it in rows.items():
+            if next(it, None) is not None:
+                raise ValueError(f"{name}: more logit rows than the window has tokens")
     if bar:
         bar.close()
-    return acc.figures(len(wins))
+    return {name: acc.figures(len(wins)) for name, acc in accs.items()}
 
 
 def _rows(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:

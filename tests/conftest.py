@@ -58,7 +58,9 @@ def real_checkpoint(real_gguf):
 
 @pytest.fixture(scope="session")
 def real_tflite(tmp_path_factory, real_checkpoint):
-    """quant -> artifact directory of the real 270M's TFLite target (exported on first use)."""
+    """quant -> artifact directory of the real 270M's TFLite target (exported on first use). The
+    int8 and int4 recipes are below llama.cpp's quality on the evaluation text (issue 15): these
+    exports accept the loss, which their manifests record."""
     from compile import export as ex
     from runtime import contract as ct
     cache = {}
@@ -67,7 +69,8 @@ def real_tflite(tmp_path_factory, real_checkpoint):
         if quant not in cache:
             out = tmp_path_factory.mktemp("real-tflite") / f"gemma3-270m-{quant}"
             ex.export(real_checkpoint, ct.Contract(real_checkpoint.config), ["tflite"], out,
-                      {"quant": quant}, log=lambda m: None)
+                      {"quant": quant, "accept_quality_loss": quant != "none"},
+                      log=lambda m: None)
             cache[quant] = out
         return cache[quant]
     return get

@@ -2,6 +2,8 @@
 
     NAME: str                       the manifest key and the artifact's subdirectory
     QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
+    EXACT_QUANTS: tuple[str, ...]   optional (default ("none",)): the ones that store and compute
+                                    the checkpoint's values in float32, judged as `none`
     TRACE_PLATFORMS: tuple[str, ...]  the platforms it needs each signature jax.export-ed for
                                     (empty: it lowers the traced functions itself)
                                     (the parity limits per quantization are `compile.parity`'s)
@@ -10,6 +12,8 @@
         part of the manifest's artifact record ("files" maps roles to paths relative to out_dir).
     def check_options(options) -> None   optional: raises ValueError for bad target options before
                                         any work is done
+    def keeps_blocks(params, options) -> bool   optional, for targets with `native`: whether any
+                                        tensor is stored in the checkpoint's blocks
 
 A target whose artifacts cannot run on the exporting machine (xla-tpu for a TPU topology) is
 published with its parity check recorded as skipped and why.
@@ -35,6 +39,17 @@ def get(name: str):
 def quant(mod, options: dict) -> str:
     """The weight quantization a target builds with these options."""
     return options.get("quant") or mod.DEFAULT_QUANT
+
+
+def exact(mod, options: dict, params=None) -> bool:
+    """Whether the artifact holds the checkpoint's values unchanged, in float32 (xla's `native`
+    is the checkpoint's dequantized values; onnx's `native` of a float checkpoint is float): its
+    parity is judged as `none` and it needs no quality gate."""
+    q = quant(mod, options)
+    if q in getattr(mod, "EXACT_QUANTS", ("none",)):
+        return True
+    return q == "native" and params is not None and hasattr(mod, "keeps_blocks") and \
+        not mod.keeps_blocks(params, options)
 
 
 def check_options(mod, options: dict) -> None:

@@ -43,7 +43,7 @@ from ..weights import quant as wq
 
 NAME = "onnx"
 QUANTS = ("none", "native", "int8", "int4")
-DEFAULT_QUANT = "none"
+DEFAULT_QUANT = "native"   # a GGUF checkpoint's own blocks; a float checkpoint stays float32
 TRACE_PLATFORMS = ()   # jax2onnx lowers the model function with symbolic lengths itself
 DATA_FILE = "model.onnx.data"
 
@@ -78,6 +78,12 @@ def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
     if quant == "native":
         return _native_layout(params, name) is not None
     return quant != "none"
+
+
+def keeps_blocks(params, options: dict) -> bool:
+    quant = options.get("quant") or DEFAULT_QUANT
+    fe = bool(options.get("float_embedding"))
+    return quant == "native" and any(quantized(params, n, quant, fe) for n in params)
 
 
 def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:

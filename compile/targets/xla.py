@@ -20,6 +20,7 @@ from ..weights import safetensors, specs_of
 
 NAME = "xla"
 QUANTS = ("none", "native")
+EXACT_QUANTS = ("none", "native")
 DEFAULT_QUANT = "none"
 TRACE_PLATFORMS = ("cpu", "cuda", "tpu")
 

@@ -1,0 +1,59 @@
+"""compile.quality: figures on exact small arrays, the evaluation text's structure, and the
+export's quality-gate rule."""
+
+import numpy as np
+import pytest
+
+from compile import parity, quality
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_figures_on_exact_arrays():
+    ref = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.5, 0.2, 0.1]], np.float32)
+    got = ref.copy()
+    got[1] = [3.0, 2.0, 1.0]                          # a different argmax at position 1
+    window = np.array([0, 1, 2, 0], np.int32)         # targets of positions 0..2: 1, 2, 0
+    f = quality.evaluate(None, None, [window], lambda w: iter(got),   # rows one at a time
+                         reference=lambda w: [ref[:2], ref[2:]])      # reference in two chunks
+    assert f["positions"] == 4 and f["windows"] == 1
+    assert f["top1"] == 0.75
+    lp, lq = _log_softmax(ref), _log_softmax(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    assert f["mean_kl"] == pytest.approx(kl, rel=1e-9)
+    nll_ref = -(lp[0, 1] + lp[1, 2] + lp[2, 0]) / 3   # the last position has no next token
+    nll_got = -(lq[0, 1] + lq[1, 2] + lq[2, 0]) / 3
+    assert f["ppl_ref"] == pytest.approx(np.exp(nll_ref), rel=1e-9)
+    assert f["ppl_delta_rel"] == pytest.approx(np.exp(nll_got) / np.exp(nll_ref) - 1, rel=1e-9)
+    with pytest.raises(ValueError, match="more logit rows than the window has tokens"):
+        quality.evaluate(None, None, [window], lambda w: np.concatenate([got, got]),
+                         reference=lambda w: [ref])
+
+
+def test_windows_start_with_bos_and_cover_the_text():
+    ids = list(range(10, 30))
+    wins = quality.windows(ids, 2, 8)
+    assert all(w[0] == 2 and len(w) <= 8 for w in wins)
+    assert [t for w in wins for t in w[1:]] == ids
+    assert len(quality.windows(ids, 2, 8, limit=7)) == 1
+
+
+def test_evaluation_text_sections_and_chat_turns():
+    kinds = [k for k, _ in quality.sections()]
+    for kind in ("prose", "code", "chinese", "russian", "chat"):
+        assert kind in kinds
+    pieces = []
+    ids = quality.eval_ids(lambda s: [len(s)], lambda p: pieces.append(p) or -len(pieces))
+    assert "<start_of_turn>" in pieces and "<end_of_turn>" in pieces and "<bos>" not in pieces
+    assert len(quality.eval_sha256()) == 64 and len(ids) > 20
+
+
+def test_quality_judgement_names_each_miss():
+    limits = {"min_top1": 0.9, "max_kl": 0.01, "max_ppl_delta_rel": 0.01}
+    assert parity.judge_quality({"top1": 0.95, "mean_kl": 0.005, "ppl_delta_rel": 0.0}, limits) == []
+    assert parity.judge_quality({"top1": 0.85, "mean_kl": 0.02, "ppl_delta_rel": 0.03}, limits) == [
+        "top-1 agreement 85.0% (minimum 90.0%)", "mean KL 0.0200 (maximum 0.0100)",
+        "perplexity +3.00% (maximum +1.00%)"]
