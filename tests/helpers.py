@@ -195,3 +195,32 @@ def write_quantized_gguf(cfg: GemmaConfig, params: dict, path: Path, types: dict
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def onnx_matmul_nbits_weights(art_dir: Path, names) -> dict:
+    """name -> float32 [N, K]: what the ONNX artifact's MatMulNBits (plus its block-sum bias term,
+    if any) computes with for weight `name`, read back from the external data file."""
+    import onnx
+    m = onnx.load(str(art_dir / "onnx" / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    data = np.memmap(art_dir / "onnx" / "model.onnx.data", np.uint8, mode="r")
+
+    def read(name):
+        t = inits[name]
+        ext = {e.key: e.value for e in t.external_data}
+        raw = data[int(ext["offset"]):int(ext["offset"]) + int(ext["length"])]
+        return raw.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+
+    nodes = {n.input[1]: n for n in m.graph.node if n.op_type == "MatMulNBits"}
+    out = {}
+    for name in names:
+        B = read(f"{name}.B")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[f"{name}.B"].attribute}
+        bits, N, nb = attrs["bits"], B.shape[0], B.shape[1]
+        u = B.reshape(N, -1) if bits == 8 else np.stack([B & 15, B >> 4], -1).reshape(N, -1)
+        w = (u.astype(np.float32) - (1 << (bits - 1))).reshape(N, nb, -1) \
+            * read(f"{name}.scales").reshape(N, nb, 1)
+        if f"{name}.bias_t" in inits:
+            w = w + read(f"{name}.bias_t").T[..., None]
+        out[name] = w.reshape(N, attrs["K"])
+    return out

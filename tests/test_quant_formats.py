@@ -11,7 +11,7 @@ from compile import checkpoints, export as ex, trace
 from compile.weights import Params, Tensor, gguf_blocks
 from compile.weights import onnx as container
 from runtime import contract as ct
-from helpers import write_quantized_gguf
+from helpers import onnx_matmul_nbits_weights, write_quantized_gguf
 
 CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
 TYPES = {"embed": "Q8_0", "q_proj": "Q5_0", "k_proj": "Q4_1", "v_proj": "Q8_0",
@@ -96,34 +96,15 @@ def test_native_onnx_keeps_every_gguf_block(native_gguf, tmp_path):
     assert man["onnx"]["op_counts"]["MatMulNBits"] == 7 * ck.config.num_layers + 1
 
     # the stored integers and scales are GGUF's: dequantized, equal to gguf's dequantization
-    import onnx
-    m = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
-    inits = {t.name: t for t in m.graph.initializer}
-    data = np.memmap(out / "onnx" / "model.onnx.data", np.uint8, mode="r")
-
-    def read(name):
-        t = inits[name]
-        ext = {e.key: e.value for e in t.external_data}
-        raw = data[int(ext["offset"]):int(ext["offset"]) + int(ext["length"])]
-        return raw.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
-    reader = gguf.GGUFReader(native_gguf)
-    tensors = {t.name: t for t in reader.tensors}
-    for ours, theirs in (("layers.2.k_proj", "blk.2.attn_k.weight"),
-                         ("layers.1.down_proj", "blk.1.ffn_down.weight"),
-                         ("layers.0.q_proj", "blk.0.attn_q.weight"), ("embed", "token_embd.weight")):
+    pairs = {"layers.2.k_proj": "blk.2.attn_k.weight", "layers.1.down_proj": "blk.1.ffn_down.weight",
+             "layers.0.q_proj": "blk.0.attn_q.weight", "embed": "token_embd.weight"}
+    stored = onnx_matmul_nbits_weights(out, pairs)
+    tensors = {t.name: t for t in gguf.GGUFReader(native_gguf).tensors}
+    for ours, theirs in pairs.items():
         t = tensors[theirs]
         want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(
             tuple(int(d) for d in reversed(t.shape)))
-        B = read(f"{ours}.B")
-        N, nb, width = B.shape
-        bits = width * 8 // (want.shape[1] // nb)
-        u = B.reshape(N, -1) if bits == 8 else np.stack([B & 15, B >> 4], -1).reshape(N, -1)
-        w = (u.astype(np.float32) - (1 << (bits - 1))).reshape(N, nb, -1) \
-            * read(f"{ours}.scales").reshape(N, nb, 1)
-        if f"{ours}.bias_t" in inits:
-            w = w + read(f"{ours}.bias_t").T[..., None]
-        np.testing.assert_allclose(w.reshape(want.shape), want, rtol=0,
-                                   atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max())
 
     # end to end: logits near the reference (the kernels quantize activations per 32-block),
     # the same top-1 nearly everywhere; xla holds the exact values

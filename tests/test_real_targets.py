@@ -112,7 +112,7 @@ def test_native_onnx_keeps_the_gguf_blocks_and_beats_llama_cpp_quality(real_onnx
     """The default model's own Q8_0/Q5_0/Q4_K/Q6_K blocks, stored unchanged, and the export's
     quality gate on the evaluation text passed (at llama.cpp's level or better)."""
     import gguf
-    import onnx
+    from helpers import onnx_matmul_nbits_weights
     out = real_onnx("native")
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
     assert art["op_counts"]["MatMulNBits"] == 7 * 18 + 1
@@ -124,32 +124,15 @@ def test_native_onnx_keeps_the_gguf_blocks_and_beats_llama_cpp_quality(real_onnx
     assert q["passed"] and not q["accepted_loss"] and q["positions"] >= 511
     assert q["top1"] >= q["limits"]["min_top1"] and q["mean_kl"] <= q["limits"]["max_kl"]
     # stored integers and scales dequantize to what gguf dequantizes (Q4_K with its bias term)
-    m = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
-    inits = {t.name: t for t in m.graph.initializer}
-    data = np.memmap(out / "onnx" / "model.onnx.data", np.uint8, mode="r")
-
-    def read(name):
-        t = inits[name]
-        ext = {e.key: e.value for e in t.external_data}
-        raw = data[int(ext["offset"]):int(ext["offset"]) + int(ext["length"])]
-        return raw.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+    pairs = {"layers.0.o_proj": "blk.0.attn_output.weight",
+             "layers.0.down_proj": "blk.0.ffn_down.weight", "layers.3.q_proj": "blk.3.attn_q.weight"}
+    stored = onnx_matmul_nbits_weights(out, pairs)
     tensors = {t.name: t for t in gguf.GGUFReader(real_gguf).tensors}
-    for ours, theirs in (("layers.0.o_proj", "blk.0.attn_output.weight"),
-                         ("layers.0.down_proj", "blk.0.ffn_down.weight"),
-                         ("layers.3.q_proj", "blk.3.attn_q.weight")):
+    for ours, theirs in pairs.items():
         t = tensors[theirs]
         want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(
             tuple(int(d) for d in reversed(t.shape)))
-        B = read(f"{ours}.B")
-        N, nb, width = B.shape
-        bits = width * 8 // (want.shape[1] // nb)
-        u = B.reshape(N, -1) if bits == 8 else np.stack([B & 15, B >> 4], -1).reshape(N, -1)
-        w = (u.astype(np.float32) - (1 << (bits - 1))).reshape(N, nb, -1) \
-            * read(f"{ours}.scales").reshape(N, nb, 1)
-        if f"{ours}.bias_t" in inits:
-            w = w + read(f"{ours}.bias_t").T[..., None]
-        np.testing.assert_allclose(w.reshape(want.shape), want, rtol=0,
-                                   atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max())
     gen = runtime.load(out)
     assert gen.target == "onnx" and gen.generate(PROMPT, max_new_tokens=16).strip()
 
