@@ -268,40 +268,69 @@ def peer_status(peers: list[str]) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- quality
 
+def _reference(source: dict):
+    """The checkpoint an artifact directory was exported from (its manifest's source), or None."""
+    from compile import checkpoints
+    from compile.export import random_checkpoint
+    if source.get("format") == "random":
+        return random_checkpoint(source["variant"], source.get("seed", 0))
+    if source.get("path") and Path(source["path"]).exists():
+        return checkpoints.load(source["path"])
+    return None
+
+
 def measure_quality(todo: list[dict], args) -> dict[str, dict]:
     """Teacher-forced top-1, KL and perplexity delta of every engine against the fp32 JAX
-    reference on the evaluation text (`compile.quality`), the reference run once per window for
-    all of them. The reference is the checkpoint llama.cpp reads (the same weights, dequantized)."""
-    from compile import checkpoints, quality
+    reference on the evaluation text (`compile.quality`): per artifact directory, the reference is
+    the checkpoint it was exported from (its manifest's source), run once per window for all its
+    engines; llama.cpp is measured against the same reference when it reads that very GGUF."""
+    from compile import quality
     from runtime import contract as ct
     import runtime
-    ck = checkpoints.load(args.gguf or _default_gguf())
-    encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
-    ids = quality.eval_ids(encode, piece_id)
-    window = min([args.quality_window] + [e["context"] for e in todo])
-    wins = quality.windows(ids, ck.special_ids["bos"], window)
-    contract = ct.Contract(ck.config, ct.DEFAULT_PREFILL_LENGTHS, window)
-    candidates, skipped = {}, {}
+    out: dict[str, dict] = {}
+    llama = next((e for e in todo if e["kind"] == "llama.cpp"), None)
+    for e in todo:
+        if e["kind"] not in ("ours", "llama.cpp"):
+            out[e["name"]] = {"skipped": "its Python API returns text, not logits"}
+    groups: dict[str, list[dict]] = {}
     for e in todo:
         if e["kind"] == "ours":
-            gen = runtime.load(e["artifacts"], target=e["target"], num_threads=args.threads)
+            groups.setdefault(e["artifacts"], []).append(e)
+    for root, engines_ in groups.items():
+        m = runtime.Manifest.read(root)
+        source = m.data["model"].get("source", {})
+        ck = _reference(source)
+        if ck is None:
+            for e in engines_:
+                out[e["name"]] = {"skipped": f"its checkpoint {source} is not readable here"}
+            continue
+        encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
+        ids = quality.eval_ids(encode, piece_id)
+        window = min(args.quality_window, m.max_context)
+        wins = quality.windows(ids, ck.special_ids["bos"], window)
+        contract = ct.Contract(ck.config, tuple(m.prefill_lengths), m.max_context)
+        candidates = {}
+        for e in engines_:
+            gen = runtime.load(root, target=e["target"], num_threads=args.threads)
             candidates[e["name"]] = lambda w, gen=gen: gen.iter_logits(w, 0)
-        elif e["kind"] == "llama.cpp":
+        if llama and llama["name"] not in out and source.get("format") == "gguf" and \
+                Path(source["path"]).resolve() == Path(llama["gguf"]).resolve():
             from llama_cpp import Llama
-            llm = Llama(model_path=e["gguf"], n_ctx=window, n_threads=args.threads,
+            llm = Llama(model_path=llama["gguf"], n_ctx=window, n_threads=args.threads,
                         n_batch=512, logits_all=True, verbose=False)
 
             def llama_rows(w, llm=llm):
                 llm.reset()
                 llm.eval([int(t) for t in w])
                 return np.asarray(llm.scores[:len(w)], np.float32)
-            candidates[e["name"]] = llama_rows
-        else:
-            skipped[e["name"]] = {"skipped": "its Python API returns text, not logits"}
-    print(f"quality: {len(ids)} tokens of the evaluation text in {len(wins)} windows of <= "
-          f"{window}, {len(candidates)} engines", file=sys.stderr)
-    figures = quality.evaluate_many(contract, ck.params, wins, candidates)
-    return {**figures, **skipped}
+            candidates[llama["name"]] = llama_rows
+        print(f"quality: {len(ids)} tokens of the evaluation text in {len(wins)} windows of <= "
+              f"{window} against {root}'s checkpoint: {', '.join(candidates)}", file=sys.stderr)
+        out.update(quality.evaluate_many(contract, ck.params, wins, candidates))
+        del candidates
+    if llama and llama["name"] not in out:
+        out[llama["name"]] = {"skipped": "no artifact directory was exported from its GGUF"}
+    return out
 
 
 # ----------------------------------------------------------------------------- export
