@@ -115,3 +115,21 @@ def test_native_onnx_keeps_every_gguf_block(native_gguf, tmp_path):
     assert np.mean(got.argmax(-1) == want[13:].argmax(-1)) >= 0.9
     got_xla = runtime.load(out, target="xla").logits(tokens, start=13)
     np.testing.assert_allclose(got_xla, want[13:], atol=5e-5, rtol=0)
+
+
+def test_tflite_cannot_keep_gguf_blocks_and_says_who_can(native_gguf, tmp_path):
+    """Refused before any work, naming the tensor, its type and the targets that can keep it; a
+    float checkpoint passes (native = its own float32)."""
+    from compile.targets import tflite
+    ck = checkpoints.load(str(native_gguf))
+    out = tmp_path / "art"
+    with pytest.raises(ValueError, match=r"--quant native: tensor embed is stored as Q8_0, which "
+                                         r"the tflite target cannot keep .*targets that can take "
+                                         r"it: onnx, xla \(as float32\)"):
+        ex.export(ck, ct.Contract(ck.config, **CONTRACT), ["tflite"], out, {"quant": "native"},
+                  log=lambda m: None)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    tiny = ex.random_checkpoint("gemma3-270m-tiny")
+    tflite.check_checkpoint(tiny.params, {"quant": "native"})      # float: nothing to refuse
+    from compile import targets
+    assert targets.exact(tflite, {"quant": "native"}, tiny.params)

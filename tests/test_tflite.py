@@ -166,7 +166,7 @@ def test_float_embedding_keeps_output_layer_float(tmp_path):
 def test_bad_quant_and_corrupt_tflite(tiny_artifacts, tmp_path):
     ck = ex.random_checkpoint("gemma-2b-tiny")
     with pytest.raises(ValueError, match="target 'tflite' does not support --quant int3; "
-                                         "it supports: none, int8, int4"):
+                                         "it supports: none, native, int8, int4"):
         ex.export(ck, ct.Contract(ck.config, **CONTRACT), ["tflite"], tmp_path / "x",
                   {"quant": "int3"}, log=lambda m: None)
     with pytest.raises(ValueError, match="target 'xla' does not support --quant int8"):

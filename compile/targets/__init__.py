@@ -14,6 +14,9 @@
                                         any work is done
     def keeps_blocks(params, options) -> bool   optional, for targets with `native`: whether any
                                         tensor is stored in the checkpoint's blocks
+    def check_checkpoint(params, options) -> None   optional: raises ValueError, naming the tensor,
+                                        for a checkpoint these options cannot export, before any
+                                        work is done
 
 A target whose artifacts cannot run on the exporting machine (xla-tpu for a TPU topology) is
 published with its parity check recorded as skipped and why.

@@ -80,6 +80,14 @@ def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
     return quant != "none"
 
 
+def check_checkpoint(params, options: dict) -> None:
+    """Before any work: with `native`, every block-quantized tensor is one this target keeps."""
+    quant = options.get("quant") or DEFAULT_QUANT
+    if quant == "native":
+        for name in params:
+            quantized(params, name, quant, bool(options.get("float_embedding")))
+
+
 def keeps_blocks(params, options: dict) -> bool:
     quant = options.get("quant") or DEFAULT_QUANT
     fe = bool(options.get("float_embedding"))

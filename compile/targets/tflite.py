@@ -47,8 +47,10 @@ from ..weights import quant as wq
 from ..weights import tflite as container
 
 NAME = "tflite"
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "native", "int8", "int4")
+EXACT_QUANTS = ("none", "native")   # native: only a float checkpoint, kept in float32
 DEFAULT_QUANT = "int8"
+FLOAT_FORMATS = ("F32", "F16", "BF16")
 TRACE_PLATFORMS = ()   # traced here, for cpu, from the weight forms this target stores
 
 
@@ -59,6 +61,22 @@ def check_options(options: dict) -> None:
     except ImportError:
         raise ValueError("the tflite target needs litert-converter: pip install --no-deps "
                          "litert-converter==0.5.0 (see pyproject.toml's tflite extra)") from None
+
+
+def check_checkpoint(params, options: dict) -> None:
+    """Before any work: `native` keeps a checkpoint's own formats, and LiteRT's kernels have no
+    form for GGUF's blocks (XNNPACK takes per-channel int8 and symmetric 4-bit blocks with bf16
+    scales; no 5/6/8-bit blocks, no per-block offsets), so a block-quantized tensor is refused by
+    name; a float checkpoint stays float32."""
+    if (options.get("quant") or DEFAULT_QUANT) != "native":
+        return
+    for name in params:
+        fmt = params.format(name) if hasattr(params, "format") else "F32"
+        if fmt not in FLOAT_FORMATS:
+            raise ValueError(f"--quant native: tensor {name} is stored as {fmt}, which the tflite "
+                             f"target cannot keep (LiteRT's kernels take per-channel int8 and "
+                             f"symmetric 4-bit blocks only); targets that can take it: onnx, xla "
+                             f"(as float32); or choose --quant none, int8 or int4 for tflite")
 
 
 def weight_forms(params, quant: str, float_embedding: bool, tick=None
@@ -212,6 +230,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     if quant not in QUANTS:
         raise ValueError(f"tflite: unsupported quantization {quant!r}; choose one of "
                          f"{', '.join(QUANTS)}")
+    check_checkpoint(params, options)
+    stored = "none" if quant == "native" else quant     # a float checkpoint, kept as it is
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tflite-", dir=out_dir.parent))
     float_embedding = bool(options.get("float_embedding"))
@@ -219,7 +239,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     try:
         bar = progress(total=len(params), desc=f"tflite weights ({quant})", unit="tensor") \
             if progress else None
-        consts, quantized = weight_forms(params, quant, float_embedding,
+        consts, quantized = weight_forms(params, stored, float_embedding,
                                          bar.update if bar else None)
         if bar:
             bar.close()
@@ -228,7 +248,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
         counts = container.finish(work / "converted.tflite", out_dir / "model.tflite", quantized)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    bundle_name = f"{contract.config.name}-{quant}.litertlm"
+    bundle_name = f"{contract.config.name}-{stored}.litertlm"
     bundle(out_dir / "model.tflite", Path(options["tokenizer_path"]), options["special_ids"],
            contract, out_dir / bundle_name)
     return {"files": {"model": "model.tflite", "litertlm": bundle_name}, "quantization": quant,
