@@ -31,6 +31,8 @@ import numpy as np
 
 from runtime import contract as ct
 
+from . import quality
+
 PARITY_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew to the Moon; "
                "they returned safely. Gemma models are lightweight, open models built from the same "
                "research as Gemini. Water boils at 100 degrees Celsius at sea level. ")
@@ -139,7 +141,6 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
     """The quality gate for the `lossy` targets (see the module docstring); records the figures
     in `manifest` and returns the failures (none when `accept`)."""
     import runtime
-    from . import quality
     if not lossy or not predicts_text(ck):
         return []
     encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
@@ -207,7 +208,7 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
         "decode_steps": int(ref.shape[0]),
         "max_abs_diff": float(diff.max()), "max_abs_ref": top,
         "max_rel_diff": float(diff.max()) / top, "mean_abs_diff": float(diff.mean()),
-        "mean_kl": float(np.mean(_kl(ref, got))),
+        "mean_kl": float(np.mean(quality.kl_rows(ref, got))),
         "top1_agreement": float(np.mean(agree)),
         "clear_positions": int(clear.sum()),
         "top1_agreement_clear": float(np.mean(agree[clear])) if clear.any() else 0.0,
@@ -231,13 +232,3 @@ def judge(figures: dict, limit: dict) -> list[str]:
         out.append(f"top-1 agreement {figures['top1_agreement_clear']:.2f} on "
                    f"{figures['clear_positions']} clear positions (minimum {limit['min_top1']})")
     return out
-
-
-def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(got)) per row, in float64."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    lp, lq = log_softmax(ref), log_softmax(got)
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)

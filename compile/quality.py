@@ -154,7 +154,7 @@ class _Acc:
         lp, lq = _log_softmax(ref), _log_softmax(got)
         self.n += len(ref)
         self.agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
-        self.kl += float(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0).sum())
+        self.kl += float(_kl(lp, lq).sum())
         k = len(targets)   # the last position of a window has no next token to score
         rows = np.arange(k)
         self.nll_ref -= float(lp[rows, targets].sum())
@@ -168,6 +168,15 @@ class _Acc:
                 "top1": self.agree / max(1, self.n), "mean_kl": self.kl / max(1, self.n),
                 "ppl_ref": ppl_ref, "ppl": ppl, "ppl_delta": ppl - ppl_ref,
                 "ppl_delta_rel": (ppl - ppl_ref) / ppl_ref, "text_sha256": eval_sha256()}
+
+
+def kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) per row of logits, in float64."""
+    return _kl(_log_softmax(ref), _log_softmax(got))
+
+
+def _kl(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -224,3 +224,12 @@ def onnx_matmul_nbits_weights(art_dir: Path, names) -> dict:
             w = w + read(f"{name}.bias_t").T[..., None]
         out[name] = w.reshape(N, attrs["K"])
     return out
+
+
+def gguf_dequantized(path: Path, names) -> dict:
+    """GGUF tensor name -> float32 [out, in] as `gguf` itself dequantizes it (the oracle for kept
+    blocks)."""
+    import gguf
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    return {n: gguf.quants.dequantize(tensors[n].data, tensors[n].tensor_type).reshape(
+                tuple(int(d) for d in reversed(tensors[n].shape))) for n in names}

@@ -36,7 +36,7 @@ from runtime import contract as ct
 
 from .. import kv
 from .. import model as gemma
-from ..weights import nbytes_of, specs_of
+from ..weights import FLOAT_FORMATS, float32_record, format_of, nbytes_of, specs_of
 from ..weights import gguf_blocks
 from ..weights import onnx as container
 from ..weights import quant as wq
@@ -56,7 +56,7 @@ def _native_layout(params, name: str):
     """(bits, block, has a bias) of a tensor kept in its checkpoint's blocks, None for a float one;
     a block type this target cannot store raises, naming the tensor, its type and the targets that
     can."""
-    fmt = params.format(name) if hasattr(params, "format") else "F32"
+    fmt = format_of(params, name)
     if fmt in FLOAT_FORMATS:
         return None
     lay = gguf_blocks.layout(fmt)
@@ -66,9 +66,6 @@ def _native_layout(params, name: str):
                          f"targets that can take it: xla (as float32); or re-quantize with "
                          f"--quant int8 or int4")
     return lay
-
-
-FLOAT_FORMATS = ("F32", "F16", "BF16")
 
 
 def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
@@ -183,9 +180,9 @@ def tensor_formats(params, quant: str, float_embedding: bool) -> dict[str, str]:
     """parameter -> how this artifact stores it (the manifest's record)."""
     out = {}
     for name in params:
-        src = params.format(name) if hasattr(params, "format") else "F32"
+        src = format_of(params, name)
         if not quantized(params, name, quant, float_embedding):
-            out[name] = "float32" + (f" (from {src})" if src != "F32" else "")
+            out[name] = float32_record(params, name)
         elif quant == "native":
             bits, block, bias = _native_layout(params, name)
             out[name] = (f"{src} kept: MatMulNBits {8 if bits > 4 else 4}-bit, block {block}"

@@ -42,7 +42,7 @@ from runtime import chat
 from runtime import contract as ct
 
 from .. import model as gemma
-from ..weights import nbytes_of
+from ..weights import FLOAT_FORMATS, format_of, nbytes_of
 from ..weights import quant as wq
 from ..weights import tflite as container
 
@@ -50,7 +50,6 @@ NAME = "tflite"
 QUANTS = ("none", "native", "int8", "int4")
 EXACT_QUANTS = ("none", "native")   # native: only a float checkpoint, kept in float32
 DEFAULT_QUANT = "int8"
-FLOAT_FORMATS = ("F32", "F16", "BF16")
 TRACE_PLATFORMS = ()   # traced here, for cpu, from the weight forms this target stores
 
 
@@ -71,7 +70,7 @@ def check_checkpoint(params, options: dict) -> None:
     if (options.get("quant") or DEFAULT_QUANT) != "native":
         return
     for name in params:
-        fmt = params.format(name) if hasattr(params, "format") else "F32"
+        fmt = format_of(params, name)
         if fmt not in FLOAT_FORMATS:
             raise ValueError(f"--quant native: tensor {name} is stored as {fmt}, which the tflite "
                              f"target cannot keep (LiteRT's kernels take per-channel int8 and "
@@ -230,8 +229,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     if quant not in QUANTS:
         raise ValueError(f"tflite: unsupported quantization {quant!r}; choose one of "
                          f"{', '.join(QUANTS)}")
-    check_checkpoint(params, options)
-    stored = "none" if quant == "native" else quant     # a float checkpoint, kept as it is
+    # native: a float checkpoint (export refused a block-quantized one), kept as it is
+    stored = "none" if quant == "native" else quant
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tflite-", dir=out_dir.parent))
     float_embedding = bool(options.get("float_embedding"))

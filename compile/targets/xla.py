@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 import jaxlib
-from ..weights import safetensors, specs_of
+from ..weights import float32_record, safetensors, specs_of
 
 NAME = "xla"
 QUANTS = ("none", "native")
@@ -43,8 +43,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     if bar:
         bar.close()
     quant = options.get("quant") or DEFAULT_QUANT
-    formats = {n: "float32" + (f" (from {params.format(n)})" if hasattr(params, "format") and
-                               params.format(n) != "F32" else "") for n in specs}
+    formats = {n: float32_record(params, n) for n in specs}
     return {"files": files, "platforms": platforms, "quantization": quant,
             "tensor_formats": formats,
             "weights_dtype": str(next(iter(specs.values()))[1]),

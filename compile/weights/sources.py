@@ -86,6 +86,20 @@ def specs_of(params: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in params.items()}
 
 
+FLOAT_FORMATS = ("F32", "F16", "BF16")   # stored formats that are plain floats, not blocks
+
+
+def format_of(params: Mapping, name: str) -> str:
+    """How the checkpoint stores `name` (a GGUF type, "F32", ...); a dict of arrays is float."""
+    return params.format(name) if isinstance(params, Params) else "F32"
+
+
+def float32_record(params: Mapping, name: str) -> str:
+    """The manifest's record of a tensor an artifact stores in float32."""
+    fmt = format_of(params, name)
+    return "float32" + (f" (from {fmt})" if fmt != "F32" else "")
+
+
 def nbytes_of(params: Mapping) -> int:
     return int(sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
                    for shape, dt in specs_of(params).values()))
