@@ -43,6 +43,12 @@ def test_onnx_matches_reference(onnx_artifacts, variant):
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
     assert art["cache_outputs"] == "rows" and art["parity"]["top1_agreement"] == 1.0
     assert art["op_counts"]["MatMul"] >= 7 * ck.config.num_layers // 2
+    # onnx_graph.simplify: every RMS norm is one node, and no reshape computes its shape
+    c = ck.config
+    norms = c.num_layers * (2 + 2 * c.post_norms + 2 * c.qk_norm) + 1
+    assert art["graph_rewrites"]["rms_norm"] == norms
+    assert art["op_counts"]["SimplifiedLayerNormalization"] == norms
+    assert "ReduceMean" not in art["op_counts"] and "Sqrt" not in art["op_counts"]
 
 
 @pytest.mark.parametrize("quant,op", [("int4", "MatMulNBits"), ("int8", "MatMulNBits")])
