@@ -202,15 +202,20 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=ct.DEFAULT_MAX_CONTEXT,
                    help="KV cache length (default: 2048)")
     p.add_argument("--quant", default=None,
-                   help="weight quantization: none, native, int8 or int4 (bf16 or none for "
-                        "xla-tpu). native keeps a GGUF checkpoint's own blocks (Q8_0, Q5_0, Q4_K, "
-                        "Q6_K, ...) unchanged: onnx stores them, xla their exact float values; "
-                        "int8/int4 re-quantize (default: the target's own: none for xla, native for onnx, "
+                   help="weight quantization: none, native, int8, int4 or mixed (onnx: int8 for "
+                        "the embedding/output, v and down, asymmetric int4 for the rest; bf16 or "
+                        "none for xla-tpu). native keeps a GGUF checkpoint's own blocks (Q8_0, "
+                        "Q5_0, Q4_K, Q6_K, ...) unchanged: onnx stores them, xla their exact float "
+                        "values; int8/int4/mixed re-quantize (default: the target's own: none for xla, native for onnx, "
                         "int8 for tflite, bf16 for xla-tpu)")
     p.add_argument("--accept-quality-loss", action="store_true",
                    help="publish quantized artifacts of a real checkpoint even when their quality "
                         "on the evaluation text is below llama.cpp's on the same weights (the "
                         "manifest records it)")
+    p.add_argument("--activations", choices=("int8", "float"), default=None,
+                   help="onnx: what quantized matmuls compute with: int8 (default: activations "
+                        "quantized per block of 32, ONNX Runtime's fastest kernels) or float "
+                        "(float32 activations: exact products of the stored weights, slower)")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the tied embedding/output layer in float when quantizing")
     p.add_argument("--tpu-topology", default=None,
@@ -234,6 +239,7 @@ def main(argv=None) -> int:
             names = [n for n in names if n != "all"] + list(targets.PORTABLE)
         names = list(dict.fromkeys(names))
         options = {"quant": args.quant, "float_embedding": args.float_embedding,
+                   "activations": args.activations,
                    "accept_quality_loss": args.accept_quality_loss,
                    "tpu_topology": args.tpu_topology, "mesh": args.mesh}
         for n in names:

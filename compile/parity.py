@@ -55,6 +55,7 @@ TOLERANCE = {
     # quantized weights change logits by design; the check guards against broken graphs
     "int8": {"max_rel_diff": 1.0, "min_top1": 0.9, "max_kl": None},
     "int4": {"max_rel_diff": 1.0, "min_top1": 0.75, "max_kl": None},
+    "mixed": {"max_rel_diff": 1.0, "min_top1": 0.75, "max_kl": None},
 }
 
 

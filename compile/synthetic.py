@@ -1,5 +1,7 @@
 """`python -m compile.synthetic VARIANT OUT`: a full-size Hugging Face checkpoint with random
 weights, to measure exports at the scale of real models without their weights.
+`python -m compile.synthetic --from CHECKPOINT OUT` writes a real checkpoint's values the same way
+(a GGUF's dequantized: the float source on which float-source quantization is measured).
 
 The directory is what `save_pretrained` writes for the variant: `config.json`, sharded
 `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`, and a SentencePiece
@@ -77,18 +79,27 @@ def hf_config(cfg: GemmaConfig, dtype: str) -> dict:
 def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
           shard_bytes: int = 2 << 30, progress=None, log=print) -> Path:
     cfg = get_variant(variant)
+    params = seeded(param_shapes(cfg), seed, full_size_std)
+    return write_hf(cfg, params, tiny_tokenizer(cfg.vocab_size)[0], out, dtype, shard_bytes,
+                    progress, log, what=f"{cfg.num_params() / 1e9:.2f}B random parameters")
+
+
+def write_hf(cfg: GemmaConfig, params, tokenizer_model: bytes, out: Path,
+             dtype: str = "bfloat16", shard_bytes: int = 2 << 30, progress=None, log=print,
+             what: str = "") -> Path:
+    """Writes `params` (ours: a mapping name -> array, read one at a time) as a Hugging Face
+    directory, one tensor at a time."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty")
     shapes = param_shapes(cfg)
-    params = seeded(shapes, seed, full_size_std)
     item = np.dtype(DTYPES[dtype]).itemsize
     sizes = {k: int(np.prod(s, dtype=np.int64)) * item for k, s in shapes.items()}
     need = sum(sizes.values())
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if need + (64 << 20) > free:
-        raise OSError(f"{variant} at {dtype} needs {need / 1e9:.2f} GB in {out}; "
+        raise OSError(f"{cfg.name} at {dtype} needs {need / 1e9:.2f} GB in {out}; "
                       f"{free / 1e9:.2f} GB are free")
     # shards in name order, each up to shard_bytes (a tensor larger than that gets its own)
     shards: list[list[str]] = [[]]
@@ -101,7 +112,7 @@ def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
         shards[-1].append(name)
         used += sizes[name]
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    bar = progress(total=len(shapes), desc=f"write {variant}", unit="tensor") if progress else None
+    bar = progress(total=len(shapes), desc=f"write {cfg.name}", unit="tensor") if progress else None
     weight_map = {}
     t0 = time.perf_counter()
     for names, fname in zip(shards, files):
@@ -125,8 +136,8 @@ def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
         {"metadata": {"total_size": need}, "weight_map": dict(sorted(weight_map.items()))},
         indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
-    (out / "tokenizer.model").write_bytes(tiny_tokenizer(cfg.vocab_size)[0])
-    log(f"wrote {variant} ({cfg.num_params() / 1e9:.2f}B random parameters, {dtype}) to {out}/ "
+    (out / "tokenizer.model").write_bytes(tokenizer_model)
+    log(f"wrote {cfg.name} ({what or 'its parameters'}, {dtype}) to {out}/ "
         f"in {time.perf_counter() - t0:.0f}s: {len(files)} shards, {need / 1e9:.2f} GB")
     return out
 
@@ -135,16 +146,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m compile.synthetic",
                                 description="Write a full-size Gemma checkpoint (HF directory) "
                                             "with random weights, tensor by tensor.")
-    p.add_argument("variant", help="a registry variant, e.g. gemma3-1b, gemma2-2b, gemma3-12b")
+    p.add_argument("variant", help="a registry variant, e.g. gemma3-1b, gemma2-2b, gemma3-12b; "
+                                   "or a checkpoint to rewrite with --from")
     p.add_argument("out", help="the directory to write (must be new or empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--shard-gb", type=float, default=2.0, help="largest shard (default 2 GB)")
+    p.add_argument("--from", dest="source", action="store_true",
+                   help="VARIANT is a checkpoint (GGUF file or HF directory; 'default' for the "
+                        "embedded Gemma 3 270M): write its values (a GGUF's dequantized) and its "
+                        "tokenizer instead of random ones, e.g. to measure float-source "
+                        "quantization on real weights")
     args = p.parse_args(argv)
     from tqdm import tqdm
     try:
-        write(args.variant, Path(args.out), args.seed, args.dtype, int(args.shard_gb * (1 << 30)),
-              progress=tqdm)
+        if args.source:
+            from .checkpoints import load         # its CheckpointError is a ValueError
+            ck = load(None if args.variant == "default" else args.variant, progress=tqdm)
+            write_hf(ck.config, ck.params, ck.tokenizer_model, Path(args.out), args.dtype,
+                     int(args.shard_gb * (1 << 30)), progress=tqdm,
+                     what=f"the values of {ck.source.get('path', args.variant)}")
+        else:
+            write(args.variant, Path(args.out), args.seed, args.dtype,
+                  int(args.shard_gb * (1 << 30)), progress=tqdm)
     except (KeyError, ValueError, OSError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1

@@ -212,17 +212,25 @@ def onnx_matmul_nbits_weights(art_dir: Path, names) -> dict:
         return raw.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
 
     nodes = {n.input[1]: n for n in m.graph.node if n.op_type == "MatMulNBits"}
-    out = {}
-    for name in names:
-        B = read(f"{name}.B")
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[f"{name}.B"].attribute}
+
+    def term(prefix):
+        B = read(f"{prefix}.B")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[f"{prefix}.B"].attribute}
         bits, N, nb = attrs["bits"], B.shape[0], B.shape[1]
         u = B.reshape(N, -1) if bits == 8 else np.stack([B & 15, B >> 4], -1).reshape(N, -1)
         w = (u.astype(np.float32) - (1 << (bits - 1))).reshape(N, nb, -1) \
-            * read(f"{name}.scales").reshape(N, nb, 1)
+            * read(f"{prefix}.scales").reshape(N, nb, 1)
+        return w, attrs["K"]
+
+    out = {}
+    for name in names:
+        # one term, or two 4-bit halves (float activations: weights.onnx.halves)
+        prefixes = [name] if f"{name}.B" in inits else [f"{name}.hi", f"{name}.lo"]
+        terms = [term(p) for p in prefixes]
+        w = sum(t[0] for t in terms)
         if f"{name}.bias_t" in inits:
             w = w + read(f"{name}.bias_t").T[..., None]
-        out[name] = w.reshape(N, attrs["K"])
+        out[name] = w.reshape(w.shape[0], terms[0][1])
     return out
 
 

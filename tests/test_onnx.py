@@ -114,7 +114,7 @@ def test_stored_weights_equal_the_checkpoint_and_the_numpy_quantizer(onnx_artifa
             u = u[0::2] | (u[1::2] << 4)
         np.testing.assert_array_equal(arrays[n.input[1]].reshape(-1), u)
         np.testing.assert_array_equal(arrays[n.input[2]], scale.reshape(-1))
-    q8, s8 = wq.int8_rows(ck.params["embed"])
+    q8, s8 = wq.int_blocks(ck.params["embed"], 8, 32)       # the lookup: int8 blocks of 32
     np.testing.assert_array_equal(arrays["embed_q"], q8)
     np.testing.assert_array_equal(arrays["embed_scale"], s8)
     assert "embed" not in arrays                        # the float table is not stored
@@ -212,3 +212,38 @@ def test_weights_over_2gb_export_and_run(tmp_path):
     assert art["parity"]["top1_agreement"] == 1.0 and art["parity"]["max_rel_diff"] < 2e-4
     gen = runtime.load(out, target="onnx")
     assert gen.logits([2, 70, 80]).shape == (3, ck.config.vocab_size)
+
+
+def test_mixed_recipe_stores_int8_and_asymmetric_int4_blocks(onnx_artifacts):
+    """`mixed`: the embedding/output, v and down as symmetric int8 blocks, the other projections
+    as asymmetric int4 blocks (the numpy quantizer's, bit for bit, with a block-sum bias term);
+    the lookup reads the projection's own int8 blocks."""
+    from helpers import onnx_matmul_nbits_weights
+    from compile.model import is_linear
+    from compile.weights import quant as wq
+    ck, out = onnx_artifacts("gemma3-270m-tiny", "mixed")
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
+    formats = art["tensor_formats"]
+    assert formats["embed"] == "mixed: MatMulNBits 8-bit, block 32, symmetric"
+    assert formats["layers.1.down_proj"] == "mixed: MatMulNBits 8-bit, block 32, symmetric"
+    assert formats["layers.1.q_proj"] == \
+        "mixed: MatMulNBits 4-bit, block 32, asymmetric (+ block-sum bias)"
+    m, arrays = _initializers(out)
+    bits = {n.input[1][:-len(".B")]: {a.name: a.i for a in n.attribute}["bits"]
+            for n in m.graph.node if n.op_type == "MatMulNBits"}
+    names = [n for n in ck.params if is_linear(n)] + ["embed"]
+    assert bits == {n: 8 if n == "embed" or n.endswith(("v_proj", "down_proj")) else 4
+                    for n in names}
+    stored = onnx_matmul_nbits_weights(out, names)
+    for n in names:
+        rows = np.asarray(ck.params[n], np.float32)
+        rows = rows if n == "embed" else rows.T
+        want = wq.int_blocks_asym(rows, 4, 32).dequantize() if bits[n] == 4 else \
+            wq.Blocks(8, 32, *wq.int_blocks(rows, 8, 32)).dequantize()
+        np.testing.assert_allclose(stored[n], want, rtol=0, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=n)
+        if bits[n] == 4:   # the asymmetric grid is finer than the symmetric one on every block
+            sym = wq.Blocks(4, 32, *wq.int_blocks(rows, 4, 32)).dequantize()
+            assert np.abs(want - rows).mean() < np.abs(sym - rows).mean()
+    np.testing.assert_array_equal(arrays["embed_q"], wq.int_blocks(ck.params["embed"], 8, 32)[0])
+    assert art["parity"]["top1_agreement"] >= 0.9

@@ -130,3 +130,50 @@ def test_tflite_cannot_keep_gguf_blocks_and_says_who_can(native_gguf, tmp_path):
     tflite.check_checkpoint(tiny.params, {"quant": "native"})      # float: nothing to refuse
     from compile import targets
     assert targets.exact(tflite, {"quant": "native"}, tiny.params)
+
+
+def test_native_onnx_with_float_activations_computes_the_blocks_exactly(native_gguf, tmp_path):
+    """--activations float: 4-bit blocks at accuracy level 1, 8-bit ones as two 4-bit halves;
+    the stored values are still gguf's, and the logits are the reference's up to float rounding
+    (the int8-activation default is only near them: test above)."""
+    ck = checkpoints.load(str(native_gguf))
+    contract = ct.Contract(ck.config, **CONTRACT)
+    out = tmp_path / "art"
+    ex.export(ck, contract, ["onnx"], out, {"quant": "native", "activations": "float"},
+              log=lambda m: None)
+    art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
+    assert art["activations"] == "float"
+    formats = art["tensor_formats"]
+    assert formats["layers.0.q_proj"] == "Q5_0 kept: MatMulNBits 8-bit, block 32, as two 4-bit halves"
+    assert formats["layers.0.k_proj"] == "Q4_1 kept: MatMulNBits 4-bit, block 32, + block-sum bias"
+    import onnx
+    m = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert {a["bits"] for a in attrs} == {4} and {a["accuracy_level"] for a in attrs} == {1}
+
+    pairs = {"layers.0.q_proj": "blk.0.attn_q.weight", "embed": "token_embd.weight",
+             "layers.2.k_proj": "blk.2.attn_k.weight", "layers.1.down_proj": "blk.1.ffn_down.weight"}
+    stored = onnx_matmul_nbits_weights(out, pairs)
+    wants = gguf_dequantized(native_gguf, pairs.values())
+    for ours, theirs in pairs.items():
+        want = wants[theirs]
+        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+    tokens = np.random.default_rng(5).integers(0, ck.config.vocab_size, 30).astype(np.int32)
+    want = trace.reference_logits(contract, ck.params, tokens)
+    got = runtime.load(out, target="onnx").logits(tokens, start=13)
+    np.testing.assert_allclose(got, want[13:], atol=1e-4 * np.abs(want).max(), rtol=0)
+    assert (got.argmax(-1) == want[13:].argmax(-1)).all()
+
+
+def test_activations_option_is_checked_per_target():
+    from compile import targets
+    with pytest.raises(ValueError, match=r"target 'tflite' does not support --activations float; "
+                                         r"its matmuls' activations are fixed by --quant"):
+        targets.check_options(targets.get("tflite"), {"activations": "float"})
+    targets.check_options(targets.get("xla"), {"activations": "float"})
+    targets.check_options(targets.get("onnx"), {"activations": "float"})
+    with pytest.raises(ValueError, match=r"target 'xla' does not support --activations int8; "
+                                         r"it supports: float"):
+        targets.check_options(targets.get("xla"), {"activations": "int8"})

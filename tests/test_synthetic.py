@@ -52,8 +52,31 @@ def test_synthetic_cli(tmp_path):
                         str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"wrote gemma3-270m-tiny" in r.stdout and "1 shards" in r.stdout
+    assert "wrote gemma3-270m-tiny" in r.stdout and "1 shards" in r.stdout
     r = subprocess.run([sys.executable, "-m", "compile.synthetic", "gemma3-270m-tiny",
                         str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and "exists and is not empty" in r.stderr
+
+
+def test_from_checkpoint_writes_its_dequantized_values_and_tokenizer(tmp_path):
+    """`--from`: a GGUF checkpoint (here a tiny one with Q8_0/Q4_1/Q5_0 blocks) rewritten as a
+    float HF directory holds exactly what our loader dequantizes, and the GGUF's tokenizer."""
+    from compile.model import init_params
+    from helpers import write_quantized_gguf
+    cfg = get_variant("gemma3-270m-tiny")
+    gguf_path = tmp_path / "q.gguf"
+    write_quantized_gguf(cfg, init_params(cfg, 4), gguf_path,
+                         {"embed": "Q8_0", "q_proj": "Q4_1", "down_proj": "Q5_0"})
+    r = subprocess.run([sys.executable, "-m", "compile.synthetic", "--from", str(gguf_path),
+                        str(tmp_path / "hf"), "--dtype", "float32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"the values of {gguf_path}, float32) to {tmp_path / 'hf'}/" in r.stdout
+    src, out = checkpoints.load(gguf_path), checkpoints.load(tmp_path / "hf")
+    assert out.config.layer_types == src.config.layer_types
+    assert out.tokenizer_model == src.tokenizer_model and out.special_ids == src.special_ids
+    assert src.params.format("layers.0.q_proj") == "Q4_1"
+    for k in src.params:
+        np.testing.assert_array_equal(out.params[k], np.asarray(src.params[k], np.float32),
+                                      err_msg=k)

@@ -165,3 +165,25 @@ def test_int4_blocks_exact_and_packing():
     np.testing.assert_array_equal(unpack_int4(packed, 8), q.reshape(-1))
     with pytest.raises(ValueError, match="int4: a row of 6 values does not split into blocks of 4"):
         int4_blocks(np.zeros((2, 6)), block=4)
+
+
+def test_int_blocks_asym_exact_small_arrays():
+    from compile.weights.quant import int_blocks_asym
+    # block 1: min -1, max 2 -> scale 3/15 = 0.2, bias -1 + 8 * 0.2 = 0.6; block 2: constant 5
+    w = np.array([[-1.0, 2.0, 0.0, 0.45, 5.0, 5.0, 5.0, 5.0]], np.float32)
+    b = int_blocks_asym(w, 4, 4)
+    assert b.bits == 4 and b.block == 4 and b.source == "int4-asym"
+    np.testing.assert_allclose(b.scale[0, 0], 0.2, rtol=1e-7)
+    np.testing.assert_allclose(b.bias[0, 0], 0.6, rtol=1e-6)
+    np.testing.assert_array_equal(b.q[0, :4], [-8, 7, -3, -1])     # rint((w + 1) / 0.2) - 8
+    np.testing.assert_array_equal(b.q[0, 4:], [-8] * 4)             # a constant block: its min
+    np.testing.assert_allclose(b.dequantize()[0, 4:], 5.0, rtol=1e-6)
+    # min and max are on the grid: reproduced to float rounding
+    d = b.dequantize()
+    np.testing.assert_allclose(d[0, :2], [-1.0, 2.0], atol=1e-6)
+    assert np.abs(d - w).max() <= 0.1 + 1e-6                       # at most half a step
+    # a grid the block's values already lie on (a dequantized Q4_1 block) comes back exactly
+    grid = (np.arange(16, dtype=np.float32) * 0.25 - 1.5).reshape(1, 16)
+    np.testing.assert_allclose(int_blocks_asym(grid, 4, 16).dequantize(), grid, atol=1e-6)
+    with pytest.raises(ValueError, match="int4: a row of 6 values does not split into blocks of 4"):
+        int_blocks_asym(np.zeros((2, 6)), 4, 4)

@@ -2,6 +2,8 @@
 
     NAME: str                       the manifest key and the artifact's subdirectory
     QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
+    ACTIVATIONS: tuple[str, ...]    optional: the --activations values it supports (what its
+                                    quantized matmuls compute with); without it, none is accepted
     EXACT_QUANTS: tuple[str, ...]   optional (default ("none",)): the ones that store and compute
                                     the checkpoint's values in float32, judged as `none`
     TRACE_PLATFORMS: tuple[str, ...]  the platforms it needs each signature jax.export-ed for
@@ -62,3 +64,10 @@ def check_options(mod, options: dict) -> None:
     if quant not in mod.QUANTS:
         raise ValueError(f"target {mod.NAME!r} does not support --quant {quant}; "
                          f"it supports: {', '.join(mod.QUANTS)}")
+    acts = options.get("activations")
+    if acts and acts not in getattr(mod, "ACTIVATIONS", ()):
+        choice = getattr(mod, "ACTIVATIONS", ())
+        raise ValueError(f"target {mod.NAME!r} does not support --activations {acts}; " + (
+            f"it supports: {', '.join(choice)}" if choice else
+            "its matmuls' activations are fixed by --quant (float for none and for xla; "
+            "tflite's quantized kernels quantize them to int8)"))

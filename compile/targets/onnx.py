@@ -13,12 +13,14 @@ Export, streamed: jax2onnx traces the model with every weight a graph input (fro
 the graph it writes holds no weight); `weights.onnx.finish` then turns each weight input into an
 external-data initializer (`model.onnx.data`), reading, transforming and quantizing one checkpoint
 tensor at a time, and replaces each quantized matmul by MatMulNBits (`int4`: 4 bits, `int8`: 8
-bits; blocks of 32 inputs, symmetric, float32 scales, accuracy level 4 — activations quantized to
-int8 per block). `native` keeps a GGUF checkpoint's own blocks instead (`weights.gguf_blocks`:
+bits; `mixed`: 8 for the embedding/output, v and down, asymmetric 4 for the rest; blocks of 32
+inputs, float32 scales, accuracy level 4 — activations quantized to
+int8 per block; `--activations float`: level 1, float32 activations, 8-bit blocks as two 4-bit
+halves, exact products of the stored weights at a cost in speed). `native` keeps a GGUF checkpoint's own blocks instead (`weights.gguf_blocks`:
 every value as llama.cpp stores it; a type it cannot keep is refused by name), float tensors
-stay float. The tied embedding's lookup reads an int8 copy when quantizing (`embed_q` with per-row
-`embed_scale`, or with `native` the checkpoint's own blocks: per-block scales and biases), its
-output projection is quantized on the table's rows.
+stay float. The tied embedding's lookup reads an int8 copy when quantizing (`embed_q` with per-block
+`embed_scale`: int8 blocks of 32, the projection's own with `int8`; with `native` the checkpoint's
+own blocks, with their biases), its output projection is quantized on the table's rows.
 
 Before the weights are attached, `onnx_graph.simplify` turns the run-time shape arithmetic that
 jax2onnx writes for symbolic dimensions into constants and fuses the RMS norms (a decode step ran
@@ -47,7 +49,12 @@ from ..weights import quant as wq
 from . import onnx_graph
 
 NAME = "onnx"
-QUANTS = ("none", "native", "int8", "int4")
+QUANTS = ("none", "native", "int8", "int4", "mixed")
+# what quantized matmuls compute with: int8 activations per block (ORT's accuracy level 4, its
+# fastest kernels) or float32 (level 1: the stored weights' exact products, 8-bit blocks as two
+# 4-bit halves; slower, see `weights.onnx`)
+ACTIVATIONS = ("int8", "float")
+DEFAULT_ACTIVATIONS = "int8"
 DEFAULT_QUANT = "native"   # a GGUF checkpoint's own blocks; a float checkpoint stays float32
 TRACE_PLATFORMS = ()   # jax2onnx lowers the model function with symbolic lengths itself
 DATA_FILE = "model.onnx.data"
@@ -55,6 +62,19 @@ DATA_FILE = "model.onnx.data"
 
 BITS = {"int4": 4, "int8": 8}
 BLOCK = 32
+# `mixed`: int8 for the tied embedding/output (63 % of the 270M's weights; every logit reads it)
+# and the projections llama.cpp's Q4_K_M also gives more bits (v, down); asymmetric int4 (a
+# scale and a bias per block, llama.cpp's Q4_1 form) for the rest
+MIXED_INT8 = ("embed", "v_proj", "down_proj")
+
+
+def recipe(name: str, quant: str) -> tuple[int, bool]:
+    """(bits, asymmetric) of a quantized tensor under int8 / int4 / mixed."""
+    if quant == "mixed":
+        if name.rsplit(".", 1)[-1] in MIXED_INT8:
+            return 8, False
+        return 4, True
+    return BITS[quant], False
 
 
 def _native_layout(params, name: str):
@@ -107,8 +127,8 @@ def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:
             specs["embed_scale"] = ((V, D // block), np.dtype(np.float32))
             if bias:
                 specs["embed_bias"] = ((V, D // block), np.dtype(np.float32))
-        else:
-            specs["embed_scale"] = ((V,), np.dtype(np.float32))
+        else:   # int8 blocks of BLOCK (the projection's own when it is int8)
+            specs["embed_scale"] = ((V, D // BLOCK), np.dtype(np.float32))
     return specs
 
 
@@ -169,21 +189,29 @@ def weight_stream(params, quant: str, float_embedding: bool):
             w = params[name]
             rows = np.ascontiguousarray(w.T if name != "embed" else w, np.float32)   # [N, K]
             del w
-            if name == "embed":
-                q8, s8 = wq.int8_rows(rows)
-                yield "embed_q", q8
-                yield "embed_scale", s8
-                del q8, s8
-            q, scale = wq.int_blocks(rows, BITS[quant], BLOCK)
+            bits, asym = recipe(name, quant)
+            if asym:
+                blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=quant)
+            else:
+                q, scale = wq.int_blocks(rows, bits, BLOCK)
+                blocks = wq.Blocks(bits, BLOCK, q, scale, source=quant)
+                del q, scale
+            if name == "embed":   # the lookup: int8 blocks, the projection's when int8
+                lookup = blocks if bits == 8 and not asym else \
+                    wq.Blocks(8, BLOCK, *wq.int_blocks(rows, 8, BLOCK))
+                yield "embed_q", lookup.q
+                yield "embed_scale", lookup.scale
+                del lookup
             del rows
-            blocks = wq.Blocks(BITS[quant], BLOCK, q, scale, source=quant)
         yield name, blocks
         del blocks
 
 
-def tensor_formats(params, quant: str, float_embedding: bool) -> dict[str, str]:
+def tensor_formats(params, quant: str, float_embedding: bool, activations: str = "int8"
+                   ) -> dict[str, str]:
     """parameter -> how this artifact stores it (the manifest's record)."""
     out = {}
+    halves = ", as two 4-bit halves" if activations == "float" else ""
     for name in params:
         src = format_of(params, name)
         if not quantized(params, name, quant, float_embedding):
@@ -191,9 +219,12 @@ def tensor_formats(params, quant: str, float_embedding: bool) -> dict[str, str]:
         elif quant == "native":
             bits, block, bias = _native_layout(params, name)
             out[name] = (f"{src} kept: MatMulNBits {8 if bits > 4 else 4}-bit, block {block}"
-                         + (", + block-sum bias" if bias else ""))
+                         + (halves if bits > 4 else "") + (", + block-sum bias" if bias else ""))
         else:
-            out[name] = f"{quant}: MatMulNBits {BITS[quant]}-bit, block {BLOCK}, symmetric" + \
+            bits, asym = recipe(name, quant)
+            out[name] = f"{quant}: MatMulNBits {bits}-bit, block {BLOCK}, " + \
+                ("asymmetric (+ block-sum bias)" if asym else "symmetric") + \
+                (halves if bits > 4 else "") + \
                 (f" (re-quantized from {src})" if src not in FLOAT_FORMATS else "")
     return out
 
@@ -203,6 +234,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     quant = options.get("quant") or DEFAULT_QUANT
     contract = next(iter(traced.values())).contract
     float_embedding = bool(options.get("float_embedding"))
+    activations = options.get("activations") or DEFAULT_ACTIVATIONS
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="onnx-", dir=out_dir.parent))
     try:
@@ -213,7 +245,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
         bar = progress(total=len(params), desc=f"onnx weights ({quant})", unit="tensor") \
             if progress else None
         counts = container.finish(graph, weight_stream(params, quant, float_embedding),
-                                  out_dir / DATA_FILE, tick=bar.update if bar else None)
+                                  out_dir / DATA_FILE, tick=bar.update if bar else None,
+                                  float_activations=activations == "float")
         if bar:
             bar.close()
         onnx.save_model(graph, str(out_dir / "model.onnx"))
@@ -223,7 +256,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     for n in graph.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
-            "tensor_formats": tensor_formats(params, quant, float_embedding),
+            "tensor_formats": tensor_formats(params, quant, float_embedding, activations),
+            "activations": activations if counts.get("quantized_matmuls") else "float",
             "float_embedding": float_embedding,
             "max_length": contract.max_context, "cache_outputs": ct.ROWS,
             "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),

@@ -20,6 +20,7 @@ from ..weights import float32_record, safetensors, specs_of
 
 NAME = "xla"
 QUANTS = ("none", "native")
+ACTIVATIONS = ("float",)   # XLA computes every matmul in float
 EXACT_QUANTS = ("none", "native")
 DEFAULT_QUANT = "none"
 TRACE_PLATFORMS = ("cpu", "cuda", "tpu")

@@ -18,6 +18,11 @@ MatMulNBits: the input's per-block sums (a MatMul by a 0/1 indicator) times the 
 biases, a matmul 1/block the size of the weight's. ORT's float zero points would express them
 directly but run its unpacked path (measured: 50x slower than the packed kernels).
 
+With float activations (`--activations float`: accuracy level 1 instead of 4, which quantizes
+activations to int8 per block) ORT's 8-bit kernel is its unpacked one (measured: 634 ms against
+7.5 ms for the 262144 x 640 head), so 8-bit blocks are written as two exact 4-bit halves (`halves`)
+whose MatMulNBits results are added.
+
 So the writer holds one float tensor (and its quantized form) at a time, never the model. The
 output projection (the tied embedding, reached through a Transpose in the traced graph) becomes a
 MatMulNBits on the table's own rows, and the Transpose goes.
@@ -86,7 +91,7 @@ class DataFile:
             self.tmp.unlink(missing_ok=True)
 
 
-def finish(graph, tensors, data_path: Path, tick=None) -> dict:
+def finish(graph, tensors, data_path: Path, tick=None, float_activations: bool = False) -> dict:
     """Moves the weights into `graph` (an onnx ModelProto whose weights are graph inputs):
     `tensors` yields (name, array) for plain initializers and (name, Blocks) for quantized matmul
     weights, one at a time. Writes the data file; returns counts for the manifest."""
@@ -108,7 +113,8 @@ def finish(graph, tensors, data_path: Path, tick=None) -> dict:
                 raise ValueError(f"onnx: the traced graph has no weight input {name!r}")
             g.input.remove(inputs.pop(name))
             if isinstance(value, Blocks):
-                replaced += _to_matmul_nbits(g, name, value, consumers, data, drop, after)
+                replaced += _to_matmul_nbits(g, name, value, consumers, data, drop, after,
+                                             float_activations)
             else:
                 g.initializer.append(data.add(name, value))
             if tick:
@@ -127,13 +133,39 @@ def finish(graph, tensors, data_path: Path, tick=None) -> dict:
     return {"quantized_matmuls": replaced}
 
 
+def halves(w: Blocks) -> tuple[Blocks, Blocks]:
+    """Blocks of 5 to 8 bits as two 4-bit ones whose sum is exactly w: q = 16 hi + lo with
+    hi = q >> 4 in [-8, 7] (scale 16 s) and lo = q & 15 in [0, 15], stored as lo - 8 (ORT's
+    default zero point) with scale s and a bias of 8 s per block (plus w's own bias). 16 s and
+    8 s are exact in float32."""
+    hi = w.q >> 4                                   # arithmetic shift: floor(q / 16)
+    lo = (w.q & 15).astype(np.int8) - np.int8(8)
+    s = w.scale.astype(np.float32)
+    bias = 8 * s if w.bias is None else w.bias + 8 * s
+    return (Blocks(4, w.block, hi, 16 * s, None, w.source),
+            Blocks(4, w.block, lo, s, bias, w.source))
+
+
+def parts(w: Blocks, float_activations: bool) -> list[tuple[str, Blocks]]:
+    """The MatMulNBits terms that compute x @ w: (initializer name suffix, blocks). With int8
+    activations (accuracy level 4) one term of 4 or 8 bits; with float activations (level 1,
+    where ORT's 8-bit kernel is unpacked and ~80x slower than its 4-bit one) 8-bit blocks are
+    two 4-bit halves (`halves`)."""
+    if float_activations and container_bits(w) == 8:
+        hi, lo = halves(w)
+        return [(".hi", hi), (".lo", lo)]
+    return [("", w)]
+
+
 def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: set,
-                     after: dict) -> int:
-    """Replaces the MatMuls that read `name` ([K, N], or a Transpose of the [N, K] table). Blocks
-    with a bias (asymmetric: w = scale * q + bias) become the symmetric MatMulNBits plus the bias
-    term, x's per-block sums times the biases: MatMul(MatMul(x, S), bias^T) with S [K, K / block]
-    the 0/1 block indicator, a matmul 1/block the size of the weight's (ORT's float zero points,
-    the direct form, run its unpacked path: 50x slower)."""
+                     after: dict, float_activations: bool = False) -> int:
+    """Replaces the MatMuls that read `name` ([K, N], or a Transpose of the [N, K] table) by the
+    sum of `parts(w)`: MatMulNBits each, accuracy level 4 (activations quantized to int8 per
+    block) or 1 (float32 activations). Terms with a bias (asymmetric blocks: w = scale * q +
+    bias) add one bias term for all of them, x's per-block sums times the summed biases:
+    MatMul(MatMul(x, S), bias^T) with S [K, K / block] the 0/1 block indicator, a matmul 1/block
+    the size of the weight's (ORT's float zero points, the direct form, run its unpacked path:
+    50x slower)."""
     import onnx
     N, K = w.q.shape
     targets = []
@@ -151,29 +183,43 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
                              f"MatMuls can read a quantized weight")
     if not targets:
         raise ValueError(f"onnx: no MatMul reads {name}; cannot quantize it")
-    g.initializer.append(data.add(name + ".B", packed(w)))
-    g.initializer.append(data.add(name + ".scales", w.scale.astype(np.float32).reshape(-1)))
-    if w.bias is not None:
+    terms = parts(w, float_activations)
+    bias = None
+    for suffix, b in terms:
+        g.initializer.append(data.add(name + suffix + ".B", packed(b)))
+        g.initializer.append(data.add(name + suffix + ".scales",
+                                      b.scale.astype(np.float32).reshape(-1)))
+        if b.bias is not None:
+            bias = b.bias if bias is None else bias + b.bias
+    if bias is not None:
         nb = K // w.block
         indicator = np.zeros((K, nb), np.float32)
         indicator[np.arange(K), np.arange(K) // w.block] = 1.0
         g.initializer.append(data.add(name + ".block_sum", indicator))
-        g.initializer.append(data.add(name + ".bias_t", np.ascontiguousarray(w.bias.T,
-                                                                             np.float32)))
+        g.initializer.append(data.add(name + ".bias_t", np.ascontiguousarray(bias.T, np.float32)))
+    make = onnx.helper.make_node
     for n in targets:
         x, (y,) = n.input[0], list(n.output)
-        sym = y if w.bias is None else f"{y}/symmetric"
-        new = onnx.helper.make_node(
-            "MatMulNBits", [x, name + ".B", name + ".scales"], [sym],
-            name=n.name, domain=MS_DOMAIN, K=K, N=N, bits=container_bits(w),
-            block_size=w.block, accuracy_level=4)
-        if w.bias is not None:
-            after[id(n)] = [
-                onnx.helper.make_node("MatMul", [x, name + ".block_sum"], [f"{y}/block_sums"],
-                                      name=f"{n.name}/block_sums"),
-                onnx.helper.make_node("MatMul", [f"{y}/block_sums", name + ".bias_t"],
-                                      [f"{y}/bias"], name=f"{n.name}/bias"),
-                onnx.helper.make_node("Add", [sym, f"{y}/bias"], [y], name=f"{n.name}/add_bias"),
-            ]
-        n.CopyFrom(new)
+        single = len(terms) == 1 and bias is None
+        nodes, addends = [], []
+        for suffix, b in terms:
+            out = y if single else f"{y}/q{suffix}"
+            nodes.append(make("MatMulNBits", [x, name + suffix + ".B", name + suffix + ".scales"],
+                              [out], name=f"{n.name}{suffix}", domain=MS_DOMAIN, K=K, N=N,
+                              bits=container_bits(b), block_size=w.block,
+                              accuracy_level=1 if float_activations else 4))
+            addends.append(out)
+        if bias is not None:
+            nodes += [make("MatMul", [x, name + ".block_sum"], [f"{y}/block_sums"],
+                           name=f"{n.name}/block_sums"),
+                      make("MatMul", [f"{y}/block_sums", name + ".bias_t"], [f"{y}/bias"],
+                           name=f"{n.name}/bias")]
+            addends.append(f"{y}/bias")
+        total = addends[0]
+        for k, term in enumerate(addends[1:], 1):   # y = the addends' sum
+            out = y if k == len(addends) - 1 else f"{y}/sum{k}"
+            nodes.append(make("Add", [total, term], [out], name=f"{n.name}/add{k}"))
+            total = out
+        n.CopyFrom(nodes[0])
+        after[id(n)] = nodes[1:]
     return len(targets)

@@ -8,6 +8,7 @@ kernels read it):
                max|block| / 7 (or / 127); float32 scales (ONNX Runtime's MatMulNBits), or rounded
                to float16 with a 7-bit mantissa before the values are rounded (`int4_blocks`,
                LiteRT's blockwise int4), so the stored scale is the one they were quantized with
+  int_blocks_asym  int4 or int8 values with a scale and a bias per block (min and max on the grid)
   pack_int4    two int4 values per byte, the even element in the low nibble
 
 The tied embedding is both a lookup table and the output projection. A quantizing target gives
@@ -105,6 +106,30 @@ def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False
                        ).reshape(-1, n)
         scale[r] = s
     return q, scale
+
+
+def int_blocks_asym(w: np.ndarray, bits: int, block: int, source: str = "") -> Blocks:
+    """Asymmetric blockwise quantization of w [out, in]: w ~= scale * q + bias per block of
+    `block` inputs of a row, q in [-2^(bits-1), 2^(bits-1) - 1]. Each block's min and max are on
+    its grid (scale = (max - min) / (2^bits - 1), bias = min + 2^(bits-1) scale): llama.cpp's
+    Q4_1 form, as `Blocks` with a bias."""
+    w = np.asarray(w)
+    out, n = w.shape
+    if n % block:
+        raise ValueError(f"int{bits}: a row of {n} values does not split into blocks of {block}")
+    levels, half = (1 << bits) - 1, 1 << (bits - 1)
+    q = np.empty((out, n), np.int8)
+    scale = np.empty((out, n // block), np.float32)
+    bias = np.empty((out, n // block), np.float32)
+    for r in _row_chunks(out, n):
+        blocks = w[r].astype(np.float32).reshape(-1, n // block, block)
+        lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+        s = np.maximum((hi - lo) / levels, 1e-12).astype(np.float32)
+        u = np.clip(np.rint((blocks - lo[..., None]) / s[..., None]), 0, levels)
+        q[r] = (u - half).astype(np.int8).reshape(-1, n)
+        scale[r] = s
+        bias[r] = lo + half * s
+    return Blocks(bits, block, q, scale, bias, source or f"int{bits}-asym")
 
 
 def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
