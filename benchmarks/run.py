@@ -220,7 +220,9 @@ def engines(args) -> list[dict]:
             lookup = (cfg["vocab_size"] * cfg["d_model"]
                       if target in ("tflite", "onnx") and rec.get("quantization") != "none" else 0)
             step = size - lookup + kv_bytes
-            out.append({"kind": "ours", "name": f"gemma-aot {target} ({rec.get('quantization')})",
+            what = rec.get("quantization") + (", float activations"
+                                              if rec.get("activations") == "float" else "")
+            out.append({"kind": "ours", "name": f"gemma-aot {target} ({what})",
                         "artifacts": str(m.root), "target": target, "artifact_bytes": size,
                         "bytes_per_token": {"short": step, "long": step},
                         "context": context})
@@ -240,6 +242,12 @@ def engines(args) -> list[dict]:
                         # llama.cpp reads only the filled part of its f16 cache
                         "bytes_per_token": {"short": size + kv_row * (args.short + args.decode),
                                             "long": size + kv_row * (args.long + args.decode)}})
+    # names key the runs and the quality figures: two artifact directories with the same target
+    # and quantization are told apart by their directory
+    names = [e["name"] for e in out]
+    for e in out:
+        if names.count(e["name"]) > 1 and "artifacts" in e:
+            e["name"] += f" [{e['artifacts']}]"
     return out
 
 

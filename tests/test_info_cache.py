@@ -73,3 +73,20 @@ def test_export_measurement_reports_time_memory_and_disk(tmp_path):
     assert ok["wall_s"] > 0 and ok["peak_rss_mb"] > 0 and ok["disk_mb"] >= 0
     assert not bad["ok"] and "unknown Gemma variant 'gemma9-nonexistent'" in bad["error"]
     assert "gemma3-270m-tiny" in r.stdout and "peak RSS MB" in r.stdout
+
+
+def test_benchmark_tells_same_kind_artifacts_apart(tiny_artifacts, tmp_path):
+    """Runs and quality are keyed by engine name: two directories with the same target and
+    quantization get their directory in the name instead of sharing one (mixed medians)."""
+    import argparse
+    import shutil
+    from benchmarks.run import engines
+    a = tiny_artifacts("gemma2-2b-tiny")
+    b = tmp_path / "copy"
+    shutil.copytree(a, b)
+    args = argparse.Namespace(artifacts=[str(a), str(b)], targets="", peers=[], gguf=None,
+                              short=4, long=16, decode=4)
+    names = [e["name"] for e in engines(args)]
+    assert names == [f"gemma-aot xla (none) [{a}]", f"gemma-aot xla (none) [{b}]"]
+    args.artifacts = [str(a)]
+    assert [e["name"] for e in engines(args)] == ["gemma-aot xla (none)"]
