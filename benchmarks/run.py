@@ -418,15 +418,16 @@ def summarize(runs: list[dict]) -> dict:
 def table(results: list[dict], args, bandwidth: float) -> str:
     base = next((r for r in results if r["kind"] == "llama.cpp" and "error" not in r["median"]), None)
     n_big = max(args.prefill)
-    head = (f"{'engine':<36}{'prefill ' + str(n_big):>12}{'TTFT ' + str(min(args.prefill)):>10}"
-            f"{'decode ≤' + str(args.short + args.decode):>12}{'decode @' + str(args.long):>12}"
+    w = max([36] + [len(r["name"]) + 2 for r in results])   # the engine column fits every name
+    head = (f"{'engine':<{w}}{'prefill ' + str(n_big):>12}{'TTFT ' + str(min(args.prefill)):>10}"
+            f"{'decode ≤' + str(args.short + args.decode):>12}{' decode @' + str(args.long):>12}"
             f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}{'top-1':>7}{'KL':>8}{'ppl Δ':>8}"
             f"   vs llama.cpp (prefill/decode)")
     lines = [head, "-" * len(head)]
     for r in results:
         m = r["median"]
         if "error" in m:
-            lines.append(f"{r['name']:<36}failed: {m['error']}")
+            lines.append(f"{r['name']:<{w}}failed: {m['error']}")
             continue
         roof = bandwidth * 1e9 / r["bytes_per_token"]["short"]
         ratio = ""
@@ -434,7 +435,7 @@ def table(results: list[dict], args, bandwidth: float) -> str:
             b = base["median"]
             ratio = (f"{m[f'prefill_{n_big}'] / b[f'prefill_{n_big}']:.2f}x / "
                      f"{m['decode_short'] / b['decode_short']:.2f}x")
-        lines.append(f"{r['name']:<36}{m[f'prefill_{n_big}']:>12.1f}{m[f'ttft_{min(args.prefill)}']:>9.3f}s"
+        lines.append(f"{r['name']:<{w}}{m[f'prefill_{n_big}']:>12.1f}{m[f'ttft_{min(args.prefill)}']:>9.3f}s"
                      f"{m['decode_short']:>12.1f}{m['decode_long']:>12.1f}{roof:>10.1f}"
                      f"{m['peak_rss_mb']:>8.0f}{r['artifact_bytes'] / 1e6:>9.0f}"
                      f"{_quality(r.get('quality'))}   {ratio}")
