@@ -57,3 +57,26 @@ def test_quality_judgement_names_each_miss():
     assert parity.judge_quality({"top1": 0.85, "mean_kl": 0.02, "ppl_delta_rel": 0.03}, limits) == [
         "top-1 agreement 85.0% (minimum 90.0%)", "mean KL 0.0200 (maximum 0.0100)",
         "perplexity +3.00% (maximum +1.00%)"]
+
+
+def test_reference_on_disk_reads_back_what_the_reference_gives(tmp_path, monkeypatch):
+    """The gate's reference goes to disk first; read back in ROW_CHUNK-row chunks it is the
+    reference's logits exactly, window by window, and `evaluate_many` figures equal the live
+    reference's."""
+    from compile import export
+    from runtime import contract as ct
+    monkeypatch.setattr(quality, "ROW_CHUNK", 5)
+    ck = export.random_checkpoint("gemma3-270m-tiny")
+    contract = ct.Contract(ck.config, (4, 8), 64)
+    rng = np.random.default_rng(2)
+    wins = [rng.integers(0, ck.config.vocab_size, n).astype(np.int32) for n in (13, 7)]
+    reference = quality.reference_to_disk(contract, ck.params, wins, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference-0.f32", "reference-1.f32"]
+    for w in wins:
+        live = np.concatenate(list(quality.reference_chunks(contract, ck.params, w)))
+        chunks = list(reference(w))
+        assert [len(c) for c in chunks] == [5] * (len(w) // 5) + ([len(w) % 5] if len(w) % 5 else [])
+        np.testing.assert_array_equal(np.concatenate(chunks), live)
+    noisy = {"a": lambda w: quality.reference_chunks(contract, ck.params, w)}
+    assert quality.evaluate_many(contract, ck.params, wins, noisy, reference=reference) == \
+        quality.evaluate_many(contract, ck.params, wins, noisy)
