@@ -144,3 +144,29 @@ def test_not_an_rms_norm_is_left_alone():
     before = _run(m, {"x": x, "w": w})[0]
     assert onnx_graph.simplify(m)["rms_norm"] == 0
     np.testing.assert_array_equal(_run(m, {"x": x, "w": w})[0], before)
+
+
+def test_equal_constants_and_repeated_subexpressions_are_computed_once():
+    # what each layer did: sin/cos of the positions times its own copy of the same frequencies
+    nodes, inits = [], []
+    for layer in range(3):
+        inits.append(_const(f"freq{layer}", np.arange(1, D + 1) / D, np.float32))
+        nodes += [helper.make_node("Mul", ["pos", f"freq{layer}"], [f"ang{layer}"]),
+                  helper.make_node("Sin", [f"ang{layer}"], [f"sin{layer}"]),
+                  helper.make_node("Mul", ["x", f"sin{layer}"], [f"x{layer + 1}" if layer < 2
+                                                                 else "y"])]
+        nodes[-1].input[0] = "x" if layer == 0 else f"x{layer}"
+    inits.append(_const("freq_other", np.arange(D) / D, np.float32))   # a different value: kept
+    nodes += [helper.make_node("Mul", ["pos", "freq_other"], ["ang_o"]),
+              helper.make_node("Sin", ["ang_o"], ["z"])]
+    m = _model(nodes, [_vi("x", ["T", D]), _vi("pos", ["T", 1])], [_vi("y", ["T", D]),
+                                                                    _vi("z", ["T", D])], inits)
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, D), np.float32),
+             "pos": np.arange(3, dtype=np.float32).reshape(3, 1)}
+    before = _run(m, feeds)
+    done = onnx_graph.simplify(m)
+    assert done["shared"] == 2 + 2 * 2            # 2 constants, then Mul and Sin of 2 layers
+    assert [n.op_type for n in m.graph.node].count("Sin") == 2
+    assert sorted(i.name for i in m.graph.initializer) == ["freq0", "freq_other"]
+    for a, b in zip(_run(m, feeds), before):
+        np.testing.assert_array_equal(a, b)

@@ -16,6 +16,9 @@ name); each rewrite is exact for every value the symbols can take:
              are all broadcasting element-wise ops that yield the same shape without it
   rms norms  Mul(x, x) -> ReduceMean -> Add(eps) -> Sqrt -> Div(1, .) -> Mul(x, .) -> Mul(., scale)
              becomes one SimplifiedLayerNormalization (ONNX Runtime's kernel; same arithmetic)
+  shared     equal small constants become one, then nodes with the same op, attributes and
+             inputs become one (common subexpressions): each layer recomputed the RoPE tables
+             and the attention masks from the positions; now each kind is computed once
   dead code  nodes whose outputs nothing reads are removed (the shape subgraphs, once unused)
 
 The export's parity check compares the result with the JAX reference, as for every artifact.
@@ -139,8 +142,56 @@ def simplify(model) -> dict[str, int]:
 
     done["dead"] = _remove_dead(graph)     # first, so that bypassed nodes count as no reader
     done["rms_norm"] = _fuse_rms_norms(graph, shapes, consts, helper)
+    done["shared"] = _share(graph)
     done["dead"] += _remove_dead(graph)
     return dict(done)
+
+
+SHARED_CONST_BYTES = 4096   # constants up to this size are compared by value
+
+
+def _share(graph) -> int:
+    """Merges equal constants (initializers and Constant nodes up to SHARED_CONST_BYTES), then
+    nodes with the same domain, op, attributes and inputs (in graph order, so inputs are merged
+    before their readers are compared). Returns the number of nodes and constants merged."""
+    from onnx import numpy_helper
+    outputs = {o.name for o in graph.output}
+    renames, seen = {}, {}
+    for init in graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.nbytes <= SHARED_CONST_BYTES:
+            key = ("init", a.dtype.str, a.shape, a.tobytes())
+            if key in seen:
+                renames[init.name] = seen[key]
+            else:
+                seen[key] = init.name
+    merged = len(renames)
+    keep = []
+    for node in graph.node:
+        for k, i in enumerate(node.input):
+            if i in renames:
+                node.input[k] = renames[i]
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            a = numpy_helper.to_array(node.attribute[0].t)
+            key = ("init", a.dtype.str, a.shape, a.tobytes()) \
+                if a.nbytes <= SHARED_CONST_BYTES else None
+        elif "Random" in node.op_type or any(o in outputs for o in node.output):
+            key = None
+        else:
+            key = (node.domain, node.op_type, tuple(node.input), len(node.output),
+                   tuple(a.SerializeToString() for a in sorted(node.attribute,
+                                                               key=lambda a: a.name)))
+        if key is not None and key in seen and len(node.output) == 1:
+            renames[node.output[0]] = seen[key]
+            merged += 1
+            continue
+        if key is not None and len(node.output) == 1:
+            seen[key] = node.output[0]
+        keep.append(node)
+    if merged:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return merged
 
 
 def _rename(graph, renames: dict[str, str]) -> None:
@@ -252,8 +303,8 @@ def _remove_dead(graph) -> int:
     if removed:
         del graph.node[:]
         graph.node.extend(reversed(keep))
-        used = live
-        inits = [i for i in graph.initializer if i.name in used]
+    inits = [i for i in graph.initializer if i.name in live]
+    if len(inits) < len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(inits)
     return removed
