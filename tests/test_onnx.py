@@ -105,7 +105,7 @@ def test_stored_weights_equal_the_checkpoint_and_the_numpy_quantizer(onnx_artifa
         name = n.input[1][:-len(".B")]
         w = ck.params[name]
         rows = w if name == "embed" else w.T                                   # [N, K]
-        q, scale = wq.int_blocks(rows, bits, 32)
+        q, scale = wq.int_blocks(rows, bits, 32, search=bits == 8)
         attrs = {a.name: a.i for a in n.attribute}
         assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == \
             (rows.shape[1], rows.shape[0], bits, 32)
@@ -114,7 +114,7 @@ def test_stored_weights_equal_the_checkpoint_and_the_numpy_quantizer(onnx_artifa
             u = u[0::2] | (u[1::2] << 4)
         np.testing.assert_array_equal(arrays[n.input[1]].reshape(-1), u)
         np.testing.assert_array_equal(arrays[n.input[2]], scale.reshape(-1))
-    q8, s8 = wq.int_blocks(ck.params["embed"], 8, 32)       # the lookup: int8 blocks of 32
+    q8, s8 = wq.int_blocks(ck.params["embed"], 8, 32, search=True)   # the lookup: int8 blocks
     np.testing.assert_array_equal(arrays["embed_q"], q8)
     np.testing.assert_array_equal(arrays["embed_scale"], s8)
     assert "embed" not in arrays                        # the float table is not stored
@@ -239,11 +239,12 @@ def test_mixed_recipe_stores_int8_and_asymmetric_int4_blocks(onnx_artifacts):
         rows = np.asarray(ck.params[n], np.float32)
         rows = rows if n == "embed" else rows.T
         want = wq.int_blocks_asym(rows, 4, 32).dequantize() if bits[n] == 4 else \
-            wq.Blocks(8, 32, *wq.int_blocks(rows, 8, 32)).dequantize()
+            wq.Blocks(8, 32, *wq.int_blocks(rows, 8, 32, search=True)).dequantize()
         np.testing.assert_allclose(stored[n], want, rtol=0, atol=1e-6 * np.abs(want).max(),
                                    err_msg=n)
         if bits[n] == 4:   # the asymmetric grid is finer than the symmetric one on every block
             sym = wq.Blocks(4, 32, *wq.int_blocks(rows, 4, 32)).dequantize()
             assert np.abs(want - rows).mean() < np.abs(sym - rows).mean()
-    np.testing.assert_array_equal(arrays["embed_q"], wq.int_blocks(ck.params["embed"], 8, 32)[0])
+    np.testing.assert_array_equal(arrays["embed_q"],
+                                  wq.int_blocks(ck.params["embed"], 8, 32, search=True)[0])
     assert art["parity"]["top1_agreement"] >= 0.9

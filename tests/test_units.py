@@ -187,3 +187,19 @@ def test_int_blocks_asym_exact_small_arrays():
     np.testing.assert_allclose(int_blocks_asym(grid, 4, 16).dequantize(), grid, atol=1e-6)
     with pytest.raises(ValueError, match="int4: a row of 6 values does not split into blocks of 4"):
         int_blocks_asym(np.zeros((2, 6)), 4, 4)
+
+
+def test_int_blocks_scale_search_finds_a_coarser_grid_and_never_loses():
+    from compile.weights.quant import Blocks, int_blocks
+    rng = np.random.default_rng(3)
+    d = rng.random((64, 4, 1)).astype(np.float32) * 0.01 + 1e-3
+    grid = (rng.integers(-16, 16, (64, 4, 32)) * d).reshape(64, 128).astype(np.float32)
+    q, s = int_blocks(grid, 8, 32, search=True)     # 5-bit values: some m <= 127 is a multiple
+    np.testing.assert_allclose(Blocks(8, 32, q, s).dequantize(), grid, rtol=0, atol=1e-7)
+    q0, s0 = int_blocks(grid, 8, 32)                 # max / 127: off the grid
+    assert np.abs(Blocks(8, 32, q0, s0).dequantize() - grid).max() > 1e-5
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    err = {k: ((Blocks(8, 32, *int_blocks(w, 8, 32, search=k)).dequantize() - w) ** 2).sum(1)
+           for k in (False, True)}
+    assert (err[True] <= err[False]).all() and err[True].sum() < 0.9 * err[False].sum()
+    assert np.abs(int_blocks(w, 8, 32, search=True)[0]).max() <= 127   # nothing clipped

@@ -194,12 +194,14 @@ def weight_stream(params, quant: str, float_embedding: bool):
             if asym:
                 blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=quant)
             else:
-                q, scale = wq.int_blocks(rows, bits, BLOCK)
+                # 8-bit blocks take the least-error scale; 4-bit ones stay the max-scaled
+                # blocks tflite stores too
+                q, scale = wq.int_blocks(rows, bits, BLOCK, search=bits == 8)
                 blocks = wq.Blocks(bits, BLOCK, q, scale, source=quant)
                 del q, scale
             if name == "embed":   # the lookup: int8 blocks, the projection's when int8
                 lookup = blocks if bits == 8 and not asym else \
-                    wq.Blocks(8, BLOCK, *wq.int_blocks(rows, 8, BLOCK))
+                    wq.Blocks(8, BLOCK, *wq.int_blocks(rows, 8, BLOCK, search=True))
                 yield "embed_q", lookup.q
                 yield "embed_scale", lookup.scale
                 del lookup

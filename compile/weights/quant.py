@@ -82,13 +82,19 @@ def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
+SEARCH = 16   # int_blocks(search=True): how many grids per block (max -> top, top-1, ...)
+
+
+def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False,
+               search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric blockwise quantization of w [out, in] to `bits` (4 or 8): (q int8 [out, in] with
     values in [-2^(bits-1), 2^(bits-1) - 1], scales [out, in / block]); w ~= q * repeat(scales,
     block, axis=1). A block's scale is max|block| / (2^(bits-1) - 1); with `fp16_scales` it is
     rounded to float16 with a 7-bit mantissa (what LiteRT's blockwise kernels read) *before* the
-    values are rounded, so the stored scale is the one they were quantized with."""
+    values are rounded, so the stored scale is the one they were quantized with. With `search`,
+    each block takes the scale max|block| / m, m in top, top-1, ..., top-SEARCH+1, whose
+    rounding error is least (no value is clipped by any of them; a block whose values lie on a
+    coarser grid, e.g. a dequantized 5-bit one, comes back exactly)."""
     w = np.asarray(w)
     out, n = w.shape
     if n % block:
@@ -98,7 +104,17 @@ def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False
     scale = np.empty((out, n // block), np.float16 if fp16_scales else np.float32)
     for r in _row_chunks(out, n):        # a chunk of rows at a time: small temporaries
         blocks = w[r].astype(np.float32).reshape(-1, n // block, block)
-        s = (np.maximum(np.abs(blocks).max(axis=2), 1e-9) / top).astype(np.float32)
+        amax = np.maximum(np.abs(blocks).max(axis=2), 1e-9)
+        s = (amax / top).astype(np.float32)
+        if search:
+            best = np.sum((blocks - np.rint(blocks / s[..., None]) * s[..., None]) ** 2, axis=2)
+            for m in range(top - 1, max(0, top - SEARCH), -1):
+                c = (amax / m).astype(np.float32)
+                err = np.sum((blocks - np.rint(blocks / c[..., None]) * c[..., None]) ** 2,
+                             axis=2)
+                better = err < best
+                s = np.where(better, c, s)
+                best = np.where(better, err, best)
         if fp16_scales:
             s = s.astype(ml_dtypes.bfloat16).astype(np.float16)              # 7-bit mantissa
             s = np.where(s == 0, np.float16(2.0 ** -24), s)                  # bf16 underflow
