@@ -5,15 +5,18 @@ kernels read it):
 
   int8_rows    int8, one float32 scale per row (per output channel): max|row| / 127
   int_blocks   int4 or int8 values, one scale per block of `block` consecutive inputs of a row:
-               max|block| / 7 (or / 127); float32 scales (ONNX Runtime's MatMulNBits), or rounded
+               max|block| / 7 (or / 127; with `search`, the least-error of max / 127 ... max /
+               112, so a coarser grid the values already lie on is kept); float32 scales
+               (ONNX Runtime's MatMulNBits), or rounded
                to float16 with a 7-bit mantissa before the values are rounded (`int4_blocks`,
                LiteRT's blockwise int4), so the stored scale is the one they were quantized with
   int_blocks_asym  int4 or int8 values with a scale and a bias per block (min and max on the grid)
   pack_int4    two int4 values per byte, the even element in the low nibble
 
 The tied embedding is both a lookup table and the output projection. A quantizing target gives
-the lookup a per-row int8 table (`int8_rows`: `embed_q`, `embed_scale`, read by `model.forward`)
-and quantizes `embed` as the projection (the tflite target's int8 shares one table for both).
+the lookup an int8 table (`embed_q` with `embed_scale`, read by `model.embed`): per row on tflite
+(`int8_rows`, one table shared with its int8 projection), int8 blocks of 32 on onnx (the
+projection's own when it is int8), and quantizes `embed` as the projection.
 """
 
 from __future__ import annotations
