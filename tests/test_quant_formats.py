@@ -177,3 +177,29 @@ def test_activations_option_is_checked_per_target():
     with pytest.raises(ValueError, match=r"target 'xla' does not support --activations int8; "
                                          r"it supports: float"):
         targets.check_options(targets.get("xla"), {"activations": "int8"})
+
+
+def test_int8_of_a_dequantized_gguf_recovers_its_grids(native_gguf, tmp_path):
+    """`--quant int8` on a checkpoint whose values lie on GGUF grids: least-error scales bring
+    Q8_0, Q5_0 and Q4_0 values back exactly in symmetric blocks, and the offset grid of Q4_1 in
+    asymmetric ones (chosen because they halve the error); the manifest says which."""
+    ck = checkpoints.load(str(native_gguf))
+    out = tmp_path / "art"
+    ex.export(ck, ct.Contract(ck.config, **CONTRACT), ["onnx"], out,
+              {"quant": "int8", "activations": "float"}, log=lambda m: None)
+    formats = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]["tensor_formats"]
+    assert formats["layers.0.k_proj"] == ("int8: MatMulNBits 8-bit, block 32, asymmetric "
+                                          "(+ block-sum bias), as two 4-bit halves "
+                                          "(re-quantized from Q4_1)")
+    assert formats["layers.0.q_proj"] == ("int8: MatMulNBits 8-bit, block 32, symmetric, as two "
+                                          "4-bit halves (re-quantized from Q5_0)")
+    pairs = {"layers.0.k_proj": "blk.0.attn_k.weight", "layers.1.down_proj": "blk.1.ffn_down.weight",
+             "layers.0.q_proj": "blk.0.attn_q.weight", "layers.1.up_proj": "blk.1.ffn_up.weight",
+             "layers.2.v_proj": "blk.2.attn_v.weight", "layers.0.o_proj": "blk.0.attn_output.weight",
+             "embed": "token_embd.weight"}
+    stored = onnx_matmul_nbits_weights(out, pairs)
+    wants = gguf_dequantized(native_gguf, pairs.values())
+    for ours, theirs in pairs.items():
+        want = wants[theirs]
+        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=ours)

@@ -14,7 +14,8 @@ the graph it writes holds no weight); `weights.onnx.finish` then turns each weig
 external-data initializer (`model.onnx.data`), reading, transforming and quantizing one checkpoint
 tensor at a time, and replaces each quantized matmul by MatMulNBits (`int4`: 4 bits, `int8`: 8
 bits; `mixed`: 8 for the embedding/output, v and down, asymmetric 4 for the rest; blocks of 32
-inputs, float32 scales, accuracy level 4 — activations quantized to
+inputs, float32 scales, least-error for 8 bits, asymmetric where that halves a tensor's error
+(`int8_blocks`), accuracy level 4 — activations quantized to
 int8 per block; `--activations float`: level 1, float32 activations, 8-bit blocks as two 4-bit
 halves, exact products of the stored weights at a cost in speed). `native` keeps a GGUF checkpoint's own blocks instead (`weights.gguf_blocks`:
 every value as llama.cpp stores it; a type it cannot keep is refused by name), float tensors
@@ -67,6 +68,21 @@ BLOCK = 32
 # and the projections llama.cpp's Q4_K_M also gives more bits (v, down); asymmetric int4 (a
 # scale and a bias per block, llama.cpp's Q4_1 form) for the rest
 MIXED_INT8 = ("embed", "v_proj", "down_proj")
+
+
+ASYM_GAIN = 0.5   # an 8-bit tensor takes asymmetric blocks when they halve its squared error
+
+
+def int8_blocks(rows: np.ndarray, source: str) -> "wq.Blocks":
+    """int8 blocks of rows [N, K], least-error scales: symmetric, or asymmetric (a bias per
+    block: one more small matmul) when that halves the tensor's squared error, as it does for
+    values that lie on an offset grid (a dequantized Q4_K/Q4_1 tensor)."""
+    q, scale = wq.int_blocks(rows, 8, BLOCK, search=True)
+    sym = wq.Blocks(8, BLOCK, q, scale, source=source)
+    del q, scale
+    asym = wq.int_blocks_asym(rows, 8, BLOCK, source=source, search=True)
+    err = [float(np.sum((b.dequantize() - rows) ** 2)) for b in (sym, asym)]
+    return asym if err[1] < ASYM_GAIN * err[0] else sym
 
 
 def recipe(name: str, quant: str) -> tuple[int, bool]:
@@ -171,10 +187,11 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
             output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
 
 
-def weight_stream(params, quant: str, float_embedding: bool):
+def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None = None):
     """(name, array or quant.Blocks) for every graph weight, one checkpoint tensor read at a
     time: matmul weights as Blocks over their rows ([out, in]) — the checkpoint's own (`native`)
-    or our quantizer's — and the embedding's lookup copy beside its quantized projection."""
+    or our quantizer's — and the embedding's lookup copy beside its quantized projection.
+    `chosen` records, per quantized tensor, whether its blocks are asymmetric."""
     for name in params:
         if not quantized(params, name, quant, float_embedding):
             yield name, np.ascontiguousarray(params[name], np.float32)
@@ -193,6 +210,8 @@ def weight_stream(params, quant: str, float_embedding: bool):
             bits, asym = recipe(name, quant)
             if asym:
                 blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=quant)
+            elif bits == 8 and name != "embed":   # the lookup's table stays symmetric
+                blocks = int8_blocks(rows, quant)
             else:
                 # 8-bit blocks take the least-error scale; 4-bit ones stay the max-scaled
                 # blocks tflite stores too
@@ -206,13 +225,16 @@ def weight_stream(params, quant: str, float_embedding: bool):
                 yield "embed_scale", lookup.scale
                 del lookup
             del rows
+            if chosen is not None:
+                chosen[name] = blocks.bias is not None
         yield name, blocks
         del blocks
 
 
-def tensor_formats(params, quant: str, float_embedding: bool, activations: str = "int8"
-                   ) -> dict[str, str]:
-    """parameter -> how this artifact stores it (the manifest's record)."""
+def tensor_formats(params, quant: str, float_embedding: bool, activations: str = "int8",
+                   chosen: dict | None = None) -> dict[str, str]:
+    """parameter -> how this artifact stores it (the manifest's record); `chosen`: what
+    `weight_stream` chose per tensor (asymmetric blocks or not)."""
     out = {}
     halves = ", as two 4-bit halves" if activations == "float" else ""
     for name in params:
@@ -225,6 +247,7 @@ def tensor_formats(params, quant: str, float_embedding: bool, activations: str =
                          + (halves if bits > 4 else "") + (", + block-sum bias" if bias else ""))
         else:
             bits, asym = recipe(name, quant)
+            asym = (chosen or {}).get(name, asym)
             out[name] = f"{quant}: MatMulNBits {bits}-bit, block {BLOCK}, " + \
                 ("asymmetric (+ block-sum bias)" if asym else "symmetric") + \
                 (halves if bits > 4 else "") + \
@@ -247,7 +270,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
         simplified = onnx_graph.simplify(graph)
         bar = progress(total=len(params), desc=f"onnx weights ({quant})", unit="tensor") \
             if progress else None
-        counts = container.finish(graph, weight_stream(params, quant, float_embedding),
+        chosen: dict[str, bool] = {}
+        counts = container.finish(graph, weight_stream(params, quant, float_embedding, chosen),
                                   out_dir / DATA_FILE, tick=bar.update if bar else None,
                                   float_activations=activations == "float")
         if bar:
@@ -259,7 +283,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     for n in graph.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return {"files": {"model": "model.onnx", "weights": DATA_FILE}, "quantization": quant,
-            "tensor_formats": tensor_formats(params, quant, float_embedding, activations),
+            "tensor_formats": tensor_formats(params, quant, float_embedding, activations,
+                                             chosen),
             "activations": activations if counts.get("quantized_matmuls") else "float",
             "float_embedding": float_embedding,
             "max_length": contract.max_context, "cache_outputs": ct.ROWS,

@@ -127,11 +127,14 @@ def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False,
     return q, scale
 
 
-def int_blocks_asym(w: np.ndarray, bits: int, block: int, source: str = "") -> Blocks:
+def int_blocks_asym(w: np.ndarray, bits: int, block: int, source: str = "",
+                    search: bool = False) -> Blocks:
     """Asymmetric blockwise quantization of w [out, in]: w ~= scale * q + bias per block of
     `block` inputs of a row, q in [-2^(bits-1), 2^(bits-1) - 1]. Each block's min and max are on
     its grid (scale = (max - min) / (2^bits - 1), bias = min + 2^(bits-1) scale): llama.cpp's
-    Q4_1 form, as `Blocks` with a bias."""
+    Q4_1 form, as `Blocks` with a bias. With `search`, each block takes the least-error of
+    (max - min) / m, m = 2^bits - 1 down to 2^bits - SEARCH (its min stays on the grid; no value
+    is clipped)."""
     w = np.asarray(w)
     out, n = w.shape
     if n % block:
@@ -144,6 +147,15 @@ def int_blocks_asym(w: np.ndarray, bits: int, block: int, source: str = "") -> B
         blocks = w[r].astype(np.float32).reshape(-1, n // block, block)
         lo, hi = blocks.min(axis=2), blocks.max(axis=2)
         s = np.maximum((hi - lo) / levels, 1e-12).astype(np.float32)
+        if search:
+            d = blocks - lo[..., None]
+            best = np.sum((d - np.rint(d / s[..., None]) * s[..., None]) ** 2, axis=2)
+            for m in range(levels - 1, max(0, levels - SEARCH), -1):
+                c = np.maximum((hi - lo) / m, 1e-12).astype(np.float32)
+                err = np.sum((d - np.rint(d / c[..., None]) * c[..., None]) ** 2, axis=2)
+                better = err < best
+                s = np.where(better, c, s)
+                best = np.where(better, err, best)
         u = np.clip(np.rint((blocks - lo[..., None]) / s[..., None]), 0, levels)
         q[r] = (u - half).astype(np.int8).reshape(-1, n)
         scale[r] = s
