@@ -234,6 +234,17 @@ def onnx_matmul_nbits_weights(art_dir: Path, names) -> dict:
     return out
 
 
+def assert_stores_gguf_values(art_dir: Path, gguf_path: Path, pairs: dict) -> None:
+    """Every weight of `pairs` (ours -> GGUF tensor name), as the ONNX artifact's MatMulNBits
+    compute with it, equals `gguf`'s own dequantization within float rounding."""
+    stored = onnx_matmul_nbits_weights(art_dir, pairs)
+    wants = gguf_dequantized(gguf_path, pairs.values())
+    for ours, theirs in pairs.items():
+        want = wants[theirs]
+        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=ours)
+
+
 def gguf_dequantized(path: Path, names) -> dict:
     """GGUF tensor name -> float32 [out, in] as `gguf` itself dequantizes it (the oracle for kept
     blocks)."""

@@ -11,7 +11,7 @@ from compile import checkpoints, export as ex, trace
 from compile.weights import Params, Tensor, gguf_blocks
 from compile.weights import onnx as container
 from runtime import contract as ct
-from helpers import gguf_dequantized, onnx_matmul_nbits_weights, write_quantized_gguf
+from helpers import assert_stores_gguf_values, write_quantized_gguf
 
 CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
 TYPES = {"embed": "Q8_0", "q_proj": "Q5_0", "k_proj": "Q4_1", "v_proj": "Q8_0",
@@ -97,11 +97,7 @@ def test_native_onnx_keeps_every_gguf_block(native_gguf, tmp_path):
     # the stored integers and scales are GGUF's: dequantized, equal to gguf's dequantization
     pairs = {"layers.2.k_proj": "blk.2.attn_k.weight", "layers.1.down_proj": "blk.1.ffn_down.weight",
              "layers.0.q_proj": "blk.0.attn_q.weight", "embed": "token_embd.weight"}
-    stored = onnx_matmul_nbits_weights(out, pairs)
-    wants = gguf_dequantized(native_gguf, pairs.values())
-    for ours, theirs in pairs.items():
-        want = wants[theirs]
-        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert_stores_gguf_values(out, native_gguf, pairs)
 
     # end to end: logits near the reference (the kernels quantize activations per 32-block),
     # the same top-1 nearly everywhere; xla holds the exact values
@@ -154,11 +150,7 @@ def test_native_onnx_with_float_activations_computes_the_blocks_exactly(native_g
 
     pairs = {"layers.0.q_proj": "blk.0.attn_q.weight", "embed": "token_embd.weight",
              "layers.2.k_proj": "blk.2.attn_k.weight", "layers.1.down_proj": "blk.1.ffn_down.weight"}
-    stored = onnx_matmul_nbits_weights(out, pairs)
-    wants = gguf_dequantized(native_gguf, pairs.values())
-    for ours, theirs in pairs.items():
-        want = wants[theirs]
-        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert_stores_gguf_values(out, native_gguf, pairs)
 
     tokens = np.random.default_rng(5).integers(0, ck.config.vocab_size, 30).astype(np.int32)
     want = trace.reference_logits(contract, ck.params, tokens)
@@ -197,9 +189,4 @@ def test_int8_of_a_dequantized_gguf_recovers_its_grids(native_gguf, tmp_path):
              "layers.0.q_proj": "blk.0.attn_q.weight", "layers.1.up_proj": "blk.1.ffn_up.weight",
              "layers.2.v_proj": "blk.2.attn_v.weight", "layers.0.o_proj": "blk.0.attn_output.weight",
              "embed": "token_embd.weight"}
-    stored = onnx_matmul_nbits_weights(out, pairs)
-    wants = gguf_dequantized(native_gguf, pairs.values())
-    for ours, theirs in pairs.items():
-        want = wants[theirs]
-        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max(),
-                                   err_msg=ours)
+    assert_stores_gguf_values(out, native_gguf, pairs)

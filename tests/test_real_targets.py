@@ -2,8 +2,6 @@
 
 import json
 
-import numpy as np
-
 import pytest
 
 import runtime
@@ -111,7 +109,7 @@ def test_fp32_onnx_generates_what_xla_generates(real_onnx, real_artifacts):
 def test_native_onnx_keeps_the_gguf_blocks_and_beats_llama_cpp_quality(real_onnx, real_gguf):
     """The default model's own Q8_0/Q5_0/Q4_K/Q6_K blocks, stored unchanged, and the export's
     quality gate on the evaluation text passed (at llama.cpp's level or better)."""
-    from helpers import gguf_dequantized, onnx_matmul_nbits_weights
+    from helpers import assert_stores_gguf_values
     out = real_onnx("native")
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]
     assert art["op_counts"]["MatMulNBits"] == 7 * 18 + 1
@@ -125,11 +123,7 @@ def test_native_onnx_keeps_the_gguf_blocks_and_beats_llama_cpp_quality(real_onnx
     # stored integers and scales dequantize to what gguf dequantizes (Q4_K with its bias term)
     pairs = {"layers.0.o_proj": "blk.0.attn_output.weight",
              "layers.0.down_proj": "blk.0.ffn_down.weight", "layers.3.q_proj": "blk.3.attn_q.weight"}
-    stored = onnx_matmul_nbits_weights(out, pairs)
-    wants = gguf_dequantized(real_gguf, pairs.values())
-    for ours, theirs in pairs.items():
-        want = wants[theirs]
-        np.testing.assert_allclose(stored[ours], want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert_stores_gguf_values(out, real_gguf, pairs)
     gen = runtime.load(out)
     assert gen.target == "onnx" and gen.generate(PROMPT, max_new_tokens=16).strip()
 

@@ -73,13 +73,15 @@ MIXED_INT8 = ("embed", "v_proj", "down_proj")
 ASYM_GAIN = 0.5   # an 8-bit tensor takes asymmetric blocks when they halve its squared error
 
 
-def int8_blocks(rows: np.ndarray, source: str) -> "wq.Blocks":
-    """int8 blocks of rows [N, K], least-error scales: symmetric, or asymmetric (a bias per
-    block: one more small matmul) when that halves the tensor's squared error, as it does for
-    values that lie on an offset grid (a dequantized Q4_K/Q4_1 tensor)."""
+def int8_blocks(rows: np.ndarray, source: str, asymmetric_ok: bool = True) -> "wq.Blocks":
+    """int8 blocks of rows [N, K], least-error scales: symmetric, or (when `asymmetric_ok`)
+    asymmetric (a bias per block: one more small matmul) when that halves the tensor's squared
+    error, as it does for values that lie on an offset grid (a dequantized Q4_K/Q4_1 tensor)."""
     q, scale = wq.int_blocks(rows, 8, BLOCK, search=True)
     sym = wq.Blocks(8, BLOCK, q, scale, source=source)
     del q, scale
+    if not asymmetric_ok:
+        return sym
     asym = wq.int_blocks_asym(rows, 8, BLOCK, source=source, search=True)
     err = [float(np.sum((b.dequantize() - rows) ** 2)) for b in (sym, asym)]
     return asym if err[1] < ASYM_GAIN * err[0] else sym
@@ -210,17 +212,12 @@ def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None
             bits, asym = recipe(name, quant)
             if asym:
                 blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=quant)
-            elif bits == 8 and name != "embed":   # the lookup's table stays symmetric
-                blocks = int8_blocks(rows, quant)
-            else:
-                # 8-bit blocks take the least-error scale; 4-bit ones stay the max-scaled
-                # blocks tflite stores too
-                q, scale = wq.int_blocks(rows, bits, BLOCK, search=bits == 8)
-                blocks = wq.Blocks(bits, BLOCK, q, scale, source=quant)
-                del q, scale
+            elif bits == 8:   # the lookup's table (embed) stays symmetric
+                blocks = int8_blocks(rows, quant, asymmetric_ok=name != "embed")
+            else:             # the max-scaled 4-bit blocks tflite stores too
+                blocks = wq.Blocks(4, BLOCK, *wq.int_blocks(rows, 4, BLOCK), source=quant)
             if name == "embed":   # the lookup: int8 blocks, the projection's when int8
-                lookup = blocks if bits == 8 and not asym else \
-                    wq.Blocks(8, BLOCK, *wq.int_blocks(rows, 8, BLOCK, search=True))
+                lookup = blocks if bits == 8 else int8_blocks(rows, quant, asymmetric_ok=False)
                 yield "embed_q", lookup.q
                 yield "embed_scale", lookup.scale
                 del lookup

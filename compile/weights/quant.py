@@ -88,6 +88,19 @@ def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 SEARCH = 16   # int_blocks(search=True): how many grids per block (max -> top, top-1, ...)
 
 
+def _least_error_scale(v: np.ndarray, span: np.ndarray, top: int) -> np.ndarray:
+    """Per block of v [..., block], the scale span / m, m = top, top - 1, ..., top - SEARCH + 1
+    (none of them clips: |v| <= span), under which rounding v loses least."""
+    best_s = best = None
+    for m in range(top, max(0, top - SEARCH), -1):
+        c = (span / m).astype(np.float32)
+        err = np.sum((v - np.rint(v / c[..., None]) * c[..., None]) ** 2, axis=-1)
+        better = np.ones(err.shape, bool) if best is None else err < best
+        best_s = c if best_s is None else np.where(better, c, best_s)
+        best = err if best is None else np.where(better, err, best)
+    return best_s
+
+
 def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False,
                search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric blockwise quantization of w [out, in] to `bits` (4 or 8): (q int8 [out, in] with
@@ -108,16 +121,7 @@ def int_blocks(w: np.ndarray, bits: int, block: int, fp16_scales: bool = False,
     for r in _row_chunks(out, n):        # a chunk of rows at a time: small temporaries
         blocks = w[r].astype(np.float32).reshape(-1, n // block, block)
         amax = np.maximum(np.abs(blocks).max(axis=2), 1e-9)
-        s = (amax / top).astype(np.float32)
-        if search:
-            best = np.sum((blocks - np.rint(blocks / s[..., None]) * s[..., None]) ** 2, axis=2)
-            for m in range(top - 1, max(0, top - SEARCH), -1):
-                c = (amax / m).astype(np.float32)
-                err = np.sum((blocks - np.rint(blocks / c[..., None]) * c[..., None]) ** 2,
-                             axis=2)
-                better = err < best
-                s = np.where(better, c, s)
-                best = np.where(better, err, best)
+        s = _least_error_scale(blocks, amax, top) if search else (amax / top).astype(np.float32)
         if fp16_scales:
             s = s.astype(ml_dtypes.bfloat16).astype(np.float16)              # 7-bit mantissa
             s = np.where(s == 0, np.float16(2.0 ** -24), s)                  # bf16 underflow
@@ -146,16 +150,9 @@ def int_blocks_asym(w: np.ndarray, bits: int, block: int, source: str = "",
     for r in _row_chunks(out, n):
         blocks = w[r].astype(np.float32).reshape(-1, n // block, block)
         lo, hi = blocks.min(axis=2), blocks.max(axis=2)
-        s = np.maximum((hi - lo) / levels, 1e-12).astype(np.float32)
-        if search:
-            d = blocks - lo[..., None]
-            best = np.sum((d - np.rint(d / s[..., None]) * s[..., None]) ** 2, axis=2)
-            for m in range(levels - 1, max(0, levels - SEARCH), -1):
-                c = np.maximum((hi - lo) / m, 1e-12).astype(np.float32)
-                err = np.sum((d - np.rint(d / c[..., None]) * c[..., None]) ** 2, axis=2)
-                better = err < best
-                s = np.where(better, c, s)
-                best = np.where(better, err, best)
+        span = np.maximum(hi - lo, 1e-12 * levels)
+        s = _least_error_scale(blocks - lo[..., None], span, levels) if search else \
+            (span / levels).astype(np.float32)
         u = np.clip(np.rint((blocks - lo[..., None]) / s[..., None]), 0, levels)
         q[r] = (u - half).astype(np.int8).reshape(-1, n)
         scale[r] = s
