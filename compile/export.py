@@ -11,7 +11,9 @@ manifest (replacing the same target's older artifact).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import shutil
@@ -73,17 +75,30 @@ def _write_json(path: Path, data: dict) -> None:
 
 def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: Path,
            options: dict | None = None, progress=None, log=print) -> dict:
-    """Writes (or adds to) the artifact directory `out`; returns its manifest."""
-    import jax
-    from runtime.manifest import sha256_file
+    """Writes (or adds to) the artifact directory `out`; returns its manifest. One export per
+    directory at a time (`_locked`)."""
+    import jax  # noqa: F401  (initialised before the targets' converters import it)
 
     options = dict(options or {})
+    seal_key = _seal_key()   # a key file others can read fails now, not after the work
     mods = [targets.get(t) for t in target_names]
     for mod in mods:
         targets.check_options(mod, options)
         if hasattr(mod, "check_checkpoint"):
             mod.check_checkpoint(ck.params, options)
     out = Path(out)
+    if out.is_dir() and os.path.ismount(out) and not (out / ct.MANIFEST_FILE).exists():
+        # a new export is published by renaming its stage onto `out`: refused before the work
+        raise ExportError(f"{out} is a mount point: a new export is published by renaming a "
+                          f"finished directory onto --out, which a mount point cannot take; "
+                          f"use a directory inside it, e.g. --out {out / ck.config.name}")
+    with _locked(out, log):
+        return _export(ck, contract, mods, out, options, progress, log, seal_key)
+
+
+def _export(ck, contract, mods, out: Path, options: dict, progress, log, seal_key) -> dict:
+    """export()'s work, under the output directory's lock."""
+    from runtime.manifest import sha256_file
     existing = None
     if (out / ct.MANIFEST_FILE).exists():
         existing = _read_existing(out / ct.MANIFEST_FILE)
@@ -97,6 +112,7 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
 
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
+    undo = _undo(lambda: shutil.rmtree(stage, ignore_errors=True))
     stage.mkdir(parents=True)
     try:
         (stage / "tokenizer.model").write_bytes(ck.tokenizer_model)
@@ -136,10 +152,75 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
         if failures:
             raise ExportError("artifact quality check failed against the fp32 reference: "
                               + "; ".join(failures))
-        _write_json(stage / ct.MANIFEST_FILE, manifest)
-        return _publish(stage, out, manifest, existing, [m.NAME for m in mods])
+        _write_json(stage / ct.MANIFEST_FILE, _sealed(manifest, seal_key, log))
+        return _publish(stage, out, manifest, existing, [m.NAME for m in mods], seal_key, log)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        _UNDO.remove(undo)
+
+
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def _locked(out: Path, log):
+    """Holds `.{out.name}.lock` beside `out` (an flock: released when the process ends, however
+    it ends) for a whole export, so two exports to one directory cannot both do the work or lose
+    each other's manifest entries (the merge reads and writes the manifest under it). A second
+    export fails at once, naming the holder. The file is removed on release; a process that
+    locked a file which was removed meanwhile retries on the new one (the inode check), so
+    removal cannot let two exports in. Under the lock no other export of `out` is running, so
+    every `.{out.name}.partial-*` stage beside it is debris of a killed one: removed."""
+    import fcntl
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}{LOCK_SUFFIX}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            raise ExportError(f"another export is writing {out} ({holder}); wait for it to "
+                              f"finish or choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)   # we locked a file its holder removed on release: take the new one
+    undo = _undo(lambda: _unlink(path))
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {dt.datetime.now().isoformat(timespec='seconds')}"
+                  .encode(), 0)
+        for stale in sorted(out.parent.glob(f".{out.name}.partial-*")) + \
+                sorted(out.glob(".*.old-*") if out.is_dir() else []):
+            if stale.name.endswith(f"-{os.getpid()}"):
+                continue
+            shutil.rmtree(stale, ignore_errors=True)
+            log(f"removed {stale}, left by an export that was killed")
+        yield
+    finally:
+        _unlink(path)
+        os.close(fd)
+        _UNDO.remove(undo)
+
+
+# what a SIGTERM must undo before the process leaves (main's handler runs these)
+_UNDO: list = []
+
+
+def _undo(fn):
+    _UNDO.append(fn)
+    return fn
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _read_existing(path: Path) -> dict:
@@ -156,7 +237,29 @@ def _trace(contract, params, platforms, progress):
     return trace.trace(contract, params, tuple(platforms), progress=progress)
 
 
-def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, names) -> dict:
+def _seal_key():
+    """The user's signing key (`runtime.integrity`), or None."""
+    from runtime import integrity
+    try:
+        return integrity.signing_key()
+    except integrity.IntegrityError as e:
+        raise ExportError(f"signing key: {e}") from None
+
+
+def _sealed(manifest: dict, key, log) -> dict:
+    """The manifest as published: sealed with the user's key when there is one (so that its
+    xla-tpu executables load without --trust-executables), else without a seal (a merge would
+    leave an old one that no longer verifies)."""
+    from runtime import integrity
+    manifest.pop(ct.SEAL, None)
+    if key is not None:
+        manifest[ct.SEAL] = integrity.seal(manifest, key[0], ct.SEAL)
+        log(f"sealed the manifest with key {manifest[ct.SEAL]['key_id']} (from {key[1]})")
+    return manifest
+
+
+def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, names,
+             seal_key=None, log=print) -> dict:
     if existing is None:
         if out.exists():
             out.rmdir()   # empty, checked above
@@ -175,7 +278,11 @@ def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, name
         os.replace(stage / name, old)
         shutil.rmtree(trash, ignore_errors=True)
     shutil.copy2(stage / "tokenizer.model", out / "tokenizer.model")
-    _write_json(out / ct.MANIFEST_FILE, merged)
+    had_seal = ct.SEAL in existing
+    _write_json(out / ct.MANIFEST_FILE, _sealed(merged, seal_key, log))
+    if had_seal and seal_key is None:
+        log(f"{out / ct.MANIFEST_FILE} was sealed; it changed and there is no signing key here, "
+            f"so it is no longer sealed (`python -m runtime.sign --artifacts {out}`)")
     return merged
 
 
@@ -229,6 +336,19 @@ def main(argv=None) -> int:
                    help="xla-tpu: model=M splits the model over M chips (default: all chips)")
     args = p.parse_args(argv)
 
+    import signal
+
+    def _terminated(signum, frame):
+        # not an exception: one raised while Python runs a gc callback is ignored, and the
+        # export would go on. Remove what is staged, free the lock, and leave at once.
+        for undo in reversed(_UNDO):
+            undo()
+        print("\nerror: terminated (SIGTERM); nothing was published"
+              + (f" ({out} is as it was)" if out else ""), file=sys.stderr, flush=True)
+        os._exit(130)
+    if threading_main():
+        signal.signal(signal.SIGTERM, _terminated)
+    out = None
     try:
         names = []
         for t in args.target or ([] if args.android_demo else ["xla"]):
@@ -254,7 +374,19 @@ def main(argv=None) -> int:
         out = Path(args.out or f"artifacts/{ck.config.name}")
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, ExportError, ValueError, KeyError, OSError) as e:
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; nothing was published"
+              + (f" ({out} is as it was)" if out else ""), file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            print(f"error: could not write {e.filename or out}: {e.strerror} (the disk, your "
+                  f"quota or the file size limit is full); nothing was published"
+                  + (f" ({out} is as it was)" if out else ""), file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ExportError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1
@@ -269,6 +401,11 @@ def main(argv=None) -> int:
     if args.android_demo:
         copy_for_android(out, manifest, Path(args.android_demo))
     return 0
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 ANDROID_APP_DIR = "/sdcard/Android/data/dev.gemmaaot.chat/files"   # the app's getExternalFilesDir

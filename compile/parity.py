@@ -101,7 +101,9 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
         # specific to this CPU); tflite packs into a temporary weight cache, which keeps the
         # packed copy out of anonymous memory (fp32 270M: 1.9 GB peak instead of 3.4 GB)
         with tempfile.TemporaryDirectory(prefix="parity-cache-", dir=stage.parent) as tmp:
-            gen = runtime.load(stage, target=target,
+            # the stage holds files this process just wrote (and hashed): nothing to verify,
+            # and its own xla-tpu executables are trusted
+            gen = runtime.load(stage, target=target, verify=False, trust_executables=True,
                                cache_dir=tmp if target == "tflite" else False)
             got = gen.logits(tokens, start=start)
             del gen
@@ -154,7 +156,9 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
         # once (2.8 GB peak for the 270M's onnx export when they were)
         reference = quality.reference_to_disk(contract, ck.params, wins, Path(tmp))
         release()
-        gens = {t: runtime.load(stage, target=t, cache_dir=tmp if t == "tflite" else False)
+        # verify=False: the stage's files are the ones this process just wrote and hashed
+        gens = {t: runtime.load(stage, target=t, verify=False, trust_executables=True,
+                                cache_dir=tmp if t == "tflite" else False)
                 for t in lossy}
         figures = quality.evaluate_many(
             contract, ck.params, wins, {t: (lambda w, g=g: g.iter_logits(w, 0))
@@ -180,6 +184,9 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
 
 def judge_quality(f: dict, limits: dict) -> list[str]:
     out = []
+    bad = [k for k in ("top1", "mean_kl", "ppl_delta_rel") if not np.isfinite(f[k])]
+    if bad:   # NaN compares false with every limit: say it instead of passing
+        out.append(f"{', '.join(bad)} not finite (NaN or infinite logits)")
     if f["top1"] < limits["min_top1"]:
         out.append(f"top-1 agreement {f['top1']:.1%} (minimum {limits['min_top1']:.1%})")
     if f["mean_kl"] > limits["max_kl"]:
@@ -205,12 +212,15 @@ def release() -> None:
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     """Figures of artifact logits `got` against reference logits `ref`, both [N, V]."""
     top = max(float(np.max(np.abs(ref))), 1e-6)
+    bad = int(np.size(got) - np.isfinite(got).sum())
+    got = np.where(np.isfinite(got), got, 0.0).astype(np.float32) if bad else got
     diff = np.abs(got - ref)
     ref_top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = (ref_top2[:, 1] - ref_top2[:, 0]) > MARGIN * top
     agree = got.argmax(-1) == ref.argmax(-1)
     return {
         "decode_steps": int(ref.shape[0]),
+        "non_finite": bad,   # NaN/Inf logits (compared as 0 below: NaN would pass every "<")
         "max_abs_diff": float(diff.max()), "max_abs_ref": top,
         "max_rel_diff": float(diff.max()) / top, "mean_abs_diff": float(diff.mean()),
         "mean_kl": float(np.mean(quality.kl_rows(ref, got))),
@@ -223,6 +233,8 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
 def judge(figures: dict, limit: dict) -> list[str]:
     """What breaks the limits, each said with its figure (empty: the artifact passes)."""
     out = []
+    if figures.get("non_finite"):
+        out.append(f"{figures['non_finite']} of its logits are NaN or infinite")
     if figures["max_rel_diff"] > limit["max_rel_diff"]:
         out.append(f"max |diff| {figures['max_abs_diff']:.3g} = {figures['max_rel_diff']:.3g} of "
                    f"max |logit| (limit {limit['max_rel_diff']})")

@@ -17,14 +17,20 @@ from .tokenizer import Tokenizer
 __all__ = ["load", "Generator", "Tokenizer", "Manifest", "ArtifactError", "ContextOverflowError"]
 
 
-def load(artifact_dir: str | Path, target: str = "auto", **options) -> Generator:
+def load(artifact_dir: str | Path, target: str = "auto", verify: bool = True, log=None,
+         **options) -> Generator:
     """target: "auto" (the rules in `runtime.backends`; falls back to the next artifact when one
-    fails to open) or a manifest target name. options go to the chosen backend where it takes
+    fails to open) or a manifest target name. verify: check every file's sha256 (tokenizer
+    included) against the manifest before use (`runtime.integrity`; remembered per unchanged
+    file in the user's cache directory); False checks sizes only. log(msg): told about long
+    steps (hashing a large file). options go to the chosen backend where it takes
     them: num_threads (tflite, onnx), provider (onnx), cache_dir (xla: JAX's compilation cache;
-    tflite: XNNPACK's packed-weight cache; a directory, or False for no persistent cache)."""
+    tflite: XNNPACK's packed-weight cache; a directory, or False for no persistent cache),
+    trust_executables (xla-tpu: unpickle executables whose manifest no seal of the user's key
+    vouches for; see `runtime.backends.xla_tpu`)."""
     from . import backends
     manifest = Manifest.read(artifact_dir)
     order = backends.candidates(manifest, target)
-    tok = manifest.tokenizer
-    tokenizer = Tokenizer(manifest.path(tok["file"]), tok)
-    return Generator(backends.open_first(manifest, order, **options), manifest, tokenizer)
+    tokenizer = Tokenizer(manifest.check_tokenizer(verify, log=log), manifest.tokenizer)
+    return Generator(backends.open_first(manifest, order, verify=verify, log=log, **options),
+                     manifest, tokenizer)

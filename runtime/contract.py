@@ -59,6 +59,9 @@ runtime derives from the contract instead):
                             "quantization", "parity": {...} or {"skipped": reason}, "created",
                             "export_s", ...target fields (onnx: cache_outputs, max_length;
                             xla-tpu: topology, mesh, shardings...)}}
+  seal            optional {"alg": "hmac-sha256", "key_id": str, "value": hex}: an HMAC of the
+                  rest of the manifest (canonical JSON) with the user's key
+                  (`runtime.integrity`); required before pickle-based executables (xla-tpu) load
 Paths are relative to the artifact directory.
 """
 
@@ -72,6 +75,7 @@ READABLE_VERSIONS = (1, 2)  # 2 dropped fields nothing read (v1 had signatures.k
                             # onnx, dynamic_length/past_window/output_names): a v1 runtime cannot
                             # run a v2 onnx artifact, so it must refuse v2 by its version
 MANIFEST_FILE = "manifest.json"
+SEAL = "seal"               # the manifest's optional HMAC record
 
 # -- tensor and signature names --------------------------------------------------------------
 
@@ -392,6 +396,10 @@ def validate(data) -> dict:
         if entries[i] != w:
             raise ManifestError(f"field 'signatures.entries[{i}]' is not the {w['name']!r} "
                                 f"signature this model's contract defines")
+    if SEAL in data:
+        seal = _need(data, SEAL, dict, "", "an object")
+        for key in ("alg", "key_id", "value"):
+            _need(seal, key, str, f"{SEAL}.", "a string")
     arts = _need(data, "artifacts", dict, "", "an object")
     for target, rec in arts.items():
         where = f"artifacts.{target}."

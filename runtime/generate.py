@@ -18,11 +18,20 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the files' sha256 against the manifest (sizes are still "
+                        "checked)")
+    p.add_argument("--trust-executables", action="store_true",
+                   help="xla-tpu: load its pickle-based executables even though no seal of your "
+                        "key vouches for the manifest (only if you trust everyone who can write "
+                        "the artifact directory)")
     args = p.parse_args(argv)
 
     import runtime
     try:
-        gen = runtime.load(args.artifacts, target=args.target)
+        gen = runtime.load(args.artifacts, target=args.target, verify=not args.no_verify,
+                           trust_executables=args.trust_executables,
+                           log=lambda m: print(m, file=sys.stderr))
         print(f"[{gen.manifest.variant} on {gen.target}]", file=sys.stderr)
         run = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -1,29 +1,27 @@
 """Reading `manifest.json`, the only contract between the compiler and the runtime. Its schema and
 version live in `runtime.contract` (`validate`); this module reads the file, checks it against
-that schema and checks the artifact files it lists.
+that schema and checks the artifact files it lists: their sizes always, their sha256 (the
+tokenizer's too) through `runtime.integrity` unless verification is turned off.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from . import integrity
 from .contract import MANIFEST_FILE as FILENAME, Contract, ManifestError, validate
+from .integrity import sha256_file  # noqa: F401  (the exporter records hashes with it)
 
 
 class ArtifactError(ValueError):
     pass
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class IntegrityFailure(ArtifactError):
+    """A file differs from its manifest's sha256: never a reason to fall back quietly."""
 
 
 @dataclass
@@ -88,15 +86,34 @@ class Manifest:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
-    def check_files(self, target: str, verify_hash: bool = False) -> None:
-        """Every file of the artifact exists with its recorded size (and hash, if asked)."""
+    def check_files(self, target: str, verify_hash: bool = False, use_cache: bool = True,
+                    log=None) -> None:
+        """Every file of the artifact exists with its recorded size; with `verify_hash`, it and
+        the tokenizer have their recorded sha256 (`runtime.integrity`; `use_cache`: trust the
+        user's record of files verified before and unchanged since)."""
+        files = []
         for role, f in self.artifact(target)["files"].items():
             p = self.path(f["path"])
-            if not p.exists():
+            if not p.is_file():
                 raise ArtifactError(f"{target} artifact: missing file {p}")
             if p.stat().st_size != f["bytes"]:
                 raise ArtifactError(f"{target} artifact: {p} has {p.stat().st_size} bytes, the "
                                     f"manifest records {f['bytes']} (truncated or replaced)")
-            if verify_hash and sha256_file(p) != f["sha256"]:
-                raise ArtifactError(f"{target} artifact: {p} does not match the sha256 the "
-                                    f"manifest records (corrupt or replaced)")
+            files.append((p, f["sha256"]))
+        if verify_hash:
+            self.verify(files, use_cache, log, what=f"{target} artifact")
+
+    def check_tokenizer(self, verify_hash: bool = True, use_cache: bool = True, log=None) -> Path:
+        """The tokenizer file, present and (with `verify_hash`) with its recorded sha256."""
+        p = self.path(self.tokenizer["file"])
+        if not p.is_file():
+            raise ArtifactError(f"{self.root}: missing tokenizer file {p}")
+        if verify_hash:
+            self.verify([(p, self.tokenizer["sha256"])], use_cache, log, what="tokenizer")
+        return p
+
+    def verify(self, files, use_cache: bool, log, what: str) -> None:
+        try:
+            integrity.verify(files, use_cache=use_cache, log=log)
+        except integrity.IntegrityError as e:
+            raise IntegrityFailure(f"{what}: {e}") from None

@@ -237,10 +237,19 @@ def main(argv=None) -> int:
                    help="generations running at once (default 4)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting beyond those; more get 429 (default 16)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the files' sha256 against the manifest (sizes are still "
+                        "checked)")
+    p.add_argument("--trust-executables", action="store_true",
+                   help="xla-tpu: load its pickle-based executables even though no seal of your "
+                        "key vouches for the manifest (only if you trust everyone who can write "
+                        "the artifact directory)")
     args = p.parse_args(argv)
     import runtime
     try:
-        gen = runtime.load(args.artifacts, target=args.target)
+        gen = runtime.load(args.artifacts, target=args.target, verify=not args.no_verify,
+                           trust_executables=args.trust_executables,
+                           log=lambda m: print(m, file=sys.stderr))
         srv = make_server(gen, args.host, args.port, args.max_concurrent, args.max_queue)
     except (runtime.ArtifactError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -279,3 +279,108 @@ def test_tflite_without_its_converter_says_how_to_install_it(tmp_path):
         "error: the tflite target needs litert-converter: pip install --no-deps "
         "litert-converter==0.5.0 (see pyproject.toml's tflite extra)")
     assert not (tmp_path / "a").exists()
+
+
+def test_non_finite_weights_are_refused_at_export(tmp_path):
+    """A NaN or Inf in a checkpoint tensor stops the export naming the file and tensor; nothing is
+    published. The parity check would also catch one (its judge counts non-finite logits)."""
+    import numpy as np
+    from compile import parity
+    from compile.config import get_variant
+    from helpers import write_hf_checkpoint
+    d = tmp_path / "m"
+    write_hf_checkpoint(get_variant("gemma3-270m-tiny"), d)
+    st = d / "model.safetensors"
+    header, data = _st_header(st)
+    name = "model.layers.0.mlp.up_proj.weight"
+    start = header[name]["data_offsets"][0]
+    data = bytearray(data)
+    data[start + 8:start + 12] = np.array([np.nan], np.float32).tobytes()
+    data[start + 16:start + 20] = np.array([np.inf], np.float32).tobytes()
+    _st_write(st, header, bytes(data))
+    out = tmp_path / "out"
+    r = _cli("-m", "compile.export", "--checkpoint", str(d), "--out", str(out),
+             "--prefill-lengths", "4", "--max-context", "16")
+    assert r.returncode == 1, r.stderr
+    assert f"model.safetensors ({name}): 1 NaN and 1 infinite values of 8192" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
+
+    ref = np.random.default_rng(0).normal(size=(4, 32)).astype(np.float32)
+    got = ref.copy()
+    got[1, 3] = np.nan
+    figures = parity.compare(ref, got)
+    assert figures["non_finite"] == 1
+    assert "1 of its logits are NaN or infinite" in parity.judge(figures, parity.tolerance("none"))
+    assert parity.judge(parity.compare(ref, ref.copy()), parity.tolerance("none")) == []
+    assert parity.judge_quality({"top1": 1.0, "mean_kl": float("nan"), "ppl_delta_rel": 0.0},
+                                parity.QUALITY_LIMITS) == \
+        ["mean_kl not finite (NaN or infinite logits)"]
+
+
+def test_one_export_per_directory_and_stale_stages_are_removed(tmp_path):
+    """An export takes a lock on its output directory before any work: a second one fails at
+    once naming the holder (so merges cannot lose each other's entries); stages left by a
+    killed export are removed by the next one."""
+    import os
+    from compile import export as ex
+    out = tmp_path / "art"
+    args = ("-m", "compile.export", "--checkpoint", "random:gemma3-270m-tiny", "--out", str(out),
+            "--prefill-lengths", "4", "--max-context", "16")
+    with ex._locked(out, log=lambda m: None):
+        r = _cli(*args)
+    assert r.returncode == 1, r.stderr
+    assert f"error: another export is writing {out} (pid {os.getpid()}, started " in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+    stale = tmp_path / ".art.partial-4194304"        # a pid no live export holds
+    (stale / "xla").mkdir(parents=True)
+    (stale / "xla" / "weights.safetensors").write_bytes(b"\0" * 1000)
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {stale}, left by an export that was killed" in r.stderr
+    assert not stale.exists() and (out / "manifest.json").exists()
+    assert not list(tmp_path.glob(".art.partial-*"))
+
+
+def test_sigterm_and_a_full_disk_publish_nothing(tmp_path):
+    """SIGTERM mid-export unwinds (stage removed, exit 130, one line); a write that fails for
+    lack of space (here the file size limit: EFBIG) is one line naming the file."""
+    import resource
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "art"
+    cmd = [sys.executable, "-m", "compile.export", "--checkpoint", "random:gemma3-270m-tiny",
+           "--out", str(out), "--prefill-lengths", "4", "--max-context", "16"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".art.partial-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".art.partial-*")), "the export never staged"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert f"error: terminated (SIGTERM); nothing was published ({out} is as it was)" in err, err
+    assert "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr
+    assert "error: could not write " in r.stderr and "File too large (the disk, your quota or " \
+        "the file size limit is full); nothing was published" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    assert not list(tmp_path.glob(".art.partial-*"))
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work():
+    from compile import export as ex
+    from runtime import contract as ct
+    ck = ex.random_checkpoint("gemma3-270m-tiny")
+    with pytest.raises(ex.ExportError, match=r"/proc is a mount point: .*use a directory inside "
+                                             r"it, e\.g\. --out /proc/gemma3-270m-tiny"):
+        ex.export(ck, ct.Contract(ck.config, (4,), 16), ["xla"], "/proc", log=lambda m: None)

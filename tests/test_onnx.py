@@ -170,8 +170,12 @@ def test_corrupt_onnx_is_refused(onnx_artifacts, tmp_path):
     shutil.copytree(src, out)
     model = out / "onnx" / "model.onnx"
     model.write_bytes(b"\x08" + b"\xff" * (model.stat().st_size - 1))
-    with pytest.raises(RuntimeError, match="ONNX Runtime cannot load .*model.onnx"):
+    with pytest.raises(runtime.ArtifactError, match="onnx artifact: .*model.onnx does not match "
+                                                    "the sha256 its manifest records"):
         runtime.load(out, target="onnx")
+    # unverified, ONNX Runtime's own refusal still reaches the user with the file's name
+    with pytest.raises(RuntimeError, match="ONNX Runtime cannot load .*model.onnx"):
+        runtime.load(out, target="onnx", verify=False)
 
 
 def test_onnx_artifact_with_whole_cache_outputs_is_refused(onnx_artifacts, tmp_path):

@@ -104,7 +104,8 @@ print(json.dumps({"max_diff": float(np.abs(got - want[13:]).max()),
                   "max_ref": float(np.abs(want).max()),
                   "top1": float((got.argmax(-1) == want[13:].argmax(-1)).mean()),
                   "mesh": rec["mesh"], "kv": rec["shardings"]["kv_cache"],
-                  "parity": rec["parity"], "text": gen.generate("the", max_new_tokens=4)}))
+                  "parity": rec["parity"], "text": gen.generate("the", max_new_tokens=4),
+                  "sealed": ct.SEAL in json.loads(open(out + "/manifest.json").read())}))
 """
 
 
@@ -114,7 +115,9 @@ print(json.dumps({"max_diff": float(np.abs(got - want[13:]).max()),
     ("gemma2-2b-tiny", "model=2", True),      # 2 replicas x 2-way tensor parallel
 ])
 def test_sharded_program_matches_reference_on_cpu_mesh(tmp_path, variant, mesh, kv_split):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    # a signing key: the export seals its manifest, so the runtime unpickles the executables
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "GEMMA_AOT_SIGNING_KEY": "a key for the cpu mesh test"}
     import os
     r = subprocess.run([sys.executable, "-c", _CPU_MESH, variant, mesh, "none",
                         str(tmp_path / "art")], cwd=ROOT, capture_output=True, text=True,
@@ -125,7 +128,7 @@ def test_sharded_program_matches_reference_on_cpu_mesh(tmp_path, variant, mesh, 
     assert res["mesh"]["shape"] == ([2, 2] if mesh else [1, 4])
     assert (res["kv"][1] == "model") == kv_split
     assert res["parity"]["top1_agreement"] == 1.0 and "skipped" not in res["parity"]
-    assert res["text"]
+    assert res["text"] and res["sealed"]
 
 
 def test_param_and_kv_specs():
@@ -169,3 +172,67 @@ def test_model_too_big_for_the_chips_is_refused(tmp_path, monkeypatch):
                                          r"chips"):
         _export_tpu(tmp_path / "big", "gemma-2b-tiny", "v5e:1x1")
     assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))
+
+
+class _Marker:
+    """A pickle that, when loaded, writes a file: what a crafted executable could do."""
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_executables_load_only_when_sealed_or_trusted(tmp_path, monkeypatch):
+    """xla-tpu executables are pickles: unsealed, or sealed by another key, or changed after
+    sealing, they are refused before anything is unpickled; the user's own seal or an explicit
+    trust flag loads them."""
+    import os
+    import pickle
+    from runtime import integrity, sign
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(integrity.KEY_ENV, raising=False)
+    out = tmp_path / "art"
+    m = _export_tpu(out, "gemma3-270m-tiny", "cpu:1")   # this host's CPU stands in for a chip
+    assert ct.SEAL not in m
+    with pytest.raises(runtime.ArtifactError,
+                       match=r"xla-tpu executables are pickles.*not loading them because its "
+                             r"manifest is not signed\. Sign the artifact with your key "
+                             r"\(`python -m runtime.sign --artifacts .*--trust-executables"):
+        runtime.load(out, target="xla-tpu")
+    trusted = runtime.load(out, target="xla-tpu", trust_executables=True)
+    want = trusted.generate("the", max_new_tokens=4)
+
+    assert sign.main(["--artifacts", str(out), "--new-key"]) == 0
+    key_file = integrity.key_path()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert runtime.load(out, target="xla-tpu").generate("the", max_new_tokens=4) == want
+    with pytest.raises(runtime.ArtifactError, match="not checked against the signed manifest"):
+        runtime.load(out, target="xla-tpu", verify=False)
+
+    # whoever can write the directory swaps in a crafted executable and fixes the hashes up:
+    # the seal no longer verifies and nothing is unpickled
+    marker = tmp_path / "pwned"
+    data = json.loads((out / "manifest.json").read_text())
+    sig = data["signatures"]["entries"][0]["name"]
+    f = data["artifacts"]["xla-tpu"]["files"][sig]
+    (out / f["path"]).write_bytes(pickle.dumps(_Marker(marker)))
+    f["sha256"] = integrity.sha256_file(out / f["path"])
+    f["bytes"] = (out / f["path"]).stat().st_size
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(runtime.ArtifactError, match="signature does not verify: the manifest "
+                                                    "changed after it was signed"):
+        runtime.load(out, target="xla-tpu")
+    assert not marker.exists()
+
+    # a seal made with another key, and a key file others can read
+    monkeypatch.setenv(integrity.KEY_ENV, "another key of at least 16 bytes")
+    with pytest.raises(runtime.ArtifactError, match="signed with another key"):
+        runtime.load(out, target="xla-tpu")
+    monkeypatch.delenv(integrity.KEY_ENV)
+    os.chmod(key_file, 0o644)
+    with pytest.raises(runtime.ArtifactError, match=r"signing\.key can be read by other users "
+                                                    r"\(mode 644\): run `chmod 600"):
+        runtime.load(out, target="xla-tpu")
+    assert not marker.exists()

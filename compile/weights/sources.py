@@ -34,7 +34,28 @@ class Tensor:
         if tuple(a.shape) != tuple(self.shape) or a.dtype != self.dtype:
             raise ValueError(f"{self.origin or self.name}: read {a.dtype}{list(a.shape)}, expected "
                              f"{np.dtype(self.dtype)}{list(self.shape)}")
+        check_finite(a, self.origin or self.name)
         return a
+
+
+class NonFiniteWeights(ValueError):
+    """A checkpoint tensor holds NaN or Inf: no artifact is built from it."""
+
+
+def check_finite(a: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
+    """Raises NonFiniteWeights naming `what` when float array `a` holds NaN or Inf; checks in
+    chunks so that the check holds no copy of a large tensor."""
+    if a.dtype.kind not in "fc":
+        return
+    flat = a.reshape(-1)
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        if not np.isfinite(part).all():
+            nan = sum(int(np.isnan(flat[j:j + chunk]).sum()) for j in range(0, flat.size, chunk))
+            inf = sum(int(np.isinf(flat[j:j + chunk]).sum()) for j in range(0, flat.size, chunk))
+            raise NonFiniteWeights(
+                f"{what}: {nan} NaN and {inf} infinite values of {flat.size}; a checkpoint with "
+                f"non-finite weights cannot make a working artifact")
 
 
 class Params(Mapping):
@@ -72,7 +93,13 @@ class Params(Mapping):
         """The checkpoint's own blocks of `name` (`quant.Blocks`, rows as [out, in]), or None
         when it is stored in float."""
         t = self.tensors[name]
-        return t.blocks() if t.blocks else None
+        if not t.blocks:
+            return None
+        b = t.blocks()
+        check_finite(b.scale, f"{t.origin or name} (block scales)")
+        if b.bias is not None:
+            check_finite(b.bias, f"{t.origin or name} (block offsets)")
+        return b
 
     def subset(self, names) -> dict[str, np.ndarray]:
         """The arrays of `names`, read now (e.g. one layer's weights)."""

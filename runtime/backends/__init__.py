@@ -23,7 +23,7 @@ import importlib
 import sys
 
 from .. import devices as _devices
-from ..manifest import ArtifactError, Manifest
+from ..manifest import ArtifactError, IntegrityFailure, Manifest
 
 BACKENDS = {"xla": ("runtime.backends.xla", "XlaBackend"),
             "xla-tpu": ("runtime.backends.xla_tpu", "XlaTpuBackend"),
@@ -108,12 +108,14 @@ def candidates(manifest: Manifest, target: str = "auto",
     return order
 
 
-def open_backend(manifest: Manifest, target: str, **options):
-    """Options a backend's constructor does not take (e.g. cache_dir for tflite) are ignored."""
+def open_backend(manifest: Manifest, target: str, verify: bool = True, log=None, **options):
+    """Checks the artifact's files (sizes; sha256 with `verify`), then opens it. Options a
+    backend's constructor does not take (e.g. cache_dir for onnx) are ignored."""
     import inspect
-    manifest.check_files(target)
+    manifest.check_files(target, verify_hash=verify, log=log)
     backend = getattr(_module(target), BACKENDS[target][1])
     accepted = inspect.signature(backend.__init__).parameters
+    options = {**options, "verified": verify}   # xla-tpu: a seal vouches for checked files only
     return backend(manifest, manifest.artifact(target),
                    **{k: v for k, v in options.items() if k in accepted})
 
@@ -125,7 +127,7 @@ def open_first(manifest: Manifest, order: list[str], **options):
         try:
             return open_backend(manifest, target, **options)
         except Exception as e:
-            if len(order) == 1:
+            if len(order) == 1 or isinstance(e, IntegrityFailure):
                 raise
             failures.append(f"{target}: {e}")
             if target != order[-1]:

@@ -68,7 +68,6 @@ class TfliteBackend:
         with open(path, "rb") as f:
             if f.read(8)[4:8] != b"TFL3":
                 raise RuntimeError(f"LiteRT cannot load {path}: not a TFLite flatbuffer")
-        manifest.check_files(TARGET, verify_hash=True)
         self.num_threads = num_threads or physical_cores()
         options = Options()
         options.cpu_options.num_threads = self.num_threads

@@ -5,6 +5,11 @@ manifest in mesh order, with their coords) and for exact jax/jaxlib/libtpu versi
 refuses any other machine with the reason, and `runtime.load(target="auto")` then falls back to the
 portable xla artifact. Weights and the KV cache are placed with the PartitionSpecs the manifest
 records, the cache stays on the devices between calls and its buffers are donated.
+
+The executables are pickles (jax's `serialize_executable`): loading one runs code its writer
+chose. So they load only when the manifest's seal verifies with the user's key and every file's
+hash was checked against that manifest, or when the caller trusts whoever can write the artifact
+directory (`trust_executables=True`, `--trust-executables`); `trust_problem` says why not.
 """
 
 from __future__ import annotations
@@ -48,16 +53,43 @@ def _match_devices(record: dict, devices) -> list:
     return out
 
 
+def trust_problem(manifest, verified: bool) -> str | None:
+    """Why this artifact's executables may not be unpickled without an explicit trust flag; None
+    when its seal verifies with the user's key and its files were checked against the manifest."""
+    from .. import integrity
+    from ..contract import SEAL
+    try:
+        why = integrity.seal_problem(manifest.data, SEAL)
+    except integrity.IntegrityError as e:   # an unusable key file
+        why = str(e)
+    if why is None and not verified:
+        why = "its files were not checked against the signed manifest (--no-verify)"
+    if why is None:
+        return None
+    return (f"{manifest.root}: the xla-tpu executables are pickles, and loading one runs code "
+            f"chosen by whoever wrote it; not loading them because {why}. Sign the artifact with "
+            f"your key (`python -m runtime.sign --artifacts {manifest.root}`; the key is "
+            f"${integrity.KEY_ENV} or {integrity.key_path()}), or, if you trust everyone who can "
+            f"write that directory, pass --trust-executables "
+            f"(runtime.load(..., trust_executables=True))")
+
+
 class XlaTpuBackend(JaxSignatures):
     target = TARGET
 
-    def __init__(self, manifest, record: dict):
+    def __init__(self, manifest, record: dict, trust_executables: bool = False,
+                 verified: bool = True):
+        from ..manifest import ArtifactError
+        if not trust_executables:
+            why = trust_problem(manifest, verified)
+            if why:
+                raise ArtifactError(why)
+
         import jax
         from jax.experimental.serialize_executable import deserialize_and_load
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
         from ..devices import Machine, from_jax, query
-        from ..manifest import ArtifactError
 
         machine = query()
         why = unsupported(record, machine)
