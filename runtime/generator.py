@@ -13,6 +13,7 @@ context the remainder is decoded token by token. A backend whose graph takes any
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Iterator
 
@@ -130,7 +131,7 @@ class Generator:
 
     def iter_logits(self, token_ids, start: int = 0) -> Iterator[np.ndarray]:
         """`logits` a row [V] at a time (teacher-forced evaluation over long texts)."""
-        ids = [int(t) for t in token_ids]
+        ids = self._ids(token_ids)
         if not 0 <= start < len(ids):
             raise ValueError(f"start must be in [0, {len(ids)}), got {start}")
         self._check_fits(len(ids), 0)
@@ -138,6 +139,20 @@ class Generator:
         for pos in range(start, len(ids)):
             row, state = self.backend.decode(ids[pos], pos, state)
             yield row
+
+    def _ids(self, token_ids) -> list[int]:
+        """Token ids as ints, each a token of this model's vocabulary (an id out of range would
+        read past the embedding table on one backend and fail inside another)."""
+        ids = []
+        vocab = int(self.manifest.config["vocab_size"])
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"token ids must be integers; item {i} is {t!r}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"token id {int(t)} (item {i}) is outside the vocabulary "
+                                 f"[0, {vocab})")
+            ids.append(int(t))
+        return ids
 
     def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len < 1:
@@ -155,12 +170,13 @@ class Generator:
         """The new token ids, one at a time, ending at a stop token or after max_new_tokens.
         Arguments are checked now; the work runs as the result is iterated."""
         sampling.validate(temperature, top_k, top_p)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        ids = [int(t) for t in prompt_ids]
+        max_new_tokens = int(max_new_tokens)
+        ids = self._ids(prompt_ids)
         self._check_fits(len(ids), max_new_tokens)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(sampling.check_seed(seed))
         stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "finish_reason": "length"}
         return Generation(stats, self._tokens(ids, max_new_tokens, temperature, top_k, top_p, rng,
                                               stats))

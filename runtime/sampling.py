@@ -18,6 +18,21 @@ def validate(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+SEED_LIMIT = 2 ** 64
+
+
+def check_seed(seed):
+    """seed as an int in [0, 2**64), or None; anything else is a ValueError saying it is the
+    seed (numpy's own message does not)."""
+    if seed is None:
+        return None
+    import numbers
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
     if temperature == 0:

@@ -6,14 +6,31 @@ UTF-8 hold-back, per-request stats); this module only speaks HTTP.
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as
 server-sent events), GET /v1/models, GET /health. One loaded Generator serves every request;
 up to --max-concurrent generations run at once, up to --max-queue more wait, and any beyond that
-get 429. Bad requests get a 4xx JSON error in OpenAI's shape and the server keeps serving.
+get 429 with Retry-After (503 while draining after SIGTERM). Bad requests get a 4xx JSON error in
+OpenAI's shape (inside a stream: an `error` event, then `[DONE]`) and the server keeps serving.
 Defaults follow OpenAI's API (max_tokens 16, temperature 1); `top_k` is an extension.
+
+Holding load: a generation stops as soon as its client goes away (a failed write when
+streaming; a closed socket, checked between tokens, when not); the listen backlog is
+`LISTEN_BACKLOG`; each connection has a read timeout (`--read-timeout`), so a client that
+stalls mid-request (slowloris) loses its connection, not a generation slot; request bodies are
+limited to `MAX_BODY`; stop strings to `MAX_STOP` of `MAX_STOP_CHARS` characters. SIGTERM stops
+accepting, lets in-flight requests finish (up to `--drain-timeout`), then exits. `--api-key`
+(or $GEMMA_AOT_API_KEY) requires `Authorization: Bearer KEY` on /v1/*; it is required when
+binding to anything but loopback.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import json
+import math
+import os
+import select
+import signal
+import socket
 import sys
 import threading
 import time
@@ -21,6 +38,12 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import sampling
+
+LISTEN_BACKLOG = 256
+MAX_BODY = 1 << 20            # bytes of a request body
+MAX_STOP = 4                  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256          # characters per stop string (each is searched for after each token)
+API_KEY_ENV = "GEMMA_AOT_API_KEY"
 
 
 class RequestError(Exception):
@@ -42,15 +65,45 @@ _FIELDS = {   # field -> (accepted types, description for the error)
     "top_k": ((int,), "an integer"),
     "seed": ((int,), "an integer"),
     "stream": ((bool,), "a boolean"),
+    "stream_options": ((dict,), "an object"),
     "stop": ((str, list), "a string or a list of strings"),
     "n": ((int,), "an integer"),
 }
 
 
-def parse_request(body: bytes, chat: bool, gen) -> dict:
+def _text_ok(value, name: str) -> None:
+    """Strings the tokenizer can take: valid Unicode (JSON can carry lone surrogates)."""
+    texts = [value] if isinstance(value, str) else []
+    if isinstance(value, list):   # chat messages
+        texts = [m.get("content") for m in value if isinstance(m, dict)]
+        texts = [t for t in texts if isinstance(t, str)]
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"'{name}' is not valid Unicode text: a lone surrogate "
+                               f"U+{ord(t[e.start]):04X} at character {e.start}",
+                               param=name) from None
+
+
+def _number(req: dict, name: str, default):
+    """A finite float from a JSON number (a 400-digit integer or NaN is a 400, not a crash)."""
+    v = req.get(name)
+    if v is None:
+        return default
+    try:
+        f = float(v)
+    except OverflowError:
+        raise RequestError(f"'{name}' is too large: {str(v)[:20]}...", param=name) from None
+    if not math.isfinite(f):
+        raise RequestError(f"'{name}' must be a finite number, got {v!r}", param=name)
+    return f
+
+
+def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) -> dict:
     try:
         req = json.loads(body or b"")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(f"malformed JSON body: {e}") from None
     if not isinstance(req, dict):
         raise RequestError("the request body must be a JSON object")
@@ -60,24 +113,47 @@ def parse_request(body: bytes, chat: bool, gen) -> dict:
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
                 raise RequestError(f"'{name}' must be {what}, got {json.dumps(value)[:60]}",
                                    param=name)
+    model = req.get("model")
+    if served and model is not None and model not in served:
+        raise RequestError(f"model {model[:100]!r} is not served here; this server serves: "
+                           f"{', '.join(served)}", 404, param="model", code="model_not_found")
     key = "messages" if chat else "prompt"
     if req.get(key) is None:
         raise RequestError(f"'{key}' is required", param=key)
+    _text_ok(req[key], key)
     if req.get("n") not in (None, 1):
         raise RequestError("only n=1 is supported", param="n")
     stop = req.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise RequestError("'stop' must be up to 4 non-empty strings", param="stop")
-    max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or 16
-    if max_tokens < 1:
-        raise RequestError("'max_tokens' must be at least 1", param="max_tokens")
-    temperature = 1.0 if req.get("temperature") is None else float(req["temperature"])
-    top_p = req.get("top_p")
+    if not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise RequestError(f"'stop' must be up to {MAX_STOP} non-empty strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"each 'stop' string must be at most {MAX_STOP_CHARS} characters",
+                           param="stop")
+    for s_ in stop:
+        _text_ok(s_, "stop")
+    # max_completion_tokens is OpenAI's current name; it wins over the deprecated max_tokens
+    name = "max_completion_tokens" if req.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_tokens = req.get(name)
+    if max_tokens is None:
+        max_tokens = 16
+    elif max_tokens < 1:
+        raise RequestError(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    temperature = _number(req, "temperature", 1.0)
+    top_p = _number(req, "top_p", None)
     try:
         sampling.validate(temperature, req.get("top_k"), top_p)
     except ValueError as e:
         raise RequestError(str(e)) from None
+    try:
+        seed = sampling.check_seed(req.get("seed"))
+    except ValueError as e:
+        raise RequestError(str(e), param="seed") from None
+    options = req.get("stream_options") or {}
+    if not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("'stream_options.include_usage' must be a boolean",
+                           param="stream_options")
     try:
         ids = gen.tokenizer.prompt_ids(req[key], chat=chat)
     except (ValueError, TypeError) as e:
@@ -87,86 +163,171 @@ def parse_request(body: bytes, chat: bool, gen) -> dict:
                            f"model's context of {gen.max_context} tokens",
                            param=key, code="context_length_exceeded")
     return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-            "top_k": req.get("top_k"), "seed": req.get("seed"), "stop": stop,
-            "stream": bool(req.get("stream"))}
+            "top_k": req.get("top_k"), "seed": seed, "stop": stop,
+            "stream": bool(req.get("stream")),
+            "include_usage": bool(options.get("include_usage"))}
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG   # socketserver's default of 5 reset bursts of clients
 
-    def __init__(self, addr, gen, max_concurrent: int, max_queue: int):
+    def __init__(self, addr, gen, max_concurrent: int, max_queue: int, api_key: str | None = None,
+                 read_timeout: float = 30.0):
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError(f"max_concurrent must be >= 1 and max_queue >= 0, got "
+                             f"{max_concurrent} and {max_queue}")
         super().__init__(addr, Handler)
         self.gen = gen
+        self.served = (gen.manifest.variant,)
         self.slots = threading.Semaphore(max_concurrent)
+        self.max_concurrent = max_concurrent
         self.max_waiting = max_concurrent + max_queue
         self.admitted = 0
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.draining = False
+        self.api_key = api_key
+        self.read_timeout = read_timeout
+        self.stats = {"cancelled": 0}
+
+    def drain(self, timeout: float) -> bool:
+        """Stops admitting requests (503) and waits until those in flight are done; True when
+        they all finished within `timeout` seconds."""
+        with self.lock:
+            self.draining = True
+            return self.idle.wait_for(lambda: self.admitted == 0, timeout)
+
+
+def client_gone(sock) -> bool:
+    """True when the peer closed the connection (readable with nothing to read). A pipelined
+    next request is data, not a close."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
 
+    def setup(self):
+        self.timeout = self.server.read_timeout   # per socket operation: slowloris loses
+        super().setup()
+
     def log_message(self, fmt, *args):   # one line per request on stderr
         sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
-    def _json(self, status: int, payload: dict):
+    def _json(self, status: int, payload: dict, headers: dict | None = None):
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, e: RequestError):
-        self._json(e.status, {"error": {"message": str(e), "type": "invalid_request_error"
-                                        if e.status < 500 else "server_error",
-                                        "param": e.param, "code": e.code}})
+    @staticmethod
+    def _error_body(e: "RequestError") -> dict:
+        kind = {401: "authentication_error", 404: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_error"}.get(
+            e.status, "invalid_request_error" if e.status < 500 else "server_error")
+        return {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.code}}
+
+    def _error(self, e: RequestError, headers: dict | None = None):
+        if e.status in (408, 411, 413):
+            self.close_connection = True   # the body was not read: the stream is out of step
+        self._json(e.status, self._error_body(e), headers)
+
+    def _authorized(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        got = self.headers.get("Authorization", "")
+        if got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key.encode()):
+            return True
+        self._error(RequestError("missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                 401, code="invalid_api_key"))
+        return False
 
     def do_GET(self):
         gen = self.server.gen
         if self.path == "/health":
-            self._json(200, {"status": "ok", "model": gen.manifest.variant, "target": gen.target})
+            self._json(200, {"status": "draining" if self.server.draining else "ok",
+                             "model": gen.manifest.variant, "target": gen.target})
         elif self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{
-                "id": gen.manifest.variant, "object": "model", "created": 0,
-                "owned_by": "gemma-aot"}]})
+            if self._authorized():
+                self._json(200, {"object": "list", "data": [{
+                    "id": name, "object": "model", "created": 0, "owned_by": "gemma-aot"}
+                    for name in self.server.served]})
         else:
-            self._error(RequestError(f"no route GET {self.path}", 404))
+            self._error(RequestError(f"no route GET {self.path[:200]}", 404))
 
     def do_POST(self):
         routes = {"/v1/completions": False, "/v1/chat/completions": True}
         if self.path not in routes:
-            self._error(RequestError(f"no route POST {self.path}", 404))
+            self.close_connection = True   # its body, if any, is not read
+            self._error(RequestError(f"no route POST {self.path[:200]}", 404))
+            return
+        if not self._authorized():
+            self.close_connection = True
             return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(self.headers.get("Content-Length") or -1)
         except ValueError:
             length = -1
-        if not 0 <= length <= 8 << 20:
-            self._error(RequestError("missing or invalid Content-Length (max 8 MiB)", 411))
+        if length < 0:
+            self._error(RequestError("missing or invalid Content-Length", 411))
             return
-        body = self.rfile.read(length)
+        if length > MAX_BODY:
+            self._error(RequestError(f"request body of {length} bytes is over the limit of "
+                                     f"{MAX_BODY}", 413))
+            return
+        try:
+            body = self.rfile.read(length)
+        except (TimeoutError, socket.timeout):
+            self.close_connection = True
+            return
+        if len(body) < length:   # the client went away mid-body
+            self.close_connection = True
+            return
         chat = routes[self.path]
         srv = self.server
         try:
-            r = parse_request(body, chat, srv.gen)
+            r = parse_request(body, chat, srv.gen, srv.served)
         except RequestError as e:
             self._error(e)
             return
         with srv.lock:
+            if srv.draining:
+                self._error(RequestError("the server is shutting down; retry on another "
+                                         "instance", 503), {"Retry-After": "5"})
+                return
             if srv.admitted >= srv.max_waiting:
-                self._error(RequestError("too many requests in flight; retry later", 429))
+                self._error(RequestError("too many requests in flight; retry later", 429),
+                            {"Retry-After": "1"})
                 return
             srv.admitted += 1
         try:
             with srv.slots:
+                if client_gone(self.connection):   # left while it waited for a slot
+                    srv.stats["cancelled"] += 1
+                    self.close_connection = True
+                    return
                 self._respond(r, chat)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
+            self.close_connection = True
         finally:
             with srv.lock:
                 srv.admitted -= 1
+                srv.idle.notify_all()
 
     def _respond(self, r: dict, chat: bool):
         gen = self.server.gen
@@ -185,15 +346,35 @@ class Handler(BaseHTTPRequestHandler):
             return {"index": 0, "delta": {} if text is None else {"content": text},
                     "finish_reason": finish}
 
-        run = gen.stream_text(r["ids"], r["max_tokens"], r["temperature"], r["top_k"], r["top_p"],
-                              r["seed"], r["stop"])
-        if not r["stream"]:
-            text = "".join(run)
+        def usage(run):
             n = run.stats["generated_tokens"]
+            return {"prompt_tokens": len(r["ids"]), "completion_tokens": n,
+                    "total_tokens": len(r["ids"]) + n}
+
+        try:
+            run = gen.stream_text(r["ids"], r["max_tokens"], r["temperature"], r["top_k"],
+                                  r["top_p"], r["seed"], r["stop"])
+        except (ValueError, TypeError) as e:
+            self._error(RequestError(str(e)))
+            return
+        if not r["stream"]:
+            pieces = []
+            try:
+                for i, piece in enumerate(run):
+                    pieces.append(piece)
+                    if i % 4 == 3 and client_gone(self.connection):   # nobody to answer
+                        self.server.stats["cancelled"] += 1
+                        self.close_connection = True
+                        return
+            except Exception as e:   # the backend failed: a 500 in OpenAI's shape, not a drop
+                sys.stderr.write(f"generation failed: {type(e).__name__}: {e}\n")
+                self._error(RequestError(f"generation failed: {type(e).__name__}: {e}", 500))
+                return
+            finally:
+                run.close()
             self._json(200, {"id": rid, "object": obj, "created": created, "model": model,
-                             "choices": [choice(text, run.stats["finish_reason"])],
-                             "usage": {"prompt_tokens": len(r["ids"]), "completion_tokens": n,
-                                       "total_tokens": len(r["ids"]) + n}})
+                             "choices": [choice("".join(pieces), run.stats["finish_reason"])],
+                             "usage": usage(run)})
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -207,23 +388,70 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
+        def chunk(choices, **extra):
+            return {"id": rid, "object": chunk_obj, "created": created, "model": model,
+                    "choices": choices, **extra}
+
         if chat:
-            send({"id": rid, "object": chunk_obj, "created": created, "model": model,
-                  "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+            send(chunk([{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]))
         try:
             for piece in run:
-                send({"id": rid, "object": chunk_obj, "created": created, "model": model,
-                      "choices": [choice(piece, None, stream=True)]})
+                send(chunk([choice(piece, None, stream=True)]))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
+            self.server.stats["cancelled"] += 1
+            raise
+        except Exception as e:   # after the 200: the error goes in the stream, then [DONE]
+            sys.stderr.write(f"generation failed: {type(e).__name__}: {e}\n")
+            send(self._error_body(RequestError(f"generation failed: {type(e).__name__}: {e}",
+                                               500)))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            return
         finally:   # a client that went away stops the generation
             run.close()
-        send({"id": rid, "object": chunk_obj, "created": created, "model": model,
-              "choices": [choice(None, run.stats["finish_reason"], stream=True)]})
+        send(chunk([choice(None, run.stats["finish_reason"], stream=True)]))
+        if r["include_usage"]:   # OpenAI's usage chunk: no choices
+            send(chunk([], usage=usage(run)))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
 
-def make_server(gen, host="127.0.0.1", port=8000, max_concurrent=4, max_queue=16) -> Server:
-    return Server((host, port), gen, max_concurrent, max_queue)
+def make_server(gen, host="127.0.0.1", port=8000, max_concurrent=4, max_queue=16,
+                api_key: str | None = None, read_timeout: float = 30.0) -> Server:
+    return Server((host, port), gen, max_concurrent, max_queue, api_key, read_timeout)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(
+                f"must be {'in [%d, %d]' % (lo, hi) if hi is not None else '>= %d' % lo}, "
+                f"got {v}")
+        return v
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
 
 
 def main(argv=None) -> int:
@@ -232,11 +460,18 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts", required=True)
     p.add_argument("--target", default="auto")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-concurrent", type=int, default=4,
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    p.add_argument("--max-concurrent", type=_int_in(1), default=4,
                    help="generations running at once (default 4)")
-    p.add_argument("--max-queue", type=int, default=16,
+    p.add_argument("--max-queue", type=_int_in(0), default=16,
                    help="requests waiting beyond those; more get 429 (default 16)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}); "
+                        f"required when --host is not a loopback address")
+    p.add_argument("--read-timeout", type=_seconds, default=30.0,
+                   help="seconds a connection may stall while sending its request (default 30)")
+    p.add_argument("--drain-timeout", type=_seconds, default=60.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish (default 60)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the files' sha256 against the manifest (sizes are still "
                         "checked)")
@@ -245,23 +480,41 @@ def main(argv=None) -> int:
                         "key vouches for the manifest (only if you trust everyone who can write "
                         "the artifact directory)")
     args = p.parse_args(argv)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(args.host) and not api_key:
+        p.error(f"--host {args.host} accepts connections from other machines: pass --api-key KEY "
+                f"(or set ${API_KEY_ENV}) so that only clients with the key are served")
     import runtime
     try:
         gen = runtime.load(args.artifacts, target=args.target, verify=not args.no_verify,
                            trust_executables=args.trust_executables,
                            log=lambda m: print(m, file=sys.stderr))
-        srv = make_server(gen, args.host, args.port, args.max_concurrent, args.max_queue)
-    except (runtime.ArtifactError, RuntimeError, OSError) as e:
+        srv = make_server(gen, args.host, args.port, args.max_concurrent, args.max_queue,
+                          api_key, args.read_timeout)
+    except (runtime.ArtifactError, RuntimeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+    def _terminate(signum, frame):   # drain in another thread: shutdown() waits for the loop
+        threading.Thread(target=srv.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, _terminate)
     print(f"serving {gen.manifest.variant} ({gen.target}) on http://{args.host}:"
-          f"{srv.server_address[1]}/v1 — up to {args.max_concurrent} at once", file=sys.stderr)
+          f"{srv.server_address[1]}/v1 — up to {args.max_concurrent} at once, "
+          f"{args.max_queue} waiting" + (", API key required" if api_key else ""),
+          file=sys.stderr, flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        srv.server_close()
+        with srv.lock:
+            busy = srv.admitted
+        srv.server_close()   # the listening socket: no new connections
+        print(f"stopping: no new connections; waiting for {busy} request(s) in flight (up to "
+              f"{args.drain_timeout:g} s)", file=sys.stderr, flush=True)
+        done = srv.drain(args.drain_timeout)
+        print("stopped" + ("" if done else f"; {srv.admitted} request(s) were cut off"),
+              file=sys.stderr, flush=True)
     return 0
 
 

@@ -27,6 +27,13 @@ class Tokenizer:
         return self.sp.vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone surrogate: SentencePiece's binding would fail
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate "
+                             f"U+{ord(text[e.start]):04X} at character {e.start}") from None
         return list(self.sp.encode(text))
 
     def decode(self, ids) -> str:

@@ -384,3 +384,28 @@ def test_a_mount_point_as_out_is_refused_before_any_work():
     with pytest.raises(ex.ExportError, match=r"/proc is a mount point: .*use a directory inside "
                                              r"it, e\.g\. --out /proc/gemma3-270m-tiny"):
         ex.export(ck, ct.Contract(ck.config, (4,), 16), ["xla"], "/proc", log=lambda m: None)
+
+
+def test_generation_arguments_are_checked_by_name(tiny_artifacts):
+    """Reliability cases: token ids outside the vocabulary, a negative or non-integer seed, a
+    lone surrogate, and numpy integers where ints are expected."""
+    gen = runtime.load(tiny_artifacts("gemma3-270m-tiny"))
+    vocab = gen.manifest.config["vocab_size"]
+    for bad in (vocab, 10 ** 6, -5):
+        with pytest.raises(ValueError, match=rf"token id {bad} \(item 1\) is outside the "
+                                             rf"vocabulary \[0, {vocab}\)"):
+            gen.logits([2, bad, 5])
+        with pytest.raises(ValueError, match=rf"token id {bad} \(item 1\)"):
+            gen.stream_ids([2, bad], max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"token ids must be integers; item 0 is 'a'"):
+        gen.logits(["a", 3])
+    for seed in (-1, 1.5, "abc", 2 ** 64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            gen.generate("the", max_new_tokens=2, temperature=1.0, seed=seed)
+    with pytest.raises(ValueError, match=r"not valid Unicode: a lone surrogate U\+D800 at "
+                                         r"character 2"):
+        gen.generate("ab\ud800", max_new_tokens=2)
+    import numpy as np
+    assert gen.generate("the", max_new_tokens=np.int64(3)) == gen.generate("the", max_new_tokens=3)
+    assert gen.generate("the", max_new_tokens=3, temperature=1.0, seed=np.uint64(7)) == \
+        gen.generate("the", max_new_tokens=3, temperature=1.0, seed=7)

@@ -53,7 +53,7 @@ def test_completion_and_stream_equal_runtime(server):
     _, url, gen = server
     want = gen.generate("the cat", max_new_tokens=10)
     status, body = _post(url + "/v1/completions",
-                         {"model": "x", "prompt": "the cat", "max_tokens": 10, "temperature": 0})
+                         {"model": "gemma3-270m-tiny", "prompt": "the cat", "max_tokens": 10, "temperature": 0})
     assert status == 200, body
     out = json.loads(body)
     assert out["object"] == "text_completion" and out["choices"][0]["text"] == want
@@ -125,6 +125,36 @@ def test_concurrent_clients(server):
     ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, None, 400,
      "unknown chat role"),
     ("/v1/embeddings", {"input": "x"}, None, 404, "no route POST /v1/embeddings"),
+    # reliability cases (shared/reliability-cases.md)
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, None, 400,
+     "'max_tokens' must be at least 1, got 0"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3, "max_completion_tokens": 0}, None, 400,
+     "'max_completion_tokens' must be at least 1, got 0"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4-nonexistent"}, None, 404,
+     "model 'gpt-4-nonexistent' is not served here; this server serves: gemma3-270m-tiny"),
+    ("/v1/completions", {"prompt": "x", "model": "../../etc/passwd"}, None, 404,
+     "is not served here"),
+    ("/v1/completions", None, b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", 400,
+     "'temperature' is too large"),
+    ("/v1/completions", None, b'{"prompt": "x", "temperature": NaN}', 400,
+     "'temperature' must be a finite number"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, None, 400,
+     "seed must be an integer in [0, 2**64), got -1"),
+    ("/v1/completions", {"prompt": "x", "seed": -1, "stream": True}, None, 400,
+     "seed must be an integer in [0, 2**64)"),
+    ("/v1/completions", {"prompt": "x", "seed": 2 ** 64}, None, 400, "seed must be"),
+    ("/v1/completions", None, b'{"prompt": "a\\ud800b"}', 400,
+     "'prompt' is not valid Unicode text: a lone surrogate U+D800 at character 1"),
+    ("/v1/chat/completions", None, b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+     400, "'messages' is not valid Unicode text: a lone surrogate U+DFFF"),
+    ("/v1/completions", {"prompt": "x", "stop": "z" * 100_000}, None, 400,
+     "each 'stop' string must be at most 256 characters"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, None, 400,
+     "'stop' must be up to 4 non-empty strings"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "yes"}}, None, 400,
+     "'stream_options.include_usage' must be a boolean"),
+    ("/v1/completions", None, b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413,
+     "over the limit of 1048576"),
 ])
 def test_bad_requests_get_4xx_and_server_survives(server, path, payload, raw, status, message):
     _, url, _ = server
@@ -147,6 +177,106 @@ def test_over_capacity_gets_429(server):
             srv.admitted -= srv.max_waiting
     assert status == 429 and "too many requests" in json.loads(body)["error"]["message"]
     assert _post(url + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+    req = urllib.request.Request(url + "/v1/completions", data=b'{"prompt": "x"}')
+    with srv.lock:
+        srv.admitted += srv.max_waiting
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+    finally:
+        with srv.lock:
+            srv.admitted -= srv.max_waiting
+    assert e.value.code == 429 and e.value.headers["Retry-After"] == "1"
+    assert json.loads(e.value.read())["error"]["type"] == "rate_limit_error"
+
+
+def test_max_completion_tokens_and_usage_chunk(server):
+    """max_completion_tokens wins over max_tokens; stream_options.include_usage adds OpenAI's
+    usage chunk (no choices) before [DONE]."""
+    _, url, _ = server
+    base = {"prompt": "the cat", "temperature": 0}
+    five = json.loads(_post(url + "/v1/completions", {**base, "max_tokens": 5})[1])
+    both = json.loads(_post(url + "/v1/completions",
+                            {**base, "max_tokens": 2, "max_completion_tokens": 5})[1])
+    assert both["choices"][0]["text"] == five["choices"][0]["text"]
+    assert both["usage"] == five["usage"]
+    status, body = _post(url + "/v1/completions", {**base, "max_tokens": 5, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    events = _events(body)
+    assert status == 200 and events[-1]["choices"] == [] and events[-1]["usage"] == five["usage"]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == five["choices"][0]["text"]
+    status, body = _post(url + "/v1/completions", {**base, "max_tokens": 5, "stream": True})
+    assert all("usage" not in e for e in _events(body))
+
+
+def test_a_client_that_left_while_queued_is_not_served(server):
+    """A request whose client disconnected while it waited for a slot is dropped, not run."""
+    import socket
+    import time
+    srv, url, _ = server
+    for _ in range(srv.max_concurrent):
+        srv.slots.acquire()
+    before = srv.stats["cancelled"]
+    try:
+        c = socket.create_connection(srv.server_address[:2])
+        body = json.dumps({"prompt": "the", "max_tokens": 40}).encode()
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 30
+        while srv.admitted == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        c.close()
+    finally:
+        for _ in range(srv.max_concurrent):
+            srv.slots.release()
+    deadline = time.time() + 30
+    while srv.stats["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.01)
+    assert srv.stats["cancelled"] == before + 1
+
+
+def test_bursts_slowloris_and_api_key(tiny_artifacts):
+    """64 connections at once are all answered (listen backlog); a client that stalls mid-request
+    loses its connection after the read timeout while others are served; with an API key, /v1/*
+    needs it."""
+    import socket
+    import time
+    gen = runtime.load(tiny_artifacts("gemma3-270m-tiny"))
+    srv = make_server(gen, port=0, max_concurrent=2, max_queue=100, api_key="sekret",
+                      read_timeout=1.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        slow = socket.create_connection(srv.server_address[:2])
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")   # ... and stalls
+        results = []
+
+        def client():
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=60) as r:
+                    results.append(r.status)
+            except Exception as e:   # what a reset or refusal looks like to a client
+                results.append(type(e).__name__)
+        threads = [threading.Thread(target=client) for _ in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [200] * 64
+        slow.settimeout(10)
+        t0 = time.time()
+        assert slow.recv(100) == b""          # closed by the server, not answered
+        assert time.time() - t0 < 5
+        req = urllib.request.Request(url + "/v1/completions", data=b'{"prompt": "x"}')
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 401 and "API key" in json.loads(e.value.read())["error"]["message"]
+        req.add_header("Authorization", "Bearer sekret")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_serve_cli_reports_bad_artifacts(tmp_path):
@@ -154,3 +284,91 @@ def test_serve_cli_reports_bad_artifacts(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "has no manifest.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-concurrent", "0"], "argument --max-concurrent: must be >= 1, got 0"),
+    (["--max-concurrent", "-1"], "argument --max-concurrent: must be >= 1, got -1"),
+    (["--max-queue", "-10"], "argument --max-queue: must be >= 0, got -10"),
+    (["--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 accepts connections from other machines: pass "
+                            "--api-key KEY"),
+])
+def test_serve_cli_flags_are_validated(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "runtime.serve", "--artifacts", str(tmp_path)]
+                       + args, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "GEMMA_AOT_API_KEY": ""})
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sigterm_drains_in_flight_requests(tiny_artifacts):
+    """SIGTERM: the request in flight gets its whole answer, then the server exits 0."""
+    import os
+    import re
+    import signal
+    art = tiny_artifacts("gemma3-270m-tiny")
+    p = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--artifacts", str(art),
+                          "--port", "0"], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        port = None
+        for line in p.stderr:
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "the server never said where it listens"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(
+            {"prompt": "the", "max_tokens": 40, "temperature": 0, "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            first = r.readline()              # the stream has begun
+            p.send_signal(signal.SIGTERM)
+            rest = r.read().decode()
+        assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]")
+        err = p.stderr.read()
+        assert p.wait(timeout=60) == 0, err
+        # (the tiny model may finish before the signal lands: 0 or 1 in flight)
+        assert re.search(r"stopping: no new connections; waiting for [01] request\(s\) in "
+                         r"flight", err), err
+        assert "stopped\n" in err and "cut off" not in err and "Traceback" not in err
+    finally:
+        p.kill()
+
+
+def test_draining_answers_503_and_waits_for_requests_in_flight(tiny_artifacts):
+    """What SIGTERM runs (Server.drain), step by step: a request in flight (here: queued for a
+    slot) still gets its answer, a new one gets 503 with Retry-After, and drain returns once
+    nothing is in flight."""
+    import time
+    gen = runtime.load(tiny_artifacts("gemma3-270m-tiny"))
+    srv = make_server(gen, port=0, max_concurrent=1, max_queue=4)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
+    try:
+        srv.slots.acquire()                       # the one slot is busy
+        answers = []
+        t = threading.Thread(target=lambda: answers.append(
+            _post(url, {"prompt": "the", "max_tokens": 3, "temperature": 0})))
+        t.start()
+        deadline = time.time() + 30
+        while srv.admitted == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        drained = []
+        d = threading.Thread(target=lambda: drained.append(srv.drain(30)))
+        d.start()
+        while not srv.draining:
+            time.sleep(0.01)
+        req = urllib.request.Request(url, data=b'{"prompt": "x"}')
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 503 and e.value.headers["Retry-After"] == "5"
+        assert "shutting down" in json.loads(e.value.read())["error"]["message"]
+        assert drained == []                      # still waiting for the queued request
+        srv.slots.release()
+        t.join(60)
+        d.join(60)
+        assert answers[0][0] == 200 and drained == [True]
+    finally:
+        srv.shutdown()
+        srv.server_close()
