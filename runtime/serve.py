@@ -191,6 +191,11 @@ class Server(ThreadingHTTPServer):
         self.read_timeout = read_timeout
         self.stats = {"cancelled": 0}
 
+    def count_cancelled(self) -> None:
+        """A generation stopped (or never started) because its client went away."""
+        with self.lock:
+            self.stats["cancelled"] += 1
+
     def drain(self, timeout: float) -> bool:
         """Stops admitting requests (503) and waits until those in flight are done; True when
         they all finished within `timeout` seconds."""
@@ -260,8 +265,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         gen = self.server.gen
         if self.path == "/health":
-            self._json(200, {"status": "draining" if self.server.draining else "ok",
-                             "model": gen.manifest.variant, "target": gen.target})
+            srv = self.server
+            with srv.lock:
+                state = {"status": "draining" if srv.draining else "ok",
+                         "model": gen.manifest.variant, "target": gen.target,
+                         "max_context": gen.max_context, "in_flight": srv.admitted, "cancelled": srv.stats["cancelled"]}
+            self._json(200, state)
         elif self.path == "/v1/models":
             if self._authorized():
                 self._json(200, {"object": "list", "data": [{
@@ -318,7 +327,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             with srv.slots:
                 if client_gone(self.connection):   # left while it waited for a slot
-                    srv.stats["cancelled"] += 1
+                    srv.count_cancelled()
                     self.close_connection = True
                     return
                 self._respond(r, chat)
@@ -363,7 +372,7 @@ class Handler(BaseHTTPRequestHandler):
                 for i, piece in enumerate(run):
                     pieces.append(piece)
                     if i % 4 == 3 and client_gone(self.connection):   # nobody to answer
-                        self.server.stats["cancelled"] += 1
+                        self.server.count_cancelled()
                         self.close_connection = True
                         return
             except Exception as e:   # the backend failed: a 500 in OpenAI's shape, not a drop
@@ -398,7 +407,7 @@ class Handler(BaseHTTPRequestHandler):
             for piece in run:
                 send(chunk([choice(piece, None, stream=True)]))
         except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
-            self.server.stats["cancelled"] += 1
+            self.server.count_cancelled()
             raise
         except Exception as e:   # after the 200: the error goes in the stream, then [DONE]
             sys.stderr.write(f"generation failed: {type(e).__name__}: {e}\n")

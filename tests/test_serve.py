@@ -43,8 +43,10 @@ def _events(body):
 def test_health_and_models(server):
     _, url, gen = server
     with urllib.request.urlopen(url + "/health") as r:
-        assert json.loads(r.read()) == {"status": "ok", "model": "gemma3-270m-tiny",
-                                        "target": gen.target}
+        state = json.loads(r.read())
+    assert {k: state[k] for k in ("status", "model", "target")} == \
+        {"status": "ok", "model": "gemma3-270m-tiny", "target": gen.target}
+    assert state["in_flight"] == 0 and state["cancelled"] >= 0
     with urllib.request.urlopen(url + "/v1/models") as r:
         assert json.loads(r.read())["data"][0]["id"] == "gemma3-270m-tiny"
 
