@@ -374,3 +374,32 @@ def test_draining_answers_503_and_waits_for_requests_in_flight(tiny_artifacts):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_backend_failure_is_an_error_not_a_dropped_connection(server, monkeypatch):
+    """A backend that fails mid-generation (here: its decode raises after the first token):
+    non-streaming gets a 500 in OpenAI's shape; streaming, already 200, gets an error event and
+    then [DONE]; the server keeps serving."""
+    _, url, gen = server
+    real = gen.backend.decode
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("device lost")
+        return real(*args)
+    monkeypatch.setattr(gen.backend, "decode", failing)
+    status, body = _post(url + "/v1/completions", {"prompt": "the", "max_tokens": 8,
+                                                   "temperature": 0})
+    err = json.loads(body)["error"]
+    assert status == 500 and err["type"] == "server_error"
+    assert err["message"] == "generation failed: RuntimeError: device lost"
+    calls.clear()
+    status, body = _post(url + "/v1/completions", {"prompt": "the", "max_tokens": 8,
+                                                   "temperature": 0, "stream": True})
+    events = _events(body)   # ends with [DONE]
+    assert status == 200 and events[-1]["error"]["message"] == \
+        "generation failed: RuntimeError: device lost"
+    monkeypatch.setattr(gen.backend, "decode", real)
+    assert _post(url + "/v1/completions", {"prompt": "the", "max_tokens": 2})[0] == 200
