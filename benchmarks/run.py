@@ -229,7 +229,8 @@ def engines(args) -> list[dict]:
             if target == "tflite" and "litert-lm" in args.peers:
                 bundle = m.path(rec["files"]["litertlm"]["path"])
                 out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
-                            "bundle": str(bundle), "artifact_bytes": bundle.stat().st_size,
+                            "bundle": str(bundle), "artifacts": str(m.root),
+                            "artifact_bytes": bundle.stat().st_size,
                             "bytes_per_token": {"short": step, "long": step},
                             "context": context})
         cfg_layers = cfg["num_layers"]

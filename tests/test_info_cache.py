@@ -90,3 +90,13 @@ def test_benchmark_tells_same_kind_artifacts_apart(tiny_artifacts, tmp_path):
     assert names == [f"gemma-aot xla (none) [{a}]", f"gemma-aot xla (none) [{b}]"]
     args.artifacts = [str(a)]
     assert [e["name"] for e in engines(args)] == ["gemma-aot xla (none)"]
+    # LiteRT-LM on two bundles of the same quantization: two engines, not one with both's runs
+    from compile import export as ex
+    from runtime import contract as ct
+    ck = ex.random_checkpoint("gemma3-270m-tiny")
+    t1, t2 = tmp_path / "t1", tmp_path / "t2"
+    ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["tflite"], t1, log=lambda m: None)
+    shutil.copytree(t1, t2)
+    args.artifacts, args.peers = [str(t1), str(t2)], ["litert-lm"]
+    names = [e["name"] for e in engines(args) if e["kind"] == "litert-lm"]
+    assert names == [f"LiteRT-LM engine (int8) [{t1}]", f"LiteRT-LM engine (int8) [{t2}]"]
