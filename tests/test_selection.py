@@ -121,11 +121,17 @@ def test_load_falls_back_when_an_artifact_fails_to_open(every_target, tmp_path, 
     # JAX here has no TPU: told otherwise at the seam, the xla-tpu backend cannot find the chips
     # its executables were compiled for, and load moves on to the StableHLO
     monkeypatch.setattr(rd, "query", lambda jax=True: _tpu(every_target))
-    gen = runtime.load(every_target, cache_dir=False)
+    gen = runtime.load(every_target, cache_dir=False, trust_executables=True)
     assert gen.backend.target == "xla"
     err = capsys.readouterr().err
     assert "could not open the xla-tpu artifact (" in err and "falling back" in err
     assert "JAX reports" in err
+    # unsealed and untrusted, its pickles are not even looked at: the reason, then the fallback
+    gen = runtime.load(every_target, cache_dir=False)
+    assert gen.backend.target == "xla"
+    err = capsys.readouterr().err
+    assert "could not open the xla-tpu artifact (" in err and "falling back" in err
+    assert "the xla-tpu executables are pickles" in err and "JAX reports" not in err
 
 
 def test_cpu_artifacts_load_without_starting_jax(every_target):
