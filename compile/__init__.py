@@ -11,3 +11,7 @@ if _missing:
     if _sys.argv[:1] == ["-m"]:   # `python -m compile.…` is starting: one line, no traceback
         raise SystemExit(f"error: {_msg}")
     raise ImportError(_msg)
+
+from runtime.devices import quiet_jax as _quiet_jax   # before any of the compiler starts JAX
+
+_quiet_jax()

@@ -10,7 +10,37 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
+
+
+def quiet_jax() -> str | None:
+    """Keeps JAX from starting libtpu on a machine with no accelerator at all.
+
+    With libtpu installed (the tpu extra), JAX tries its TPU backend in every process; where no
+    TPU exists that attempt fails quietly for JAX but libtpu itself prints errors about TPU
+    hostnames and accelerator types, which read like a failure. Where JAX's own hardware probe sees
+    no TPU chip, no NVIDIA GPU and no AMD GPU, and the user chose no platforms, JAX is limited to
+    its CPU backend (JAX_PLATFORMS=cpu). The deviceless TPU compiler (the xla-tpu target) loads
+    libtpu by itself and is unaffected. Call before JAX starts a backend; returns what it set."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return None
+    try:
+        from jax._src import hardware_utils as hw   # JAX's probe: PCI ids, no backend started
+        if hw.num_available_tpu_chips_and_device_id()[0] or hw.has_visible_nvidia_gpu() \
+                or hw.num_available_amd_gpus(stop_at=1):
+            return None
+    except Exception:   # another JAX: leave it alone
+        return None
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:   # imported already: its config read the variable before we set it
+        try:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+        except Exception:
+            pass
+    return "cpu"
 
 
 @dataclass(frozen=True)
@@ -65,6 +95,7 @@ def query(jax: bool = True) -> Machine:
     devices = ()
     try:
         if jax:
+            quiet_jax()
             import jax as _jax
             devices = tuple(from_jax(d) for d in _jax.devices())
     except Exception:   # JAX absent or no usable backend: the other backends can still run

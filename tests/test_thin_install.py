@@ -41,3 +41,27 @@ def test_onnx_extra_alone_runs_an_onnx_artifact(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "the compiler needs the export extra (jax, gguf, onnx, tqdm not installed): pip " \
         "install 'gemma-aot[export]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_jax_does_not_start_libtpu_without_an_accelerator():
+    """With libtpu installed (the tpu extra) on a machine JAX's own probe finds no TPU, NVIDIA or
+    AMD device in, the compiler and the runtime limit JAX to its CPU backend: libtpu never starts,
+    so its TPU-hostname errors are not printed (they were, in every real export). A platform the
+    user chose is left alone."""
+    import os
+    from runtime.devices import quiet_jax  # noqa: F401  (what compile/__init__ calls)
+    code = ("import compile, os, jax; from jax._src import xla_bridge as xb; "
+            "print(os.environ.get('JAX_PLATFORMS'), [d.platform for d in jax.devices()], "
+            "sorted(xb._backends), sorted(xb._backend_errors))")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    from jax._src import hardware_utils as hw
+    if hw.num_available_tpu_chips_and_device_id()[0] or hw.has_visible_nvidia_gpu():
+        return   # a machine with an accelerator: nothing is limited (checked on CPU machines)
+    assert r.stdout.split("\n")[0] == "cpu ['cpu'] ['cpu'] []", r.stdout
+    assert "TPU" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**env, "JAX_PLATFORMS": "cpu,tpu"})
+    assert "tpu" in r.stdout or r.returncode != 0   # the user's choice is kept (and tried)

@@ -44,6 +44,8 @@ class XlaBackend(JaxSignatures):
     target = TARGET
 
     def __init__(self, manifest, record: dict, cache_dir: str | bool | None = None):
+        from ..devices import quiet_jax
+        quiet_jax()
         import jax
         import jax.numpy as jnp
         from jax import export
