@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import integrity
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.generate",
@@ -18,20 +20,12 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip checking the files' sha256 against the manifest (sizes are still "
-                        "checked)")
-    p.add_argument("--trust-executables", action="store_true",
-                   help="xla-tpu: load its pickle-based executables even though no seal of your "
-                        "key vouches for the manifest (only if you trust everyone who can write "
-                        "the artifact directory)")
+    integrity.add_arguments(p)
     args = p.parse_args(argv)
 
     import runtime
     try:
-        gen = runtime.load(args.artifacts, target=args.target, verify=not args.no_verify,
-                           trust_executables=args.trust_executables,
-                           log=lambda m: print(m, file=sys.stderr))
+        gen = runtime.load(args.artifacts, target=args.target, **integrity.load_options(args))
         print(f"[{gen.manifest.variant} on {gen.target}]", file=sys.stderr)
         run = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

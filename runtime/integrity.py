@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -109,6 +110,26 @@ def verify(files: list[tuple[Path, str]], use_cache: bool = True, log=None) -> i
         merged.update(cache)
         _write_cache(store, merged)
     return hashed
+
+
+# -- the flags of every CLI that opens an artifact -------------------------------------------------
+
+def add_arguments(p) -> None:
+    """--no-verify and --trust-executables, for an argparse parser."""
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the files' sha256 against the manifest (sizes are still "
+                        "checked)")
+    p.add_argument("--trust-executables", action="store_true",
+                   help="xla-tpu: load its pickle-based executables even though no seal of your "
+                        "key vouches for the manifest (only if you trust everyone who can write "
+                        "the artifact directory)")
+
+
+def load_options(args) -> dict:
+    """runtime.load's keyword arguments for the flags of `add_arguments`; long steps are said on
+    stderr."""
+    return {"verify": not args.no_verify, "trust_executables": args.trust_executables,
+            "log": lambda m: print(m, file=sys.stderr)}
 
 
 # -- manifest seals: who may hand this runtime code to run ---------------------------------------

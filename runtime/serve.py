@@ -37,7 +37,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import sampling
+from . import integrity, sampling
 
 LISTEN_BACKLOG = 256
 MAX_BODY = 1 << 20            # bytes of a request body
@@ -296,6 +296,18 @@ class Handler(BaseHTTPRequestHandler):
             self._error(RequestError("missing or invalid Content-Length", 411))
             return
         if length > MAX_BODY:
+            # read (and drop) a body up to 16x the limit first: closing on a client that is still
+            # sending resets the connection, and it would see that instead of the 413
+            if length <= 16 * MAX_BODY:
+                try:
+                    left = length
+                    while left > 0:
+                        got = self.rfile.read(min(left, 1 << 16))
+                        if not got:
+                            break
+                        left -= len(got)
+                except (TimeoutError, socket.timeout, OSError):
+                    pass
             self._error(RequestError(f"request body of {length} bytes is over the limit of "
                                      f"{MAX_BODY}", 413))
             return
@@ -481,13 +493,7 @@ def main(argv=None) -> int:
                    help="seconds a connection may stall while sending its request (default 30)")
     p.add_argument("--drain-timeout", type=_seconds, default=60.0,
                    help="on SIGTERM, seconds to let in-flight requests finish (default 60)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip checking the files' sha256 against the manifest (sizes are still "
-                        "checked)")
-    p.add_argument("--trust-executables", action="store_true",
-                   help="xla-tpu: load its pickle-based executables even though no seal of your "
-                        "key vouches for the manifest (only if you trust everyone who can write "
-                        "the artifact directory)")
+    integrity.add_arguments(p)
     args = p.parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:
@@ -495,9 +501,7 @@ def main(argv=None) -> int:
                 f"(or set ${API_KEY_ENV}) so that only clients with the key are served")
     import runtime
     try:
-        gen = runtime.load(args.artifacts, target=args.target, verify=not args.no_verify,
-                           trust_executables=args.trust_executables,
-                           log=lambda m: print(m, file=sys.stderr))
+        gen = runtime.load(args.artifacts, target=args.target, **integrity.load_options(args))
         srv = make_server(gen, args.host, args.port, args.max_concurrent, args.max_queue,
                           api_key, args.read_timeout)
     except (runtime.ArtifactError, RuntimeError, OSError, ValueError) as e:

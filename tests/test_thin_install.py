@@ -49,7 +49,6 @@ def test_jax_does_not_start_libtpu_without_an_accelerator():
     so its TPU-hostname errors are not printed (they were, in every real export). A platform the
     user chose is left alone."""
     import os
-    from runtime.devices import quiet_jax  # noqa: F401  (what compile/__init__ calls)
     code = ("import compile, os, jax; from jax._src import xla_bridge as xb; "
             "print(os.environ.get('JAX_PLATFORMS'), [d.platform for d in jax.devices()], "
             "sorted(xb._backends), sorted(xb._backend_errors))")
