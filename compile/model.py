@@ -1,4 +1,10 @@
-"""The one JAX definition of the Gemma decoder (Gemma 1, 2 and 3 text models).
+"""The one JAX definition of the Gemma decoder (Gemma 1, 2, 3 and 4 text models).
+
+Gemma 4's additions are config switches of the same layer (`config.GemmaConfig`): norms x w,
+unscaled V norm, proportional RoPE and wider heads on global layers, k_eq_v, KV sharing (a shared
+layer attends over its producer's keys and values of the same call and cache), a double-wide FFN
+on shared layers, per-layer embeddings (PLE: `per_layer_inputs`, then a gated block after each
+layer), a mixture of experts beside the dense FFN (`moe`), and a per-layer output scalar.
 
 Parameters are a flat dict `name -> array` (names from `param_shapes`), so every checkpoint loader,
 target and weight file shares one naming. Linear weights are stored [in, out] and applied as plain
@@ -37,7 +43,10 @@ from . import kv
 from .config import GemmaConfig, LOCAL
 
 
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "router", "ple_gate", "ple_proj", "ple_model_proj")
+EXPERTS = ("experts_gate", "experts_up", "experts_down")   # [E, in, out]: one matmul per expert
+SCALES = ("layer_scalar", "router_scale", "expert_scale")  # multiplicative, like norm weights
 
 
 def is_linear(name: str) -> bool:
@@ -45,16 +54,27 @@ def is_linear(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in LINEAR
 
 
+def is_experts(name: str) -> bool:
+    """A stack of expert matmul weights [E, in, out]."""
+    return name.rsplit(".", 1)[-1] in EXPERTS
+
+
 def param_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    D, N = cfg.d_model, cfg.num_heads
     shapes = {"embed": (cfg.vocab_size, D), "final_norm": (D,)}
-    for i in range(cfg.num_layers):
+    if cfg.ple_dim:
+        LP = cfg.num_layers * cfg.ple_dim
+        shapes.update({"ple_embed": (cfg.ple_vocab_size, LP), "ple_model_proj": (D, LP),
+                       "ple_proj_norm": (cfg.ple_dim,)})
+    for a in cfg.attention():
+        i, K, H, F = a.layer, a.kv_heads, a.head_dim, cfg.layer_ffn_dim(a.layer)
         p = f"layers.{i}."
+        shapes.update({p + "attn_norm": (D,), p + "q_proj": (D, N * H)})
+        if cfg.kv_producer(i):
+            shapes[p + "k_proj"] = (D, K * H)
+            if not cfg.layer_k_eq_v(i):
+                shapes[p + "v_proj"] = (D, K * H)
         shapes.update({
-            p + "attn_norm": (D,),
-            p + "q_proj": (D, N * H),
-            p + "k_proj": (D, K * H),
-            p + "v_proj": (D, K * H),
             p + "o_proj": (N * H, D),
             p + "ffn_norm": (D,),
             p + "gate_proj": (D, F),
@@ -66,7 +86,23 @@ def param_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "post_ffn_norm"] = (D,)
         if cfg.qk_norm:
             shapes[p + "q_norm"] = (H,)
-            shapes[p + "k_norm"] = (H,)
+            if cfg.kv_producer(i):
+                shapes[p + "k_norm"] = (H,)
+        if cfg.layer_scalar:
+            shapes[p + "layer_scalar"] = (1,)
+        if cfg.ple_dim:
+            shapes.update({p + "ple_gate": (D, cfg.ple_dim), p + "ple_proj": (cfg.ple_dim, D),
+                           p + "ple_norm": (D,)})
+        if cfg.num_experts:
+            E, I = cfg.num_experts, cfg.moe_ffn_dim
+            shapes.update({
+                p + "router": (D, E), p + "router_scale": (D,), p + "expert_scale": (E,),
+                p + "experts_gate": (E, D, I), p + "experts_up": (E, D, I),
+                p + "experts_down": (E, I, D),
+                p + "moe_norm": (D,),          # before the experts
+                p + "post_mlp_norm": (D,),     # after the dense FFN
+                p + "post_moe_norm": (D,),     # after the experts
+            })
     return shapes
 
 
@@ -75,13 +111,28 @@ def init_params(cfg: GemmaConfig, seed: int = 0, dtype=np.float32) -> dict[str, 
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in param_shapes(cfg).items():
-        out[name] = (rng.standard_normal(shape) * init_std(name, shape)).astype(dtype)
+        out[name] = (rng.standard_normal(shape) * init_std(name, shape)
+                     + init_mean(cfg, name)).astype(dtype)
     return out
 
 
+def init_mean(cfg: GemmaConfig, name: str) -> float:
+    """Where random weights centre: 1 for scales that multiply as they are (Gemma 4's norms x w,
+    layer scalars, router scales), else 0 (Gemma 1-3's norms x (1 + w))."""
+    short = name.rsplit(".", 1)[-1]
+    scale = short in SCALES or short.endswith("norm")
+    return 1.0 if scale and (short in SCALES or not cfg.norm_plus_one) else 0.0
+
+
 def init_std(name: str, shape: tuple) -> float:
-    """Scale of random weights: norms 0.2, the embedding 1, a linear weight 1/sqrt(fan-in)."""
-    return 0.2 if name.endswith("norm") else (1.0 if name == "embed" else shape[0] ** -0.5)
+    """Scale of random weights: norms and scales 0.2, the embeddings 1, a linear weight
+    1/sqrt(fan-in)."""
+    short = name.rsplit(".", 1)[-1]
+    if short.endswith("norm") or short in SCALES:
+        return 0.2
+    if name in ("embed", "ple_embed"):
+        return 1.0
+    return shape[-2] ** -0.5
 
 
 def full_size_std(name: str, shape: tuple) -> float:
@@ -96,16 +147,28 @@ def full_size_std(name: str, shape: tuple) -> float:
     return 8.0 * shape[1] ** -0.5 if name == "embed" else init_std(name, shape)
 
 
-def rms_norm(x, scale, eps):
+def rms_norm(x, scale, eps, plus_one: bool = True):
+    """RMSNorm over the last axis, times (1 + scale) (Gemma 1-3) or scale (Gemma 4, plus_one
+    False); scale None: no scale (Gemma 4's V and router norms)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    if scale is not None:
+        w = scale.astype(jnp.float32)
+        y = y * (1.0 + w if plus_one else w)
+    return y.astype(x.dtype)
 
 
-def rope(x, positions, base: float, scale: float):
-    """Rotate-half RoPE. x: [B, T, N, H]; positions: [T]."""
+def norm(cfg: GemmaConfig, x, scale):
+    return rms_norm(x, scale, cfg.norm_eps, cfg.norm_plus_one)
+
+
+def rope(x, positions, base: float, scale: float, fraction: float = 1.0):
+    """Rotate-half RoPE. x: [B, T, N, H]; positions: [T]. With fraction < 1 (Gemma 4's
+    "proportional" RoPE) only the first fraction * H/2 pairs (i, i + H/2) rotate, at the
+    frequencies they have over the full H; the other pairs keep frequency 0 (pass through)."""
     H = x.shape[-1]
     inv_freq = 1.0 / (base ** (np.arange(0, H, 2, dtype=np.float32) / H))          # [H/2]
+    inv_freq[int(fraction * H // 2):] = 0.0
     angles = (positions.astype(jnp.float32) / scale)[:, None] * inv_freq[None, :]  # [T, H/2]
     sin = jnp.sin(angles)[None, :, None, :]                                        # [1, T, 1, H/2]
     cos = jnp.cos(angles)[None, :, None, :]
@@ -123,27 +186,37 @@ def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def attention(cfg: GemmaConfig, p: dict, local: bool, x, positions, cache, rows: bool = False,
-              spelling: str = "xla"):
-    """One attention block. x: [B, T, D]. Returns (out [B, T, D], (k, v) or None): the updated
-    caches; or with `rows`, where `cache` is the read-only past, only
-    this call's new rows (`compile.kv`)."""
+def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: bool = False,
+              spelling: str = "xla", shared=None):
+    """One attention block of layer `layer`. x: [B, T, D]. Returns (out [B, T, D], the updated
+    caches (k, v) or None, the key segments it attended over): with `rows`, where `cache` is the
+    read-only past, the cache output is only this call's new rows (`compile.kv`). A KV-shared
+    layer (Gemma 4) gets its producer's segments as `shared` and computes no K or V."""
     B, T, _ = x.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    a = cfg.attention()[layer]
+    local = a.kind == LOCAL
+    N, K, H = cfg.num_heads, a.kv_heads, a.head_dim
     G = N // K
+    base, scale, fraction = ((cfg.rope_base_local, 1.0, 1.0) if local else
+                             (cfg.rope_base_global, cfg.rope_scale_global,
+                              cfg.rope_fraction_global))
     q = linear(x, p["q_proj"]).reshape(B, T, N, H)                                # [B, T, N, H]
-    k = linear(x, p["k_proj"]).reshape(B, T, K, H)                                # [B, T, K, H]
-    v = linear(x, p["v_proj"]).reshape(B, T, K, H)                                # [B, T, K, H]
     if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.norm_eps)
-        k = rms_norm(k, p["k_norm"], cfg.norm_eps)
-    base, scale = ((cfg.rope_base_local, 1.0) if local
-                   else (cfg.rope_base_global, cfg.rope_scale_global))
-    q = rope(q, positions, base, scale) * cfg.query_scale
-    k = rope(k, positions, base, scale)
-
-    form = ct.ROWS if rows else ct.FULL
-    segments, new_cache = kv.segments(k, v, positions, cache, form, x.dtype)
+        q = norm(cfg, q, p["q_norm"])
+    q = rope(q, positions, base, scale, fraction) * cfg.query_scale
+    if shared is None:
+        k = linear(x, p["k_proj"]).reshape(B, T, K, H)                            # [B, T, K, H]
+        # k_eq_v: the values are the keys' projection before its norm and RoPE
+        v = k if cfg.layer_k_eq_v(layer) else linear(x, p["v_proj"]).reshape(B, T, K, H)
+        if cfg.qk_norm:
+            k = norm(cfg, k, p["k_norm"])
+        if cfg.v_norm:
+            v = rms_norm(v, None, cfg.norm_eps)
+        k = rope(k, positions, base, scale, fraction)
+        form = ct.ROWS if rows else ct.FULL
+        segments, new_cache = kv.segments(k, v, positions, cache, form, x.dtype)
+    else:
+        segments, new_cache = shared, None
 
     # Attention as batched matmuls over (B, K) with no operand transposed in memory. jax2onnx
     # lowers jnp.matmul to MatMul (ORT fuses the transposed key operand away); for StableHLO,
@@ -184,7 +257,7 @@ def attention(cfg: GemmaConfig, p: dict, local: bool, x, positions, cache, rows:
             mix((w / total).astype(x.dtype).reshape(B, K, G * T, -1), seg[1])
             for w, seg in zip(weights, segments)])                                 # [B, K, G*T, H]
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)                      # [B, T, K, G, H]
-    return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache               # [B, T, D]
+    return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache, segments     # [B, T, D]
 
 
 def layer_params(params, i: int) -> dict:
@@ -212,27 +285,83 @@ def embed(cfg: GemmaConfig, params: dict, tokens):
     return x * jnp.asarray(cfg.embed_scale, x.dtype)
 
 
-def block(cfg: GemmaConfig, p: dict, local: bool, x, positions, cache=None, rows: bool = False,
-          spelling: str = "xla"):
-    """One decoder layer (attention + GeGLU FFN with Gemma's norms) on x [B, T, D]; returns
-    (x, the layer's cache output or None)."""
-    h, layer_cache = attention(cfg, p, local, rms_norm(x, p["attn_norm"], cfg.norm_eps),
-                               positions, cache, rows=rows, spelling=spelling)
+def per_layer_inputs(cfg: GemmaConfig, params: dict, tokens, x):
+    """Gemma 4's per-layer embeddings: tokens [B, T] and their scaled embeddings x [B, T, D] ->
+    [B, T, L, P], the input of each layer's gated block. The token's row of the per-layer table
+    (one gather: a token never needs other rows) mixed with a projection of x."""
+    B, T, D = x.shape
+    L, P = cfg.num_layers, cfg.ple_dim
+    rows = params["ple_embed"][tokens] * jnp.asarray(P ** 0.5, x.dtype)           # [B, T, L*P]
+    proj = linear(x, params["ple_model_proj"]) * jnp.asarray(D ** -0.5, x.dtype)  # [B, T, L*P]
+    proj = norm(cfg, proj.reshape(B, T, L, P), params["ple_proj_norm"])
+    return (proj + rows.reshape(B, T, L, P)) * jnp.asarray(2 ** -0.5, x.dtype)    # [B, T, L, P]
+
+
+def _top_k(x, k: int):
+    """(values, indices) of the k largest along the last axis, ties to the lower index (as
+    torch.topk on CPU and TFLite's ARG_MAX)."""
+    return jax.lax.top_k(x, k)
+
+
+def moe(cfg: GemmaConfig, p: dict, x):
+    """Gemma 4's mixture of experts on x [B, T, D] (the residual stream before the FFN): router =
+    fp32 softmax over all E experts, top k, renormalised, times each expert's scale. For a few
+    tokens (T * k < E: decode) only the chosen experts' weights are gathered and read; for more
+    (prefill) every expert runs densely and a [B, T, E] combine matrix (zero off the chosen k)
+    mixes them, which reads each expert once."""
+    B, T, D = x.shape
+    E, k = cfg.num_experts, cfg.top_k_experts
+    r = rms_norm(x, None, cfg.norm_eps) * p["router_scale"] * jnp.asarray(D ** -0.5, x.dtype)
+    probs = jax.nn.softmax(linear(r, p["router"]).astype(jnp.float32), axis=-1)   # [B, T, E]
+    w, idx = _top_k(probs, k)                                                     # [B, T, k]
+    w = w / w.sum(axis=-1, keepdims=True)
+    w = (w * p["expert_scale"][idx]).astype(x.dtype)                              # [B, T, k]
+    h = norm(cfg, x, p["moe_norm"])                                               # [B, T, D]
+    if T * k < E:
+        wg = p["experts_gate"][idx]                                         # [B, T, k, D, I]
+        wu = p["experts_up"][idx]
+        wd = p["experts_down"][idx]                                         # [B, T, k, I, D]
+        a = (jax.nn.gelu(jnp.einsum("btd,btkdi->btki", h, wg), approximate=True)
+             * jnp.einsum("btd,btkdi->btki", h, wu))                        # [B, T, k, I]
+        y = jnp.einsum("btki,btkid->btkd", a, wd)                           # [B, T, k, D]
+        return jnp.einsum("btkd,btk->btd", y, w)
+    combine = (jax.nn.one_hot(idx, E, dtype=x.dtype) * w[..., None]).sum(axis=2)  # [B, T, E]
+    a = (jax.nn.gelu(jnp.einsum("btd,edi->btei", h, p["experts_gate"]), approximate=True)
+         * jnp.einsum("btd,edi->btei", h, p["experts_up"]))                 # [B, T, E, I]
+    y = jnp.einsum("btei,eid->bted", a, p["experts_down"])                  # [B, T, E, D]
+    return jnp.einsum("bted,bte->btd", y, combine)
+
+
+def block(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache=None, rows: bool = False,
+          spelling: str = "xla", shared=None, ple=None):
+    """Decoder layer `layer` (attention + GeGLU FFN with Gemma's norms; Gemma 4: experts beside
+    the FFN, the per-layer-embedding block with ple [B, T, P], the layer scalar) on x [B, T, D];
+    returns (x, the layer's cache output or None, the key segments it attended over)."""
+    h, layer_cache, segments = attention(cfg, p, layer, norm(cfg, x, p["attn_norm"]), positions,
+                                         cache, rows=rows, spelling=spelling, shared=shared)
     if cfg.post_norms:
-        h = rms_norm(h, p["post_attn_norm"], cfg.norm_eps)
+        h = norm(cfg, h, p["post_attn_norm"])
     x = x + h
-    h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
+    h = norm(cfg, x, p["ffn_norm"])
     gate = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True)
     h = gate * linear(h, p["up_proj"])
     h = linear(h, p["down_proj"])
+    if cfg.num_experts:
+        h = norm(cfg, h, p["post_mlp_norm"]) + norm(cfg, moe(cfg, p, x), p["post_moe_norm"])
     if cfg.post_norms:
-        h = rms_norm(h, p["post_ffn_norm"], cfg.norm_eps)
-    return x + h, layer_cache
+        h = norm(cfg, h, p["post_ffn_norm"])
+    x = x + h
+    if cfg.ple_dim:
+        g = jax.nn.gelu(linear(x, p["ple_gate"]), approximate=True) * ple          # [B, T, P]
+        x = x + norm(cfg, linear(g, p["ple_proj"]), p["ple_norm"])
+    if cfg.layer_scalar:
+        x = x * p["layer_scalar"].astype(x.dtype)
+    return x, layer_cache, segments
 
 
 def head(cfg: GemmaConfig, final_norm, table, x):
     """x [B, T, D] -> logits [B, T, V] through the tied embedding, final softcap applied."""
-    x = rms_norm(x, final_norm, cfg.norm_eps)
+    x = norm(cfg, x, final_norm)
     out = linear(x, table.T)                                                       # [B, T, V]
     return _softcap(out.astype(jnp.float32), cfg.final_softcap)
 
@@ -251,11 +380,16 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
                          f"of {ct.CACHE_OUTPUTS} / ('xla', 'onnx')")
     layout = ct.KVLayout.of(cfg)
     x = embed(cfg, params, tokens)
+    ple = per_layer_inputs(cfg, params, tokens, x) if cfg.ple_dim else None
     new_cache = {} if cache is not None else None
-    for i in range(cfg.num_layers):
-        x, layer_cache = block(cfg, layer_params(params, i), cfg.layer_type(i) == LOCAL, x,
-                               positions, kv.layer_input(cache, layout, i),
-                               rows=cache_outputs == "rows", spelling=spelling)
+    segments = {}                 # producer layer -> the key segments it attended over
+    for a in cfg.attention():
+        i = a.layer
+        x, layer_cache, segments[i] = block(
+            cfg, layer_params(params, i), i, x, positions, kv.layer_input(cache, layout, i),
+            rows=cache_outputs == "rows", spelling=spelling,
+            shared=None if a.owner == i else segments[a.owner],
+            ple=None if ple is None else ple[:, :, i])
         if cache is not None:
             kv.store(new_cache, layout, i, layer_cache)
     if logits == "none":

@@ -98,14 +98,23 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     the host and one layer (or one slice of the table) on the device: checking a large export
     does not need the whole float model."""
     cfg = contract.config
-    local = {i: cfg.layer_type(i) == ct.LOCAL for i in range(cfg.num_layers)}
     ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
     table = params["embed"]                   # read once: the lookup and the output projection
     # the lookup as model.embed does it (a row gather, then one float32 multiply)
     x = jnp.asarray(table[ids] * np.float32(cfg.embed_scale))                     # [1, T, D]
-    for i in range(cfg.num_layers):
-        x = _block(cfg, local[i], model.layer_params(params, i), x, positions)
+    ple = None
+    if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
+        ple = _per_layer_inputs(cfg, {"ple_embed": np.asarray(params["ple_embed"][ids[0]]),
+                                      "ple_model_proj": params["ple_model_proj"],
+                                      "ple_proj_norm": params["ple_proj_norm"]},
+                                np.arange(ids.shape[1], dtype=np.int32)[None], x)
+    segments = {}
+    for a in cfg.attention():
+        i = a.layer
+        x, segments[i] = _block(cfg, i, model.layer_params(params, i), x, positions,
+                                None if a.owner == i else segments[a.owner],
+                                None if ple is None else ple[:, :, i])
     norm = params["final_norm"]
     step = max(1, (64 << 20) // (table.shape[1] * 4))                             # 64 MB slices
     for r in range(start, ids.shape[1], rows):
@@ -115,8 +124,14 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _block(cfg, local, p, x, positions):
-    return model.block(cfg, p, local, x, positions)[0]
+def _block(cfg, layer, p, x, positions, shared, ple):
+    x, _, segments = model.block(cfg, p, layer, x, positions, shared=shared, ple=ple)
+    return x, segments
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_layer_inputs(cfg, params, tokens, x):
+    return model.per_layer_inputs(cfg, params, tokens, x)
 
 
 @functools.partial(jax.jit, static_argnums=0)

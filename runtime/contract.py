@@ -41,8 +41,10 @@ manifest entry (`cache_outputs`; absent means `full`):
          layer's cache per call.
 
 KV layout per layer (`LayerCache`): each cache-owning layer has its own KV-head count, head dim and
-window, so layers of different head sizes fit; a layer that owns no cache (one that reads another
-layer's) simply has no entry, and `KVLayout.owner(i)` says whose cache it reads.
+window, so layers of different head sizes fit (Gemma 4: 256 on local layers, 512 on global ones);
+a layer that owns no cache (Gemma 4's KV-shared layers read a producer's) simply has no entry, so
+cache names may have gaps, and `KVLayout.owner(i)` says whose cache it reads. `attention_layers`
+states these rules once for the compiler and every backend.
 
 Manifest (`manifest.json`, version `SCHEMA_VERSION`; versions `READABLE_VERSIONS` are read), checked
 by `validate` with errors that name the bad field; unknown fields are ignored (version 1 artifacts
@@ -172,30 +174,77 @@ def _get(config, key: str, default=None):
 
 
 @dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention looks like from the cache's side."""
+    layer: int
+    kind: str                # LOCAL or GLOBAL
+    kv_heads: int
+    head_dim: int
+    window: int | None       # sliding window of a local layer; None for a global one
+    owner: int               # the layer whose cache it reads: itself, or (KV sharing) a producer
+
+
+def attention_layers(config) -> tuple[LayerAttention, ...]:
+    """Each layer's KV geometry and the cache it reads, from a model config (compile's GemmaConfig
+    or the manifest's config dict; fields absent in older manifests mean Gemma 1-3 behaviour).
+    The one statement of these rules, which the model and every backend share:
+    - global layers use `global_head_dim` / `global_kv_heads` where set (Gemma 4: 512 and, with
+      k_eq_v, fewer KV heads);
+    - with `kv_shared_layers` = n > 0 (Gemma 4), the last n layers compute no K/V: each reads the
+      cache of the last earlier layer of its own type, as transformers' `kv_sharing_modes` does;
+      they own no cache tensors."""
+    L = int(_get(config, "num_layers"))
+    types = tuple(_get(config, "layer_types") or ()) or (GLOBAL,) * L
+    window = _get(config, "sliding_window")
+    shared = int(_get(config, "kv_shared_layers", 0) or 0)
+    first_shared = L - shared
+    if shared and not 0 < first_shared:
+        raise ValueError(f"kv_shared_layers {shared} leaves no layer to produce a cache "
+                         f"({L} layers)")
+    out = []
+    for i in range(L):
+        kind = types[i]
+        kv, hd = int(_get(config, "num_kv_heads")), int(_get(config, "head_dim"))
+        if kind == GLOBAL:
+            kv = int(_get(config, "global_kv_heads", None) or kv)
+            hd = int(_get(config, "global_head_dim", None) or hd)
+        owner = i
+        if i >= first_shared:
+            producers = [j for j in range(first_shared) if types[j] == kind]
+            if not producers:
+                raise ValueError(f"layer {i} ({kind}) shares the KV cache of an earlier {kind} "
+                                 f"layer, and there is none")
+            owner = producers[-1]
+        out.append(LayerAttention(i, kind, kv, hd, int(window) if kind == LOCAL else None, owner))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class KVLayout:
     """Every cache tensor of a model, layer by layer, for a cache of `max_context` slots (None:
-    names and windows only)."""
+    names and windows only). `owners[i]` is the layer whose cache layer i reads."""
     caches: tuple[LayerCache, ...]
     max_context: int | None = None
     dtype: str = "float32"
+    owners: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, config, max_context: int | None = None, dtype: str = "float32") -> "KVLayout":
-        """From a model config: compile's GemmaConfig or the manifest's config dict."""
-        types = tuple(_get(config, "layer_types") or ())
-        window = _get(config, "sliding_window")
-        caches = tuple(
-            LayerCache(i, int(_get(config, "num_kv_heads")), int(_get(config, "head_dim")),
-                       int(window) if types and types[i] == LOCAL else None)
-            for i in range(int(_get(config, "num_layers"))))
-        return cls(caches, None if max_context is None else int(max_context), dtype)
+        """From a model config: compile's GemmaConfig or the manifest's config dict. Only layers
+        that produce K/V own cache tensors, so names may have gaps and head dims may differ."""
+        layers = attention_layers(config)
+        caches = tuple(LayerCache(a.layer, a.kv_heads, a.head_dim, a.window)
+                       for a in layers if a.owner == a.layer)
+        return cls(caches, None if max_context is None else int(max_context), dtype,
+                   tuple(a.owner for a in layers))
 
     def owner(self, layer: int) -> LayerCache:
-        """The cache layer `layer` reads (its own, for every Gemma 1-3 layer)."""
+        """The cache layer `layer` reads: its own, or a producer's under KV sharing."""
+        target = self.owners[layer] if layer < len(self.owners) else layer
         for c in self.caches:
-            if c.layer == layer:
+            if c.layer == target:
                 return c
-        raise KeyError(f"layer {layer} owns no cache")
+        raise KeyError(f"layer {layer} reads no cache")
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -13,6 +13,9 @@ from compile.tokenizer import tiny_tokenizer
 # Gemma 3 without and with the x8 global RoPE scaling, Gemma 3 27B's query scale.
 TINY_VARIANTS = ["gemma-2b-tiny", "gemma-7b-tiny", "gemma2-2b-tiny", "gemma2-27b-tiny",
                  "gemma3-270m-tiny", "gemma3-4b-tiny"]
+# Gemma 4: E2B (PLE, KV sharing of both layer types, double-wide FFN), E4B (PLE, sharing, two KV
+# heads), 26B-A4B (experts, k_eq_v with one global KV head), 31B (k_eq_v, dense)
+GEMMA4_TINY = ["gemma4-e2b-tiny", "gemma4-e4b-tiny", "gemma4-26b-a4b-tiny", "gemma4-31b-tiny"]
 
 
 def hf_config(cfg: GemmaConfig):
@@ -35,6 +38,23 @@ def hf_config(cfg: GemmaConfig):
                                final_logit_softcapping=cfg.final_softcap,
                                rope_parameters={"rope_type": "default",
                                                 "rope_theta": cfg.rope_base_global})
+    if cfg.family == 4:
+        return tf.Gemma4TextConfig(
+            **common, sliding_window=cfg.sliding_window, layer_types=types,
+            final_logit_softcapping=cfg.final_softcap,
+            global_head_dim=cfg.global_head_dim or cfg.head_dim,
+            num_global_key_value_heads=cfg.global_kv_heads,
+            attention_k_eq_v=cfg.k_eq_v, num_kv_shared_layers=cfg.kv_shared_layers,
+            use_double_wide_mlp=cfg.double_wide_mlp,
+            hidden_size_per_layer_input=cfg.ple_dim,
+            vocab_size_per_layer_input=cfg.ple_vocab_size or cfg.vocab_size,
+            enable_moe_block=bool(cfg.num_experts), num_experts=cfg.num_experts or None,
+            top_k_experts=cfg.top_k_experts or None,
+            moe_intermediate_size=cfg.moe_ffn_dim or None,
+            rope_parameters={
+                "full_attention": {"rope_type": "proportional", "rope_theta": cfg.rope_base_global,
+                                   "partial_rotary_factor": cfg.rope_fraction_global},
+                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_local}})
     full = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
     if cfg.rope_scale_global != 1.0:
         full = {"rope_type": "linear", "factor": cfg.rope_scale_global,
@@ -52,16 +72,22 @@ def write_hf_checkpoint(cfg: GemmaConfig, path: Path, seed: int = 0):
     import transformers as tf
     torch.manual_seed(seed)
     hf_cfg = hf_config(cfg)
-    cls = {1: tf.GemmaForCausalLM, 2: tf.Gemma2ForCausalLM, 3: tf.Gemma3ForCausalLM}[cfg.family]
+    cls = {1: tf.GemmaForCausalLM, 2: tf.Gemma2ForCausalLM, 3: tf.Gemma3ForCausalLM,
+           4: tf.Gemma4ForCausalLM}[cfg.family]
     hf_cfg._attn_implementation = "eager"
     model = cls(hf_cfg).eval()
+    # Gemma 4's norms multiply by w itself, as do its layer and router scales: centre them on 1
+    scales = ("norm", "layer_scalar", "router.scale", "per_expert_scale")
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.2)
+        buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("layer_scalar")]
+        for name, p in list(model.named_parameters()) + buffers:
+            if any(k in name for k in scales):
+                p.normal_(1.0 if cfg.family == 4 else 0.0, 0.2)
             elif "embed" in name:
                 p.normal_(0.0, 1.0)
-            else:
+            elif "experts" in name:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+            elif p.ndim == 2:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
     model.save_pretrained(path)
     model_bytes, _ = tiny_tokenizer(cfg.vocab_size)

@@ -8,12 +8,12 @@ import pytest
 from compile import model, trace
 from runtime import contract as ct
 from compile.config import get_variant
-from helpers import TINY_VARIANTS
+from helpers import GEMMA4_TINY, TINY_VARIANTS
 from runtime.kv import past_slots
 from runtime.generator import plan_chunks
 
 
-@pytest.mark.parametrize("variant", TINY_VARIANTS)
+@pytest.mark.parametrize("variant", TINY_VARIANTS + GEMMA4_TINY)
 def test_chunked_prefill_and_decode_equal_full_forward(variant):
     cfg = get_variant(variant)
     contract = ct.Contract(cfg, (4, 8), 48)
@@ -44,7 +44,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(variant):
     np.testing.assert_allclose(np.stack(rows), want[start:], atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", TINY_VARIANTS)
+@pytest.mark.parametrize("variant", TINY_VARIANTS + GEMMA4_TINY)
 def test_row_outputs_written_by_the_caller_equal_full_forward(variant):
     """Cache outputs `rows`: fed each layer's past slots as the ONNX runtime picks them (the
     filled part, or the window for local layers) and returning only the new rows, which the caller

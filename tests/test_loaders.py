@@ -22,6 +22,9 @@ def test_registry_variant_from_either_format(variant, tmp_path):
     import gguf
     cfg = VARIANTS[variant]
     from_hf = config_from_hf(hf_config(cfg).to_dict(), tmp_path / "config.json")
+    assert from_hf == cfg
+    if cfg.family == 4:
+        return    # Gemma 4 GGUF files are not read yet (issue 17)
     path = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(str(path), {1: "gemma", 2: "gemma2", 3: "gemma3"}[cfg.family])
     write_gguf_metadata(w, cfg)

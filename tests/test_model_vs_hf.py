@@ -8,10 +8,10 @@ import torch
 from compile.checkpoints import load
 from compile.config import get_variant
 from compile.model import forward
-from helpers import TINY_VARIANTS, write_hf_checkpoint
+from helpers import GEMMA4_TINY, TINY_VARIANTS, write_hf_checkpoint
 
 
-@pytest.mark.parametrize("variant", TINY_VARIANTS)
+@pytest.mark.parametrize("variant", TINY_VARIANTS + GEMMA4_TINY)
 def test_logits_match_transformers(variant, tmp_path):
     cfg = get_variant(variant)
     hf_model = write_hf_checkpoint(cfg, tmp_path)

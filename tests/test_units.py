@@ -124,9 +124,34 @@ def test_kv_layout_is_per_layer():
         "kv_cache_k_0": (1, 2, 5, 16), "kv_cache_v_0": (1, 2, 5, 16),
         "kv_cache_k_2": (1, 1, 5, 32), "kv_cache_v_2": (1, 1, 5, 32)}
     assert (layout.owner(0).past_window, layout.owner(2).past_window) == (7, None)
-    with pytest.raises(KeyError, match="layer 1 owns no cache"):
+    with pytest.raises(KeyError, match="layer 1 reads no cache"):
         layout.owner(1)
     assert layout.nbytes() == 4 * (2 * 64 * 16 * 2 + 64 * 32 * 2)
+
+
+def test_gemma4_layout_shares_caches_and_widens_global_heads():
+    """Gemma 4 E2B as published: 35 layers (4 local : 1 global), the last 20 read the cache of
+    layer 13 (local) or 14 (global); global layers have head dim 512. From the manifest's dict
+    as from the config: the runtime derives the same layout without the compiler."""
+    from compile.config import get_variant
+    cfg = get_variant("gemma4-e2b")
+    for config in (cfg, cfg.to_dict()):
+        layout = ct.KVLayout.of(config, 64)
+        assert [c.layer for c in layout.caches] == list(range(15))
+        assert layout.owner(15).layer == 13 and layout.owner(19).layer == 14
+        assert layout.owner(34).layer == 14 and layout.owner(33).layer == 13
+        assert {(c.kv_heads, c.head_dim, c.window) for c in layout.caches} == {
+            (1, 256, 512), (1, 512, None)}
+        assert "kv_cache_k_15" not in layout.names and len(layout.names) == 30
+    moe = get_variant("gemma4-26b-a4b")
+    heads = {(c.kv_heads, c.head_dim) for c in ct.KVLayout.of(moe).caches}
+    assert heads == {(8, 256), (2, 512)}                  # k_eq_v global layers: 2 KV heads
+    # a shared layer of a type no earlier layer has is refused, naming it
+    bad = dict(cfg.to_dict(), num_layers=3, layer_types=["local", "local", "global"],
+               kv_shared_layers=1)
+    with pytest.raises(ValueError, match="layer 2 .global. shares the KV cache of an earlier "
+                                         "global layer, and there is none"):
+        ct.KVLayout.of(bad)
 
 
 def test_rows_cache_passes_the_window_and_writes_rows_in_place():

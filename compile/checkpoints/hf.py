@@ -1,5 +1,11 @@
 """Hugging Face checkpoints (`config.json`, `*.safetensors` — sharded ones through their index —
-and `tokenizer.model`) of Gemma 1/2/3 text.
+and `tokenizer.model`) of Gemma 1/2/3/4 text: `*ForCausalLM` checkpoints and the text model
+(`model.language_model.*`) of multimodal `*ForConditionalGeneration` ones.
+
+Gemma 4 states per-layer geometry as `per_layer_config` ({layer: {head_dim, num_key_value_heads}},
+what transformers saves) or as `global_head_dim` / `num_global_key_value_heads`; both map onto
+`global_head_dim` / `global_kv_heads`, and any other per-layer difference is refused. Its experts'
+fused `gate_up_proj` [E, 2I, D] is split into our `experts_gate` / `experts_up` [E, D, I].
 
 Safetensors headers are read up front (`weights.safetensors`: a bad file is named with its tensor);
 each tensor is read from the file and converted to float32 in our layout only when asked for. HF stores linear weights [out, in].
@@ -16,10 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GLOBAL, LOCAL, GemmaConfig, make_config, match_variant
+from ..model import param_shapes
 from ..weights import Params, Tensor, safetensors
 from . import Checkpoint, CheckpointError, check_params
 
-MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
+MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3, "gemma4_text": 4,
+               "gemma4": 4}
+_MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}   # -> their text_config's type
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 
 
@@ -42,9 +51,9 @@ def config_from_hf(d: dict, path: Path) -> GemmaConfig:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: config.json must be a JSON object")
     mt = d.get("model_type")
-    if mt == "gemma3" and isinstance(d.get("text_config"), dict):
-        d = {**d["text_config"], "model_type": "gemma3_text"}
-        mt = "gemma3_text"
+    if mt in _MULTIMODAL and isinstance(d.get("text_config"), dict):
+        mt = _MULTIMODAL[mt]
+        d = {**d["text_config"], "model_type": mt}
     if mt not in MODEL_TYPES:
         raise CheckpointError(f"{path}: unsupported architecture {mt!r}; "
                               f"supported: {', '.join(MODEL_TYPES)}")
@@ -63,12 +72,90 @@ def config_from_hf(d: dict, path: Path) -> GemmaConfig:
         if isinstance(stated.get("query_pre_attn_scalar"), int):
             stated["query_pre_attn_scalar"] = float(stated["query_pre_attn_scalar"])
         if "layer_types" in d and family > 1:
-            stated["layer_types"] = tuple(_LAYER_TYPES[t] for t in d["layer_types"])
+            stated["layer_types"] = _layer_types(d["layer_types"], path)
         stated.update(_rope(d, family, path))
+        if family == 4:
+            stated.update(_gemma4_fields(d, stated, path))
         cfg = make_config("from-hf", family, **stated)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unusable config: {e}") from None
     return dataclasses.replace(cfg, name=match_variant(cfg))
+
+
+def _layer_types(types, path: Path) -> tuple:
+    if not isinstance(types, list):
+        raise CheckpointError(f"{path}: layer_types must be a list, got {types!r}")
+    for i, t in enumerate(types):
+        if t not in _LAYER_TYPES:
+            raise CheckpointError(f"{path}: layer {i} has layer type {t!r}, which this compiler "
+                                  f"does not know (known: {', '.join(_LAYER_TYPES)})")
+    return tuple(_LAYER_TYPES[t] for t in types)
+
+
+def _gemma4_fields(d: dict, stated: dict, path: Path) -> dict:
+    """Gemma 4's switches from config.json, with transformers' defaults for what it omits."""
+    if d.get("use_bidirectional_attention") == "all":
+        raise CheckpointError(f"{path}: use_bidirectional_attention 'all' is an encoder, not a "
+                              f"causal language model")
+    if d.get("attention_bias"):
+        raise CheckpointError(f"{path}: attention_bias is not supported (Gemma has none)")
+    L = stated["num_layers"]
+    types = stated.get("layer_types") or tuple(
+        GLOBAL if (i + 1) % 6 == 0 or i == L - 1 else LOCAL for i in range(L))
+    if types[-1] != GLOBAL:   # transformers forces this too
+        types = types[:-1] + (GLOBAL,)
+    out = {"layer_types": types,
+           "k_eq_v": bool(d.get("attention_k_eq_v", False)),
+           "kv_shared_layers": int(d.get("num_kv_shared_layers") or 0),
+           "double_wide_mlp": bool(d.get("use_double_wide_mlp", False)),
+           "sliding_window": d.get("sliding_window", 512)}
+    ple = d.get("hidden_size_per_layer_input", 256) or 0
+    if ple:
+        out["ple_dim"] = int(ple)
+        out["ple_vocab_size"] = int(d.get("vocab_size_per_layer_input", 262_144))
+    if d.get("enable_moe_block"):
+        out["num_experts"] = int(d.get("num_experts") or 0)
+        out["top_k_experts"] = int(d.get("top_k_experts") or 0)
+        out["moe_ffn_dim"] = int(d.get("moe_intermediate_size")
+                                 or d.get("expert_intermediate_size") or 0)
+    # per-layer geometry: global layers may differ in head dim and KV heads, nothing else
+    head_dim, kv = stated["head_dim"], stated.get("num_kv_heads", stated["num_heads"])
+    glob = {"head_dim": d.get("global_head_dim", 512)}
+    if d.get("num_global_key_value_heads") is not None and out["k_eq_v"]:
+        glob["num_key_value_heads"] = d["num_global_key_value_heads"]
+    per_layer = d.get("per_layer_config")
+    if per_layer is not None:
+        if not isinstance(per_layer, dict):
+            raise CheckpointError(f"{path}: per_layer_config must be an object")
+        seen = {}
+        for key, over in per_layer.items():
+            try:
+                i = int(key)
+            except ValueError:
+                raise CheckpointError(f"{path}: per_layer_config key {key!r} is not a layer "
+                                      f"index") from None
+            if not 0 <= i < L or not isinstance(over, dict):
+                raise CheckpointError(f"{path}: per_layer_config entry {key!r} is not a layer "
+                                      f"override")
+            if set(over) - {"head_dim", "num_key_value_heads"}:
+                raise CheckpointError(f"{path}: per_layer_config of layer {i} overrides "
+                                      f"{sorted(set(over) - {'head_dim', 'num_key_value_heads'})}"
+                                      f", which this compiler does not support")
+            if types[i] != GLOBAL:
+                raise CheckpointError(f"{path}: per_layer_config overrides layer {i}, a "
+                                      f"sliding layer; only global layers may differ")
+            seen[i] = (over.get("head_dim", head_dim), over.get("num_key_value_heads", kv))
+        want = {i for i, t in enumerate(types) if t == GLOBAL}
+        values = {seen.get(i, (head_dim, kv)) for i in want}
+        if len(values) > 1:
+            raise CheckpointError(f"{path}: per_layer_config gives global layers different "
+                                  f"geometries {sorted(values)}; this compiler needs one")
+        gh, gkv = values.pop() if values else (head_dim, kv)
+    else:
+        gh, gkv = glob["head_dim"], glob.get("num_key_value_heads", kv)
+    out["global_head_dim"] = None if gh == head_dim else int(gh)
+    out["global_kv_heads"] = None if gkv == kv else int(gkv)
+    return out
 
 
 def _rope(d: dict, family: int, path: Path) -> dict:
@@ -84,15 +171,21 @@ def _rope(d: dict, family: int, path: Path) -> dict:
                 **(d.get("rope_scaling") or {})}
         slide = {"rope_theta": d["rope_local_base_freq"]} if "rope_local_base_freq" in d else {}
     rtype = full.get("rope_type", full.get("type", "default"))
-    if rtype not in ("default", "linear"):
+    if rtype not in ("default", "linear") + (("proportional",) if family == 4 else ()):
         raise CheckpointError(f"{path}: unsupported rope type {rtype!r}")
+    if slide.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{path}: unsupported rope type {slide['rope_type']!r} on "
+                              f"sliding layers")
     out = {}
     if "rope_theta" in full:
         out["rope_base_global"] = float(full["rope_theta"])
     if "rope_theta" in slide:
         out["rope_base_local"] = float(slide["rope_theta"])
-    if rtype == "linear":
+    if rtype in ("linear", "proportional"):
         out["rope_scale_global"] = float(full.get("factor", 1.0))
+    if family == 4:
+        out["rope_fraction_global"] = float(full.get("partial_rotary_factor", 1.0)
+                                            if rtype == "proportional" else 1.0)
     return out
 
 
@@ -112,26 +205,58 @@ def layer_names(family: int) -> dict[str, tuple[str, str]]:
     }
 
 
-def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:
-    """(our name, kind) where kind is 'linear', 'norm' or 'embed'; None for tensors we ignore."""
+# Gemma 4's additions: per-layer tensors (full name after `layers.{i}.`) and top-level ones
+_GEMMA4_LAYER = {
+    "layer_scalar": ("layer_scalar", "norm"),
+    "per_layer_input_gate.weight": ("ple_gate", "linear"),
+    "per_layer_projection.weight": ("ple_proj", "linear"),
+    "post_per_layer_input_norm.weight": ("ple_norm", "norm"),
+    "router.proj.weight": ("router", "linear"),
+    "router.scale": ("router_scale", "norm"),
+    "router.per_expert_scale": ("expert_scale", "norm"),
+    "experts.gate_up_proj": ("experts_gate_up", "experts_gate_up"),
+    "experts.down_proj": ("experts_down", "experts"),
+    "post_feedforward_layernorm_1.weight": ("post_mlp_norm", "norm"),
+    "post_feedforward_layernorm_2.weight": ("post_moe_norm", "norm"),
+    "pre_feedforward_layernorm_2.weight": ("moe_norm", "norm"),
+}
+_GEMMA4_TOP = {"embed_tokens_per_layer.weight": ("ple_embed", "embed"),
+               "per_layer_model_projection.weight": ("ple_model_proj", "linear"),
+               "per_layer_projection_norm.weight": ("ple_proj_norm", "norm")}
+
+
+def _strip_prefix(hf_name: str) -> str | None:
     for pre in _PREFIXES:
         if hf_name.startswith(pre):
-            name = hf_name[len(pre):]
-            break
-    else:
+            return hf_name[len(pre):]
+    return None
+
+
+def _hf_to_ours(cfg: GemmaConfig, hf_name: str) -> tuple[str, str] | None:
+    """(our name, kind) where kind is 'linear', 'norm', 'embed', 'experts' or
+    'experts_gate_up'; None for tensors we ignore."""
+    name = _strip_prefix(hf_name)
+    if name is None:
         return None
     if name == "embed_tokens.weight":
         return "embed", "embed"
     if name == "norm.weight":
         return "final_norm", "norm"
+    if cfg.family == 4 and name in _GEMMA4_TOP:
+        return _GEMMA4_TOP[name]
     parts = name.split(".")
-    if parts[0] != "layers" or parts[-1] != "weight":
+    if parts[0] != "layers" or len(parts) < 3:
         return None
-    i, rest = parts[1], ".".join(parts[2:-1])
+    i, rest = parts[1], ".".join(parts[2:])
+    if cfg.family == 4 and rest in _GEMMA4_LAYER:
+        ours, kind = _GEMMA4_LAYER[rest]
+        return f"layers.{i}.{ours}", kind
+    if parts[-1] != "weight":
+        return None
     table = layer_names(cfg.family)
-    if rest not in table:
+    if rest[:-len(".weight")] not in table:
         return None
-    ours, kind = table[rest]
+    ours, kind = table[rest[:-len(".weight")]]
     return f"layers.{i}.{ours}", kind
 
 
@@ -153,12 +278,35 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _tensor(ours: str, kind: str, w: safetensors.Entry, origin: str) -> Tensor:
-    """A lazy float32 tensor in our layout: linear weights [out, in] -> [in, out]."""
+    """A lazy float32 tensor in our layout: linear weights [out, in] -> [in, out], expert stacks
+    [E, out, in] -> [E, in, out]."""
+    if kind == "experts":
+        E, o, i = w.shape
+        return Tensor(ours, (E, i, o), np.dtype(np.float32),
+                      lambda: np.ascontiguousarray(w.load().astype(np.float32).transpose(0, 2, 1)),
+                      origin)
     if kind == "linear":
         return Tensor(ours, tuple(w.shape[::-1]), np.dtype(np.float32),
                       lambda: np.ascontiguousarray(w.load().astype(np.float32).T), origin)
     return Tensor(ours, tuple(w.shape), np.dtype(np.float32),
                   lambda: w.load().astype(np.float32, copy=False), origin)
+
+
+def _split_gate_up(name: str, w: safetensors.Entry, origin: str) -> list[Tensor]:
+    """Gemma 4's fused experts [E, 2I, D] (gate rows, then up rows) -> experts_gate and
+    experts_up [E, D, I]; each half is read only when asked for."""
+    if len(w.shape) != 3 or w.shape[1] % 2:
+        raise CheckpointError(f"{origin}: expected [experts, 2 x width, d_model], got "
+                              f"{list(w.shape)}")
+    E, I2, D = w.shape
+    I = I2 // 2
+    prefix = name[:-len("experts_gate_up")]
+
+    def half(lo):
+        return lambda: np.ascontiguousarray(
+            w.load()[:, lo:lo + I, :].astype(np.float32).transpose(0, 2, 1))
+    return [Tensor(prefix + "experts_gate", (E, D, I), np.dtype(np.float32), half(0), origin),
+            Tensor(prefix + "experts_up", (E, D, I), np.dtype(np.float32), half(I), origin)]
 
 
 def load_hf(path: Path, progress=None) -> Checkpoint:
@@ -185,11 +333,24 @@ def load_hf(path: Path, progress=None) -> Checkpoint:
             if ours is None:
                 continue
             name, kind = ours
-            if name in tensors:
-                raise CheckpointError(f"{f}: tensor {hf_name} ({name}) also appears in "
-                                      f"{tensors[name].origin}")
-            tensors[name] = _tensor(name, kind, w, f"{f} ({hf_name})")
-    params = Params(tensors)
+            if kind == "experts_gate_up":
+                parts = _split_gate_up(name, w, f"{f} ({hf_name})")
+            else:
+                parts = [_tensor(name, kind, w, f"{f} ({hf_name})")]
+            for t in parts:
+                if t.name in tensors:
+                    raise CheckpointError(f"{f}: tensor {hf_name} ({t.name}) also appears in "
+                                          f"{tensors[t.name].origin}")
+                tensors[t.name] = t
+    want = param_shapes(cfg)
+    if not any(n in want for n in tensors):
+        raise CheckpointError(
+            f"{path}: no text-model weights found (looked for names under "
+            f"{', '.join(repr(p) for p in _PREFIXES)}); a multimodal checkpoint must carry its "
+            f"language model's weights")
+    # KV-shared layers' k/v projections, which transformers also ignores, and anything else
+    # the config has no place for
+    params = Params({n: t for n, t in tensors.items() if n in want})
     check_params(cfg, params, path)
     tok_file = path / "tokenizer.model"
     if not tok_file.exists():

@@ -133,14 +133,17 @@ def nbytes_of(params: Mapping) -> int:
 
 
 def seeded(shapes: Mapping[str, tuple[int, ...]], seed: int, std: Callable[[str, tuple], float],
-           dtype=np.float32) -> Params:
+           dtype=np.float32, mean: Callable[[str], float] | None = None) -> Params:
     """Random weights produced on the fly, each tensor from its own generator seeded by (seed,
-    name): the same values whatever order they are read in, with no storage."""
+    name): the same values whatever order they are read in, with no storage. `mean(name)` shifts
+    a tensor (Gemma 4's multiplicative norm scales sit around 1)."""
     def make(name, shape):
         def read():
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             a = rng.standard_normal(shape, dtype=np.float32)
             a *= np.float32(std(name, shape))          # in place: a 12B embedding is 4 GB
+            if mean is not None and mean(name):
+                a += np.float32(mean(name))
             return a.astype(dtype, copy=False)
         return Tensor(name, tuple(shape), np.dtype(dtype), read, origin=f"random:{name}")
     return Params({n: make(n, s) for n, s in shapes.items()})
