@@ -317,18 +317,31 @@ def moe(cfg: GemmaConfig, p: dict, x):
     w = w / w.sum(axis=-1, keepdims=True)
     w = (w * p["expert_scale"][idx]).astype(x.dtype)                              # [B, T, k]
     h = norm(cfg, x, p["moe_norm"])                                               # [B, T, D]
-    if T * k < E:
-        wg = p["experts_gate"][idx]                                         # [B, T, k, D, I]
-        wu = p["experts_up"][idx]
-        wd = p["experts_down"][idx]                                         # [B, T, k, I, D]
-        a = (jax.nn.gelu(jnp.einsum("btd,btkdi->btki", h, wg), approximate=True)
-             * jnp.einsum("btd,btkdi->btki", h, wu))                        # [B, T, k, I]
-        y = jnp.einsum("btki,btkid->btkd", a, wd)                           # [B, T, k, D]
-        return jnp.einsum("btkd,btk->btd", y, w)
-    combine = (jax.nn.one_hot(idx, E, dtype=x.dtype) * w[..., None]).sum(axis=2)  # [B, T, E]
-    a = (jax.nn.gelu(jnp.einsum("btd,edi->btei", h, p["experts_gate"]), approximate=True)
-         * jnp.einsum("btd,edi->btei", h, p["experts_up"]))                 # [B, T, E, I]
-    y = jnp.einsum("btei,eid->bted", a, p["experts_down"])                  # [B, T, E, D]
+    experts = (p["experts_gate"], p["experts_up"], p["experts_down"])
+    if isinstance(T, int):
+        return (_experts_gathered if T * k < E else _experts_dense)(h, idx, w, *experts)
+    # a symbolic token count (the ONNX graph serves every length): choose at run time
+    return jax.lax.cond(jnp.asarray(T) * k < E, _experts_gathered, _experts_dense,
+                        h, idx, w, *experts)
+
+
+def _experts_gathered(h, idx, w, gate, up, down):
+    """Only the chosen experts' weights are read: h [B, T, D], idx/w [B, T, k]."""
+    wg, wu, wd = gate[idx], up[idx], down[idx]                   # [B, T, k, D, I], [.., I, D]
+    a = (jax.nn.gelu(jnp.einsum("btd,btkdi->btki", h, wg), approximate=True)
+         * jnp.einsum("btd,btkdi->btki", h, wu))                               # [B, T, k, I]
+    y = jnp.einsum("btki,btkid->btkd", a, wd)                                  # [B, T, k, D]
+    return jnp.einsum("btkd,btk->btd", y, w)
+
+
+def _experts_dense(h, idx, w, gate, up, down):
+    """Every expert on every token, mixed by a [B, T, E] combine matrix (zero off the chosen
+    k): each expert's weights are read once, whatever T."""
+    E = gate.shape[0]
+    combine = (jax.nn.one_hot(idx, E, dtype=h.dtype) * w[..., None]).sum(axis=2)  # [B, T, E]
+    a = (jax.nn.gelu(jnp.einsum("btd,edi->btei", h, gate), approximate=True)
+         * jnp.einsum("btd,edi->btei", h, up))                                 # [B, T, E, I]
+    y = jnp.einsum("btei,eid->bted", a, down)                                  # [B, T, E, D]
     return jnp.einsum("bted,bte->btd", y, combine)
 
 

@@ -118,7 +118,7 @@ def simplify(model) -> dict[str, int]:
     # expands: dropped where the result's shape is unchanged without them
     consumers = defaultdict(list)
     for node in graph.node:
-        for i in node.input:
+        for i in _reads(node):
             consumers[i].append(node)
     renames = {}
     for node in graph.node:
@@ -168,9 +168,7 @@ def _share(graph) -> int:
     merged = len(renames)
     keep = []
     for node in graph.node:
-        for k, i in enumerate(node.input):
-            if i in renames:
-                node.input[k] = renames[i]
+        _rewrite_inputs(node, renames)
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             a = numpy_helper.to_array(node.attribute[0].t)
             key = ("init", a.dtype.str, a.shape, a.tobytes()) \
@@ -194,15 +192,50 @@ def _share(graph) -> int:
     return merged
 
 
+def _subgraphs(node):
+    """The graphs held in a node's attributes (If branches, Loop bodies)."""
+    from onnx import AttributeProto
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _reads(node) -> set[str]:
+    """Every value a node reads: its inputs and what its subgraphs read from the outer scope
+    (an If branch may use outer values without listing them as inputs)."""
+    out = {i for i in node.input if i}
+    for g in _subgraphs(node):
+        inner = {i.name for i in g.input} | {i.name for i in g.initializer}
+        for n in g.node:
+            inner.update(n.output)
+        for n in g.node:
+            out |= {r for r in _reads(n) if r not in inner}
+    return out
+
+
+def _rewrite_inputs(node, renames: dict[str, str]) -> None:
+    """Applies renames to a node's inputs and, recursively, its subgraphs' inputs."""
+    for k, i in enumerate(node.input):
+        if i in renames:
+            node.input[k] = renames[i]
+    for g in _subgraphs(node):
+        for n in g.node:
+            _rewrite_inputs(n, renames)
+        for o in g.output:   # a branch may return an outer value as it is
+            if o.name in renames:
+                o.name = renames[o.name]
+
+
 def _rename(graph, renames: dict[str, str]) -> None:
     def final(name):
         while name in renames:
             name = renames[name]
         return name
+    flat = {k: final(k) for k in renames}
     for node in graph.node:
-        for k, i in enumerate(node.input):
-            if i in renames:
-                node.input[k] = final(i)
+        _rewrite_inputs(node, flat)
 
 
 def _scalar(graph, name, consts):
@@ -228,7 +261,7 @@ def _fuse_rms_norms(graph, shapes, consts, helper) -> int:
     producer = {o: n for n in graph.node for o in n.output}
     consumers = defaultdict(list)
     for node in graph.node:
-        for i in node.input:
+        for i in _reads(node):
             consumers[i].append(node)
 
     def only_user(value, op):
@@ -298,7 +331,7 @@ def _remove_dead(graph) -> int:
     for node in reversed(list(graph.node)):
         if any(o in live for o in node.output if o):
             keep.append(node)
-            live.update(i for i in node.input if i)
+            live.update(_reads(node))
     removed = len(graph.node) - len(keep)
     if removed:
         del graph.node[:]
