@@ -317,12 +317,36 @@ def moe(cfg: GemmaConfig, p: dict, x):
     w = w / w.sum(axis=-1, keepdims=True)
     w = (w * p["expert_scale"][idx]).astype(x.dtype)                              # [B, T, k]
     h = norm(cfg, x, p["moe_norm"])                                               # [B, T, D]
+    if "expert0.gate_proj" in p:
+        return _experts_branches(h, idx, w, p, E)
     experts = (p["experts_gate"], p["experts_up"], p["experts_down"])
     if isinstance(T, int):
         return (_experts_gathered if T * k < E else _experts_dense)(h, idx, w, *experts)
     # a symbolic token count (the ONNX graph serves every length): choose at run time
     return jax.lax.cond(jnp.asarray(T) * k < E, _experts_gathered, _experts_dense,
                         h, idx, w, *experts)
+
+
+def _experts_branches(h, idx, w, p, E: int):
+    """One conditional branch per expert, over its own matmul weights (`weights.split_experts`:
+    ONNX stores each expert as quantized matmuls, which a gather could not read): an expert no
+    token chose is skipped, so a decode step reads only the chosen k experts' weights; a chosen
+    one runs on every token, weighted by its [B, T] column of the combine matrix (zero where the
+    token did not choose it)."""
+    hot = jax.nn.one_hot(idx, E, dtype=h.dtype)                                # [B, T, k, E]
+    combine = (hot * w[..., None]).sum(axis=2)                                   # [B, T, E]
+    chosen = hot.sum(axis=(0, 1, 2)) > 0                                         # [E]
+
+    def expert(e):
+        def run(h, c):
+            a = (jax.nn.gelu(linear(h, p[f"expert{e}.gate_proj"]), approximate=True)
+                 * linear(h, p[f"expert{e}.up_proj"]))                               # [B, T, I]
+            return linear(a, p[f"expert{e}.down_proj"]) * c[..., None]               # [B, T, D]
+        return run
+
+    outs = [jax.lax.cond(chosen[e], expert(e), lambda h, c: jnp.zeros_like(h), h,
+                         combine[..., e]) for e in range(E)]
+    return functools.reduce(jnp.add, outs)
 
 
 def _experts_gathered(h, idx, w, gate, up, down):

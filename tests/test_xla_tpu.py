@@ -113,6 +113,9 @@ print(json.dumps({"max_diff": float(np.abs(got - want[13:]).max()),
     ("gemma-7b-tiny", "", True),              # 4 KV heads over 4 chips
     ("gemma3-270m-tiny", "", False),          # 1 KV head: replicated
     ("gemma2-2b-tiny", "model=2", True),      # 2 replicas x 2-way tensor parallel
+    # Gemma 4 MoE: 4 experts split 2 ways (expert parallel); the global layers' one KV head
+    # keeps the caches replicated
+    ("gemma4-26b-a4b-tiny", "model=2", False),
 ])
 def test_sharded_program_matches_reference_on_cpu_mesh(tmp_path, variant, mesh, kv_split):
     # a signing key: the export seals its manifest, so the runtime unpickles the executables
@@ -142,6 +145,11 @@ def test_param_and_kv_specs():
     assert xla_tpu.param_spec(cfg, "layers.1.q_proj", 1) == (None, None)
     assert xla_tpu.kv_spec(cfg, 2) == (None, "model", None, None)
     assert xla_tpu.kv_spec(cfg, 4) == (None, None, None, None)
+    moe = get_variant("gemma4-26b-a4b-tiny")
+    assert xla_tpu.param_spec(moe, "layers.0.experts_gate", 2) == ("model", None, None)
+    assert xla_tpu.param_spec(moe, "layers.0.experts_down", 1) == (None, None, None)
+    assert xla_tpu.param_spec(moe, "layers.0.expert_scale", 2) == (None,)
+    assert xla_tpu.kv_spec(moe, 2) == (None, None, None, None)   # global layers: 1 KV head
 
 
 def _cli(*args):
@@ -161,6 +169,10 @@ def test_topology_and_mesh_errors(tmp_path):
     r = _cli("--target", "xla-tpu", "--tpu-topology", "v5e:2x2", "--quant", "int4",
              "--out", str(tmp_path / "a"))
     assert r.returncode == 1 and "does not support --quant int4; it supports: bf16, none" in r.stderr
+    r = _cli("--target", "xla-tpu", "--tpu-topology", "v5e:2x4", "--mesh", "model=8",
+             "--checkpoint", "random:gemma4-26b-a4b-tiny", "--out", str(tmp_path / "a"))
+    assert r.returncode == 1 and ("gemma4-26b-a4b-tiny: experts (4) do not split over 8 chips; "
+                                  "choose --mesh model=M with M dividing 4") in r.stderr
     assert not (tmp_path / "a").exists()
 
 

@@ -284,7 +284,8 @@ def _tensor(ours: str, kind: str, w: safetensors.Entry, origin: str) -> Tensor:
         E, o, i = w.shape
         return Tensor(ours, (E, i, o), np.dtype(np.float32),
                       lambda: np.ascontiguousarray(w.load().astype(np.float32).transpose(0, 2, 1)),
-                      origin)
+                      origin, part=lambda e: np.ascontiguousarray(
+                          _rows(w, e, 0, o).load().astype(np.float32).T))
     if kind == "linear":
         return Tensor(ours, tuple(w.shape[::-1]), np.dtype(np.float32),
                       lambda: np.ascontiguousarray(w.load().astype(np.float32).T), origin)
@@ -305,8 +306,20 @@ def _split_gate_up(name: str, w: safetensors.Entry, origin: str) -> list[Tensor]
     def half(lo):
         return lambda: np.ascontiguousarray(
             w.load()[:, lo:lo + I, :].astype(np.float32).transpose(0, 2, 1))
-    return [Tensor(prefix + "experts_gate", (E, D, I), np.dtype(np.float32), half(0), origin),
-            Tensor(prefix + "experts_up", (E, D, I), np.dtype(np.float32), half(I), origin)]
+
+    def part(lo):   # one expert's half: contiguous rows of the file, read alone
+        return lambda e: np.ascontiguousarray(_rows(w, e, lo, I).load().astype(np.float32).T)
+    return [Tensor(prefix + "experts_gate", (E, D, I), np.dtype(np.float32), half(0), origin,
+                   part=part(0)),
+            Tensor(prefix + "experts_up", (E, D, I), np.dtype(np.float32), half(I), origin,
+                   part=part(I))]
+
+
+def _rows(w: safetensors.Entry, e: int, lo: int, n: int) -> safetensors.Entry:
+    """Rows lo..lo+n of entry e of a 3-D safetensors tensor, as an entry of its own."""
+    _, R, C = w.shape
+    size = np.dtype(w.dtype).itemsize
+    return dataclasses.replace(w, offset=w.offset + ((e * R + lo) * C) * size, shape=(n, C))
 
 
 def load_hf(path: Path, progress=None) -> Checkpoint:

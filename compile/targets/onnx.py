@@ -44,7 +44,8 @@ from runtime import contract as ct
 
 from .. import kv
 from .. import model as gemma
-from ..weights import FLOAT_FORMATS, float32_record, format_of, nbytes_of, specs_of
+from ..weights import (FLOAT_FORMATS, float32_record, format_of, nbytes_of, specs_of,
+                       split_experts)
 from ..weights import gguf_blocks
 from ..weights import onnx as container
 from ..weights import quant as wq
@@ -123,6 +124,7 @@ def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
 
 def check_checkpoint(params, options: dict) -> None:
     """Before any work: with `native`, every block-quantized tensor is one this target keeps."""
+    params = split_experts(params)
     quant = options.get("quant") or DEFAULT_QUANT
     if quant == "native":
         for name in params:
@@ -259,6 +261,8 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     float_embedding = bool(options.get("float_embedding"))
     activations = options.get("activations") or DEFAULT_ACTIVATIONS
     out_dir.mkdir(parents=True, exist_ok=True)
+    # experts as one matmul each (MatMulNBits when quantized), run in per-expert branches
+    params = split_experts(params)
     work = Path(tempfile.mkdtemp(prefix="onnx-", dir=out_dir.parent))
     try:
         wspecs = weight_specs(params, quant, float_embedding)

@@ -340,4 +340,13 @@ def _remove_dead(graph) -> int:
     if len(inits) < len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(inits)
+    for node in graph.node:       # If branches: their own unread constants (ORT warns of each)
+        for sub in _subgraphs(node):
+            read = {o.name for o in sub.output}
+            for n in sub.node:
+                read |= _reads(n)
+            kept = [i for i in sub.initializer if i.name in read]
+            if len(kept) < len(sub.initializer):
+                del sub.initializer[:]
+                sub.initializer.extend(kept)
     return removed

@@ -133,34 +133,48 @@ def libtpu_version() -> str | None:
         return None
 
 
+def _kv_split(cfg, model: int) -> bool:
+    """K/V projections and caches split on the KV-head axis when every cache's head count
+    divides the model axis (Gemma 4's global layers may have fewer KV heads)."""
+    return model > 1 and all(a.kv_heads % model == 0 for a in cfg.attention())
+
+
 def param_spec(cfg, name: str, model: int) -> tuple:
-    """PartitionSpec entries for one weight ([in, out] linears, [V, D] embedding)."""
-    kv_split = cfg.num_kv_heads % model == 0
+    """PartitionSpec entries for one weight ([in, out] linears, [V, D] embeddings, [E, in, out]
+    expert stacks, 1-D norms and scales)."""
+    from ..model import is_experts
     leaf = name.rsplit(".", 1)[-1]
+    ndim = 3 if is_experts(name) else (
+        1 if leaf.endswith("norm") or leaf in ("embed_scale", "layer_scalar", "router_scale",
+                                               "expert_scale") else 2)
     if model == 1:
-        return (None,) if name.endswith("norm") or leaf == "embed_scale" else (None, None)
+        return (None,) * ndim
+    if is_experts(name):                                # expert parallel (E % model checked)
+        return ("model", None, None)
     if leaf in ("q_proj", "gate_proj", "up_proj"):
         return (None, "model")
     if leaf in ("o_proj", "down_proj"):
         return ("model", None)
     if leaf in ("k_proj", "v_proj"):
-        return (None, "model") if kv_split else (None, None)
+        return (None, "model") if _kv_split(cfg, model) else (None, None)
     if leaf == "embed":
         return ("model", None) if cfg.vocab_size % model == 0 else (None, None)
-    return (None,)                                      # norms
+    if leaf == "ple_embed":
+        return ("model", None) if cfg.ple_vocab_size % model == 0 else (None, None)
+    return (None,) * ndim                               # norms, scales, router, PLE blocks
 
 
 def kv_spec(cfg, model: int) -> tuple:
     """K [B, K, S, H] and V [B, K, H, S] split on the KV-head axis, or replicated."""
-    split = model > 1 and cfg.num_kv_heads % model == 0
-    return (None, "model" if split else None, None, None)
+    return (None, "model" if _kv_split(cfg, model) else None, None, None)
 
 
 def _check_divisible(cfg, model: int) -> None:
     if model == 1:
         return
-    for what, n in (("query heads", cfg.num_heads), ("FFN dim", cfg.ffn_dim)):
-        if n % model:
+    for what, n in (("experts", cfg.num_experts), ("query heads", cfg.num_heads),
+                    ("FFN dim", cfg.ffn_dim)):
+        if n and n % model:
             raise ValueError(f"{cfg.name}: {what} ({n}) do not split over {model} chips; "
                              f"choose --mesh model=M with M dividing {n}")
 

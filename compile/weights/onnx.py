@@ -98,10 +98,12 @@ def finish(graph, tensors, data_path: Path, tick=None, float_activations: bool =
     import onnx
     g = graph.graph
     inputs = {i.name: i for i in g.input}
+    _uncapture(g, set(inputs))
     consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    for sub in _graphs(g):    # If branches (per-expert FFNs) read weights from the outer scope
+        for n in sub.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
     data = DataFile(data_path)
     ok = False
     replaced = 0
@@ -122,15 +124,66 @@ def finish(graph, tensors, data_path: Path, tick=None, float_activations: bool =
         ok = True
     finally:
         data.close(keep=ok)
-    kept = []
-    for n in g.node:
-        if id(n) not in drop:
-            kept += [n] + after.get(id(n), [])
-    del g.node[:]
-    g.node.extend(kept)
+    for sub in _graphs(g):
+        kept = []
+        for n in sub.node:
+            if id(n) not in drop:
+                kept += [n] + after.get(id(n), [])
+        del sub.node[:]
+        sub.node.extend(kept)
     if not any(o.domain == MS_DOMAIN for o in graph.opset_import) and replaced:
         graph.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     return {"quantized_matmuls": replaced}
+
+
+def _graphs(g):
+    """g and every graph nested in its nodes' attributes (If branches), depth first."""
+    from onnx import AttributeProto
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _graphs(sub)
+
+
+def _uncapture(g, names: set) -> None:
+    """jax2onnx hands an outer value to an If branch through an Identity ("capture") inside the
+    branch; for the weights (`names`), the branch's nodes read the outer name instead, so each
+    weight is read under its own name wherever it is used (names inside a branch are local to
+    it, so the rewrite stays within the branch and its own branches)."""
+    from onnx import AttributeProto
+
+    def branch(sub, renames):
+        local = dict(renames)
+        keep = []
+        for n in sub.node:
+            if n.op_type == "Identity" and n.input[0] in names:
+                local[n.output[0]] = n.input[0]
+                continue
+            for k, i in enumerate(n.input):
+                if i in local:
+                    n.input[k] = local[i]
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    branch(a.g, local)
+                elif a.type == AttributeProto.GRAPHS:
+                    for x in a.graphs:
+                        branch(x, local)
+            keep.append(n)
+        if len(keep) < len(sub.node):
+            del sub.node[:]
+            sub.node.extend(keep)
+
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                branch(a.g, {})
+            elif a.type == AttributeProto.GRAPHS:
+                for x in a.graphs:
+                    branch(x, {})
 
 
 def halves(w: Blocks) -> tuple[Blocks, Blocks]:
@@ -169,9 +222,11 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
     import onnx
     N, K = w.q.shape
     targets = []
-    for n in consumers.get(name, []):
+    readers = list(consumers.get(name, []))
+    for n in readers:
         if n.op_type == "MatMul" and n.input[1] == name:
             targets.append(n)
+
         elif n.op_type == "Transpose" and all(c.op_type == "MatMul" and c.input[1] == n.output[0]
                                              for c in consumers.get(n.output[0], [])):
             targets += consumers.get(n.output[0], [])

@@ -28,6 +28,19 @@ class Tensor:
     format: str = "F32"            # how the checkpoint stores it (a GGUF type, "F32", "BF16", ...)
     blocks: Callable[[], "Blocks"] | None = None   # its stored blocks, unchanged (`quant.Blocks`
     #                                [out, in] rows), where the checkpoint is block-quantized
+    part: Callable[[int], np.ndarray] | None = None   # index e of the leading axis, read alone
+    #                                (expert stacks [E, in, out]: one expert without the rest)
+
+    def get_part(self, e: int) -> np.ndarray:
+        """self.get()[e], reading only that part where the source can."""
+        if self.part is None:
+            return np.ascontiguousarray(self.get()[e])
+        a = self.part(e)
+        if tuple(a.shape) != tuple(self.shape[1:]):
+            raise ValueError(f"{self.origin or self.name}: read part {e} as {list(a.shape)}, "
+                             f"expected {list(self.shape[1:])}")
+        check_finite(a, f"{self.origin or self.name} [expert {e}]")
+        return a
 
     def get(self) -> np.ndarray:
         a = self.read()
@@ -106,6 +119,45 @@ class Params(Mapping):
         return {n: self[n] for n in names}
 
 
+EXPERT_LEAVES = {"experts_gate": "gate_proj", "experts_up": "up_proj",
+                 "experts_down": "down_proj"}
+
+
+def expert_name(stack: str, e: int) -> str:
+    """`layers.3.experts_gate`, 5 -> `layers.3.expert5.gate_proj`: one expert's matmul, named so
+    that it is quantized and stored as the dense FFN's matmul of the same kind."""
+    prefix, leaf = stack.rsplit(".", 1)
+    return f"{prefix}.expert{e}.{EXPERT_LEAVES[leaf]}"
+
+
+def split_experts(params: Mapping) -> Mapping:
+    """The same weights with every expert stack [E, in, out] replaced by E matmul weights
+    [in, out] (`expert_name`), each read alone (`Tensor.get_part`): for targets that store one
+    matmul per expert (onnx)."""
+    if not any(n.rsplit(".", 1)[-1] in EXPERT_LEAVES for n in params):
+        return params
+    if not isinstance(params, Params):
+        out = {}
+        for n, a in params.items():
+            if n.rsplit(".", 1)[-1] in EXPERT_LEAVES:
+                out.update({expert_name(n, e): np.ascontiguousarray(a[e])
+                            for e in range(a.shape[0])})
+            else:
+                out[n] = a
+        return out
+    tensors = {}
+    for n, t in params.tensors.items():
+        if n.rsplit(".", 1)[-1] not in EXPERT_LEAVES:
+            tensors[n] = t
+            continue
+        for e in range(t.shape[0]):
+            name = expert_name(n, e)
+            tensors[name] = Tensor(name, tuple(t.shape[1:]), t.dtype,
+                                   (lambda t=t, e=e: t.get_part(e)),
+                                   f"{t.origin or n} [expert {e}]", t.format)
+    return Params(tensors)
+
+
 def specs_of(params: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of a Params (reading nothing) or of a dict of arrays."""
     if isinstance(params, Params):
@@ -138,12 +190,19 @@ def seeded(shapes: Mapping[str, tuple[int, ...]], seed: int, std: Callable[[str,
     name): the same values whatever order they are read in, with no storage. `mean(name)` shifts
     a tensor (Gemma 4's multiplicative norm scales sit around 1)."""
     def make(name, shape):
-        def read():
-            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            a = rng.standard_normal(shape, dtype=np.float32)
+        def draw(key, part_shape):
+            rng = np.random.default_rng(key)
+            a = rng.standard_normal(part_shape, dtype=np.float32)
             a *= np.float32(std(name, shape))          # in place: a 12B embedding is 4 GB
             if mean is not None and mean(name):
                 a += np.float32(mean(name))
             return a.astype(dtype, copy=False)
-        return Tensor(name, tuple(shape), np.dtype(dtype), read, origin=f"random:{name}")
+        key = [seed, zlib.crc32(name.encode())]
+        if name.rsplit(".", 1)[-1] in EXPERT_LEAVES:   # one draw per expert: a part reads alone
+            part = lambda e: draw(key + [e], tuple(shape[1:]))
+            return Tensor(name, tuple(shape), np.dtype(dtype),
+                          lambda: np.stack([part(e) for e in range(shape[0])]),
+                          origin=f"random:{name}", part=part)
+        return Tensor(name, tuple(shape), np.dtype(dtype), lambda: draw(key, tuple(shape)),
+                      origin=f"random:{name}")
     return Params({n: make(n, s) for n, s in shapes.items()})
