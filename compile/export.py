@@ -84,6 +84,8 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
     mods = [targets.get(t) for t in target_names]
     for mod in mods:
         targets.check_options(mod, options)
+        if hasattr(mod, "check_config"):
+            mod.check_config(ck.config, options)
         if hasattr(mod, "check_checkpoint"):
             mod.check_checkpoint(ck.params, options)
     out = Path(out)

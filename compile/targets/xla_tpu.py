@@ -99,6 +99,12 @@ def check_options(options: dict) -> None:
     parse_mesh(options.get("mesh"), num_chips(options["tpu_topology"]))
 
 
+def check_config(cfg, options: dict) -> None:
+    """Fails before any work (and before libtpu starts) when the model does not split over the
+    mesh: its experts, query heads or FFN width not divisible by the model axis."""
+    _check_divisible(cfg, parse_mesh(options.get("mesh"), num_chips(options["tpu_topology"])))
+
+
 def num_chips(topology: str) -> int:
     _, shape = parse_topology(topology)
     return int(np.prod([int(x) for x in shape.split("x")]))
