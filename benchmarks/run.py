@@ -215,11 +215,7 @@ def engines(args) -> list[dict]:
                 continue
             size = sum(f["bytes"] for f in rec["files"].values()
                        if not f["path"].endswith(".litertlm"))
-            # quantized tflite/onnx keep a separate int8 lookup table of which a step reads one
-            # row; every step reads the rest of the weights and the whole fixed-length cache
-            lookup = (cfg["vocab_size"] * cfg["d_model"]
-                      if target in ("tflite", "onnx") and rec.get("quantization") != "none" else 0)
-            step = size - lookup + kv_bytes
+            step = size - unread_bytes(cfg, target, rec.get("quantization")) + kv_bytes
             what = rec.get("quantization") + (", float activations"
                                               if rec.get("activations") == "float" else "")
             out.append({"kind": "ours", "name": f"gemma-aot {target} ({what})",
@@ -249,6 +245,32 @@ def engines(args) -> list[dict]:
     for e in out:
         if names.count(e["name"]) > 1 and "artifacts" in e:
             e["name"] += f" [{e['artifacts']}]"
+    return out
+
+
+# bytes an artifact stores per weight, by quantization and matmul kind: MatMulNBits blocks of 32
+# with a float32 scale (asymmetric ones a float32 bias too)
+_PER_WEIGHT = {"none": {}, "int8": {"*": 1 + 4 / 32}, "int4": {"*": 0.5 + 4 / 32},
+               "mixed": {"*": 0.5 + 8 / 32, "down": 1 + 4 / 32}}
+
+
+def unread_bytes(cfg: dict, target: str, quant: str | None) -> int:
+    """Bytes of an artifact that a decode step does not read. Quantized tflite/onnx keep an int8
+    lookup copy of the embedding (a step reads one row); Gemma 4 adds its per-layer embedding
+    table (one row per step; int8 blocks when quantized) and the experts no token chose (a step
+    reads top_k of num_experts per layer). Every other weight and the whole fixed-length cache
+    are read every step."""
+    quantized = target in ("tflite", "onnx") and quant not in (None, "none")
+    out = cfg["vocab_size"] * cfg["d_model"] if quantized else 0
+    if cfg.get("ple_dim"):
+        table = cfg["ple_vocab_size"] * cfg["num_layers"] * cfg["ple_dim"]
+        out += int(table * ((1 + 4 / 32) if quantized else 4))
+    if cfg.get("num_experts"):
+        E, k = cfg["num_experts"], cfg["top_k_experts"]
+        per = _PER_WEIGHT.get(quant or "none", {})
+        one = cfg["d_model"] * cfg["moe_ffn_dim"]
+        expert = one * (2 * per.get("*", 4) + per.get("down", per.get("*", 4)))
+        out += int(cfg["num_layers"] * (E - k) * expert)
     return out
 
 

@@ -291,7 +291,14 @@ def per_layer_inputs(cfg: GemmaConfig, params: dict, tokens, x):
     (one gather: a token never needs other rows) mixed with a projection of x."""
     B, T, D = x.shape
     L, P = cfg.num_layers, cfg.ple_dim
-    rows = params["ple_embed"][tokens] * jnp.asarray(P ** 0.5, x.dtype)           # [B, T, L*P]
+    if "ple_embed_q" in params:   # an int8 table in blocks (quantizing targets): only T rows read
+        q = params["ple_embed_q"][tokens].astype(jnp.float32)                     # [B, T, L*P]
+        scale = params["ple_embed_scale"][tokens]                                 # [B, T, L*P/b]
+        nb = scale.shape[-1]
+        table_rows = (q.reshape(B, T, nb, L * P // nb) * scale[..., None]).reshape(B, T, L * P)
+    else:
+        table_rows = params["ple_embed"][tokens]                                  # [B, T, L*P]
+    rows = table_rows * jnp.asarray(P ** 0.5, x.dtype)                            # [B, T, L*P]
     proj = linear(x, params["ple_model_proj"]) * jnp.asarray(D ** -0.5, x.dtype)  # [B, T, L*P]
     proj = norm(cfg, proj.reshape(B, T, L, P), params["ple_proj_norm"])
     return (proj + rows.reshape(B, T, L, P)) * jnp.asarray(2 ** -0.5, x.dtype)    # [B, T, L, P]

@@ -19,6 +19,7 @@ import numpy as np
 from runtime import contract as ct
 
 from . import model
+from .weights import take_rows
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -105,7 +106,7 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     x = jnp.asarray(table[ids] * np.float32(cfg.embed_scale))                     # [1, T, D]
     ple = None
     if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
-        ple = _per_layer_inputs(cfg, {"ple_embed": np.asarray(params["ple_embed"][ids[0]]),
+        ple = _per_layer_inputs(cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
                                       "ple_model_proj": params["ple_model_proj"],
                                       "ple_proj_norm": params["ple_proj_norm"]},
                                 np.arange(ids.shape[1], dtype=np.int32)[None], x)

@@ -186,3 +186,35 @@ def test_quantized_onnx_moe_keeps_each_expert_in_its_own_branch(tmp_path):
     want = trace.reference_logits(contract, ck.params, tokens)
     got = gen.logits(tokens, start=17)
     assert (got.argmax(-1) == want[17:].argmax(-1)).mean() >= 0.9
+
+
+def test_quantized_per_layer_table_is_an_int8_lookup_read_in_row_chunks(tmp_path):
+    """E2B's per-layer embedding table (about half of E2B's weights) is stored as int8 blocks
+    and read by row (one Gather per call), quantized ROW_CHUNK rows at a time; a random source
+    draws it chunk by chunk, so any row range reads alone and equals the whole table's rows."""
+    import onnx
+    import runtime
+    from compile import export as ex, trace
+    from compile.weights import seeded, take_rows
+    from compile.weights.sources import ROW_CHUNK
+    from runtime import contract as ct
+    t = seeded({"ple_embed": (2 * ROW_CHUNK + 5, 4)}, 0, lambda n, s: 1.0)
+    whole = t["ple_embed"]
+    ids = np.array([[3, ROW_CHUNK + 1], [2 * ROW_CHUNK + 4, 3]])
+    np.testing.assert_array_equal(take_rows(t, "ple_embed", ids), whole[ids])
+    np.testing.assert_array_equal(t.tensors["ple_embed"].get_rows(ROW_CHUNK - 2, ROW_CHUNK + 3),
+                                  whole[ROW_CHUNK - 2:ROW_CHUNK + 3])
+
+    ck = ex.random_checkpoint("gemma4-e2b-tiny")
+    contract = ct.Contract(ck.config, (4, 8), 64)
+    out = tmp_path / "art"
+    ex.export(ck, contract, ["onnx"], out, {"quant": "int8"}, log=lambda m: None)
+    m = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    assert inits["ple_embed_q"].data_type == onnx.TensorProto.INT8 and "ple_embed" not in inits
+    assert [n.op_type for n in m.graph.node if "ple_embed_q" in n.input] == ["Gather"]
+    gen = runtime.load(out, target="onnx")
+    tokens = np.random.default_rng(6).integers(0, ck.config.vocab_size, 30).astype(np.int32)
+    want = trace.reference_logits(contract, ck.params, tokens)
+    got = gen.logits(tokens, start=17)
+    assert (got.argmax(-1) == want[17:].argmax(-1)).mean() >= 0.9

@@ -289,8 +289,13 @@ def _tensor(ours: str, kind: str, w: safetensors.Entry, origin: str) -> Tensor:
     if kind == "linear":
         return Tensor(ours, tuple(w.shape[::-1]), np.dtype(np.float32),
                       lambda: np.ascontiguousarray(w.load().astype(np.float32).T), origin)
+    rows = None
+    if len(w.shape) == 2:   # a table: row ranges read alone (the per-layer embeddings)
+        rows = lambda lo, hi: dataclasses.replace(
+            w, offset=w.offset + lo * w.shape[1] * np.dtype(w.dtype).itemsize,
+            shape=(hi - lo, w.shape[1])).load().astype(np.float32, copy=False)
     return Tensor(ours, tuple(w.shape), np.dtype(np.float32),
-                  lambda: w.load().astype(np.float32, copy=False), origin)
+                  lambda: w.load().astype(np.float32, copy=False), origin, rows=rows)
 
 
 def _split_gate_up(name: str, w: safetensors.Entry, origin: str) -> list[Tensor]:

@@ -34,6 +34,7 @@ special because no weight is inside the protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,6 +118,9 @@ def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
     """Whether `name` reaches the graph as Blocks (a MatMulNBits weight)."""
     if not (gemma.is_linear(name) or (name == "embed" and not float_embedding)):
         return False
+    shape = specs_of(params)[name][0] if name in params else None
+    if shape is not None and gemma.is_linear(name) and shape[0] % BLOCK:
+        return False   # inputs that do not fill a block (a tiny model's 8-wide PLE) stay float
     if quant == "native":
         return _native_layout(params, name) is not None
     return quant != "none"
@@ -137,9 +141,19 @@ def keeps_blocks(params, options: dict) -> bool:
     return quant == "native" and any(quantized(params, n, quant, fe) for n in params)
 
 
+def quantized_table(params, quant: str) -> bool:
+    """Gemma 4's per-layer embedding table is stored as int8 blocks (`ple_embed_q`, one scale per
+    BLOCK values) whenever the artifact quantizes: the lookup reads T rows of it per call."""
+    return "ple_embed" in params and quant != "none"
+
+
 def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:
     """name -> (shape, dtype) of the graph's weight inputs, from shapes only."""
     specs = dict(specs_of(params))
+    if quantized_table(params, quant):
+        V, LP = specs.pop("ple_embed")[0]
+        specs["ple_embed_q"] = ((V, LP), np.dtype(np.int8))
+        specs["ple_embed_scale"] = ((V, LP // wq.table_block(LP, BLOCK)), np.dtype(np.float32))
     if quantized(params, "embed", quant, float_embedding):
         V, D = specs["embed"][0]
         specs["embed_q"] = ((V, D), np.dtype(np.int8))
@@ -186,9 +200,37 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     specs += kv.trace_specs(layout, ct.ROWS, {w: dims["P"] if w is None else dims["L"]
                                               for w in windows})
     specs += [jax.ShapeDtypeStruct(*wspecs[k]) for k in wnames]
-    to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
-            input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames,
-            output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
+    with _scalable_jax2onnx():
+        to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
+                input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames,
+                output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
+
+
+@contextlib.contextmanager
+def _scalable_jax2onnx():
+    """Two of jax2onnx's checks scan the whole graph per call, quadratic in its size, which
+    stalled a 26B-A4B trace (11,520 expert weight inputs, 3,840 If branches) for over ten
+    minutes each:
+    - after every equation, whether its outputs are connected (a scan of all inputs,
+      initializers and nodes): a value with a producing node, a graph input or an initializer
+      is connected, which onnx_ir answers directly; anything else still takes the scan;
+    - when it folds a Cast pair, whether any branch reads the intermediate value (a scan of
+      every branch): answered "yes", the conservative answer, so the first Cast stays (our
+      `onnx_graph.simplify` drops it when nothing reads it).
+    ORT's load and the parity check verify the graph afterwards."""
+    from jax2onnx.converter import ir_optimizations as io, output_binding as ob
+    slow, nested = ob._value_is_graph_connected, io._nested_graph_references_value
+
+    def fast(ctx, value):
+        if value.producer() is not None or value.is_graph_input() or value.is_initializer():
+            return True
+        return slow(ctx, value)
+    ob._value_is_graph_connected = fast
+    io._nested_graph_references_value = lambda nodes, value: True
+    try:
+        yield
+    finally:
+        ob._value_is_graph_connected, io._nested_graph_references_value = slow, nested
 
 
 def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None = None):
@@ -197,6 +239,9 @@ def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None
     or our quantizer's — and the embedding's lookup copy beside its quantized projection.
     `chosen` records, per quantized tensor, whether its blocks are asymmetric."""
     for name in params:
+        if name == "ple_embed" and quantized_table(params, quant):
+            yield from _table_int8(params, name)
+            continue
         if not quantized(params, name, quant, float_embedding):
             yield name, np.ascontiguousarray(params[name], np.float32)
             continue
@@ -230,6 +275,15 @@ def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None
         del blocks
 
 
+def _table_int8(params, name: str):
+    """A lookup table as int8 blocks of BLOCK (`name`_q, `name`_scale), the float table never
+    whole in memory (`quant.int8_table`)."""
+    q, scale = wq.int8_table(params, name, BLOCK)
+    yield name + "_q", q
+    del q
+    yield name + "_scale", scale
+
+
 def tensor_formats(params, quant: str, float_embedding: bool, activations: str = "int8",
                    chosen: dict | None = None) -> dict[str, str]:
     """parameter -> how this artifact stores it (the manifest's record); `chosen`: what
@@ -238,6 +292,9 @@ def tensor_formats(params, quant: str, float_embedding: bool, activations: str =
     halves = ", as two 4-bit halves" if activations == "float" else ""
     for name in params:
         src = format_of(params, name)
+        if name == "ple_embed" and quantized_table(params, quant):
+            out[name] = f"int8 lookup table, blocks of {BLOCK} (Gather)"
+            continue
         if not quantized(params, name, quant, float_embedding):
             out[name] = float32_record(params, name)
         elif quant == "native":

@@ -78,6 +78,9 @@ def check_checkpoint(params, options: dict) -> None:
                              f"(as float32); or choose --quant none, int8 or int4 for tflite")
 
 
+PLE_BLOCK = 32   # values per scale of the per-layer embedding table's int8 lookup copy
+
+
 def weight_forms(params, quant: str, float_embedding: bool, tick=None
                  ) -> tuple[dict[str, np.ndarray], dict[str, container.Quantized]]:
     """The graph's constants (name -> array in its stored form) and, for each quantized matmul
@@ -85,8 +88,18 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
     consts: dict[str, np.ndarray] = {}
     quantized: dict[str, container.Quantized] = {}
     for name in params:
+        if name == "ple_embed" and quant != "none":
+            # Gemma 4's per-layer table: an int8 lookup in blocks, one row gathered per token
+            consts["ple_embed_q"], consts["ple_embed_scale"] = wq.int8_table(
+                params, name, PLE_BLOCK)
+            if tick:
+                tick()
+            continue
         w = params[name]
-        if gemma.is_linear(name) or name == "embed":
+        if gemma.is_linear(name) and quant == "int4" and w.shape[0] % wq.INT4_BLOCK:
+            # inputs too few for one block (a tiny model's 8-wide PLE): float [out, in]
+            consts[name] = np.ascontiguousarray(np.asarray(w, np.float32).T)
+        elif gemma.is_linear(name) or name == "embed":
             rows = np.ascontiguousarray(np.asarray(w, np.float32).T if name != "embed" else w,
                                         np.float32)                            # [out, in]
             del w

@@ -19,8 +19,8 @@ produced on access and not kept; its `specs()` give every shape and dtype withou
 
 from .quant import int4_blocks, int8_rows, pack_int4
 from .sources import (FLOAT_FORMATS, Params, Tensor, expert_name, float32_record, format_of,
-                      nbytes_of, seeded, specs_of, split_experts)
+                      nbytes_of, row_chunks, seeded, specs_of, split_experts, take_rows)
 
 __all__ = ["FLOAT_FORMATS", "Params", "Tensor", "expert_name", "float32_record", "format_of",
-           "int4_blocks", "int8_rows", "pack_int4", "nbytes_of", "seeded", "specs_of",
-           "split_experts"]
+           "int4_blocks", "int8_rows", "pack_int4", "nbytes_of", "row_chunks", "seeded",
+           "specs_of", "split_experts", "take_rows"]

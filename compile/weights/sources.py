@@ -30,6 +30,19 @@ class Tensor:
     #                                [out, in] rows), where the checkpoint is block-quantized
     part: Callable[[int], np.ndarray] | None = None   # index e of the leading axis, read alone
     #                                (expert stacks [E, in, out]: one expert without the rest)
+    rows: Callable[[int, int], np.ndarray] | None = None   # rows lo..hi of a table, read alone
+    #                                (Gemma 4's per-layer embedding table: 9.4 GB in float32)
+
+    def get_rows(self, lo: int, hi: int) -> np.ndarray:
+        """self.get()[lo:hi], reading only those rows where the source can."""
+        if self.rows is None:
+            return np.ascontiguousarray(self.get()[lo:hi])
+        a = self.rows(lo, hi)
+        if tuple(a.shape) != (hi - lo,) + tuple(self.shape[1:]):
+            raise ValueError(f"{self.origin or self.name}: read rows {lo}:{hi} as "
+                             f"{list(a.shape)}")
+        check_finite(a, f"{self.origin or self.name} [rows {lo}:{hi}]")
+        return a
 
     def get_part(self, e: int) -> np.ndarray:
         """self.get()[e], reading only that part where the source can."""
@@ -114,9 +127,45 @@ class Params(Mapping):
             check_finite(b.bias, f"{t.origin or name} (block offsets)")
         return b
 
+    def take_rows(self, name: str, ids) -> np.ndarray:
+        """Rows `ids` of table `name`, reading only the row ranges they fall in."""
+        return take_rows(self, name, ids)
+
     def subset(self, names) -> dict[str, np.ndarray]:
         """The arrays of `names`, read now (e.g. one layer's weights)."""
         return {n: self[n] for n in names}
+
+
+ROW_CHUNK = 8192   # rows per read of a large table (and per random draw of one)
+ROW_TABLES = ("ple_embed",)   # tables read in row chunks, never whole
+
+
+def take_rows(params: Mapping, name: str, ids) -> np.ndarray:
+    """params[name][ids] (ids: int array of any shape), reading whole ROW_CHUNK-row ranges of a
+    lazy table, never the table."""
+    ids = np.asarray(ids)
+    if not isinstance(params, Params):
+        return np.asarray(params[name])[ids]
+    t = params.tensors[name]
+    out = np.empty(ids.shape + tuple(t.shape[1:]), np.dtype(t.dtype))
+    flat, dst = ids.reshape(-1), out.reshape((-1,) + tuple(t.shape[1:]))
+    for c in np.unique(flat // ROW_CHUNK):
+        lo = int(c) * ROW_CHUNK
+        block = t.get_rows(lo, min(lo + ROW_CHUNK, t.shape[0]))
+        hit = flat // ROW_CHUNK == c
+        dst[hit] = block[flat[hit] - lo]
+    return out
+
+
+def row_chunks(params: Mapping, name: str):
+    """(lo, rows) over table `name`, ROW_CHUNK rows at a time."""
+    shape = specs_of(params)[name][0]
+    for lo in range(0, shape[0], ROW_CHUNK):
+        hi = min(lo + ROW_CHUNK, shape[0])
+        if isinstance(params, Params):
+            yield lo, params.tensors[name].get_rows(lo, hi)
+        else:
+            yield lo, np.asarray(params[name][lo:hi])
 
 
 EXPERT_LEAVES = {"experts_gate": "gate_proj", "experts_up": "up_proj",
@@ -198,6 +247,17 @@ def seeded(shapes: Mapping[str, tuple[int, ...]], seed: int, std: Callable[[str,
                 a += np.float32(mean(name))
             return a.astype(dtype, copy=False)
         key = [seed, zlib.crc32(name.encode())]
+        if name in ROW_TABLES:   # one draw per chunk of rows: a range reads alone
+            chunk = lambda c: draw(key + [c], (min(ROW_CHUNK, shape[0] - c * ROW_CHUNK),)
+                                   + tuple(shape[1:]))
+
+            def rows(lo, hi):
+                parts = [chunk(c) for c in range(lo // ROW_CHUNK, (hi - 1) // ROW_CHUNK + 1)]
+                a = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                off = lo - (lo // ROW_CHUNK) * ROW_CHUNK
+                return np.ascontiguousarray(a[off:off + hi - lo])
+            return Tensor(name, tuple(shape), np.dtype(dtype), lambda: rows(0, shape[0]),
+                          origin=f"random:{name}", rows=rows)
         if name.rsplit(".", 1)[-1] in EXPERT_LEAVES:   # one draw per expert: a part reads alone
             part = lambda e: draw(key + [e], tuple(shape[1:]))
             return Tensor(name, tuple(shape), np.dtype(dtype),
