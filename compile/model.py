@@ -54,6 +54,13 @@ def is_linear(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in LINEAR
 
 
+def keeps_float(name: str) -> bool:
+    """Matmuls every target keeps in float32 when it quantizes: Gemma 4's expert router (E
+    outputs, 0.01 % of the weights), whose rounding would pick other experts (llama.cpp's
+    quantizer keeps its `ffn_gate_inp` unquantized for the same reason)."""
+    return name.rsplit(".", 1)[-1] == "router"
+
+
 def is_experts(name: str) -> bool:
     """A stack of expert matmul weights [E, in, out]."""
     return name.rsplit(".", 1)[-1] in EXPERTS
@@ -143,7 +150,12 @@ def full_size_std(name: str, shape: tuple) -> float:
     unit-scale stream made random Gemma 3 1B int4 agree on only 63 % of clear positions). The
     tied output's logits are ~N(0, 8) for other tokens: with a unit-scale table they were
     ~N(0, sqrt(D)), which Gemma 2's final softcap (30) flattened together (random Gemma 2 2B: 0 of
-    32 positions with a clear top-1, every export failed its parity check)."""
+    32 positions with a clear top-1, every export failed its parity check). The router [D, E]:
+    std 3, so the router's logits are ~N(0, 3) (its input has unit norm): at 1/sqrt(D) they were
+    ~N(0, 0.02), all E experts' probabilities equal to 1 %, and any rounding picked other
+    experts (random 26B-A4B int4: 0 % top-1 agreement)."""
+    if name.endswith("router"):
+        return 3.0
     return 8.0 * shape[1] ** -0.5 if name == "embed" else init_std(name, shape)
 
 

@@ -116,7 +116,8 @@ def _native_layout(params, name: str):
 
 def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
     """Whether `name` reaches the graph as Blocks (a MatMulNBits weight)."""
-    if not (gemma.is_linear(name) or (name == "embed" and not float_embedding)):
+    if not (gemma.is_linear(name) or (name == "embed" and not float_embedding)) \
+            or gemma.keeps_float(name):
         return False
     shape = specs_of(params)[name][0] if name in params else None
     if shape is not None and gemma.is_linear(name) and shape[0] % BLOCK:
@@ -200,14 +201,20 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     specs += kv.trace_specs(layout, ct.ROWS, {w: dims["P"] if w is None else dims["L"]
                                               for w in windows})
     specs += [jax.ShapeDtypeStruct(*wspecs[k]) for k in wnames]
-    with _scalable_jax2onnx():
+    with _scalable_jax2onnx(light=bool(cfg.num_experts)):
         to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
                 input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames,
                 output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
 
 
+# jax2onnx's graph passes kept for a graph with expert branches; its others (cast folding, shape
+# propagation, transpose and reshape rewrites) scan the graph per node they visit, hours on
+# 3,840 branches. `onnx_graph.simplify` and ORT's own optimizer do the clean-up that matters.
+LIGHT_PASSES = ("name_fix", "lift_constants_to_initializers", "prune_unused_graph_inputs")
+
+
 @contextlib.contextmanager
-def _scalable_jax2onnx():
+def _scalable_jax2onnx(light: bool = False):
     """Two of jax2onnx's checks scan the whole graph per call, quadratic in its size, which
     stalled a 26B-A4B trace (11,520 expert weight inputs, 3,840 If branches) for over ten
     minutes each:
@@ -217,9 +224,13 @@ def _scalable_jax2onnx():
     - when it folds a Cast pair, whether any branch reads the intermediate value (a scan of
       every branch): answered "yes", the conservative answer, so the first Cast stays (our
       `onnx_graph.simplify` drops it when nothing reads it).
+    With `light` (a model with experts) only LIGHT_PASSES of its optimizer run.
     ORT's load and the parity check verify the graph afterwards."""
     from jax2onnx.converter import ir_optimizations as io, output_binding as ob
     slow, nested = ob._value_is_graph_connected, io._nested_graph_references_value
+    passes = io._OPTIMIZER_PASSES
+    if light:
+        io._OPTIMIZER_PASSES = tuple(p for p in passes if p.name in LIGHT_PASSES)
 
     def fast(ctx, value):
         if value.producer() is not None or value.is_graph_input() or value.is_initializer():
@@ -231,6 +242,7 @@ def _scalable_jax2onnx():
         yield
     finally:
         ob._value_is_graph_connected, io._nested_graph_references_value = slow, nested
+        io._OPTIMIZER_PASSES = passes
 
 
 def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None = None):

@@ -96,8 +96,10 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
                 tick()
             continue
         w = params[name]
-        if gemma.is_linear(name) and quant == "int4" and w.shape[0] % wq.INT4_BLOCK:
-            # inputs too few for one block (a tiny model's 8-wide PLE): float [out, in]
+        if gemma.is_linear(name) and (gemma.keeps_float(name) or quant == "int4"
+                                      and w.shape[0] % wq.INT4_BLOCK):
+            # the expert router, or inputs too few for one block (a tiny model's 8-wide PLE):
+            # float [out, in]
             consts[name] = np.ascontiguousarray(np.asarray(w, np.float32).T)
         elif gemma.is_linear(name) or name == "embed":
             rows = np.ascontiguousarray(np.asarray(w, np.float32).T if name != "embed" else w,
