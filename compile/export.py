@@ -26,8 +26,8 @@ from runtime import contract as ct
 from . import checkpoints, parity, targets
 from .checkpoints import Checkpoint, CheckpointError
 from .config import get_variant
-from .model import full_size_std, init_params, param_shapes
-from .weights import Params, seeded
+from .model import full_size_params, init_params
+from .weights import Params
 from .tokenizer import tiny_tokenizer
 
 
@@ -45,7 +45,7 @@ def random_checkpoint(variant: str, seed: int = 0) -> Checkpoint:
     if cfg.vocab_size <= 512:
         params = Params.from_arrays(init_params(cfg, seed))
     else:
-        params = seeded(param_shapes(cfg), seed, full_size_std)
+        params = full_size_params(cfg, seed)
     return Checkpoint(cfg, params, model_bytes, special,
                       source={"format": "random", "variant": variant, "seed": seed})
 

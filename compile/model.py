@@ -159,6 +159,15 @@ def full_size_std(name: str, shape: tuple) -> float:
     return 8.0 * shape[1] ** -0.5 if name == "embed" else init_std(name, shape)
 
 
+def full_size_params(cfg: GemmaConfig, seed: int = 0):
+    """Random full-size weights made on the fly (`weights.seeded`): `full_size_std` scales,
+    centred by `init_mean` (Gemma 4's scales multiply as they are: centred on 0 they shrank each
+    layer's output ~5x, 30 layers to nothing, and a random 26B-A4B int4 export agreed on 0 % of
+    top-1s)."""
+    from .weights import seeded
+    return seeded(param_shapes(cfg), seed, full_size_std, mean=lambda n: init_mean(cfg, n))
+
+
 def rms_norm(x, scale, eps, plus_one: bool = True):
     """RMSNorm over the last axis, times (1 + scale) (Gemma 1-3) or scale (Gemma 4, plus_one
     False); scale None: no scale (Gemma 4's V and router norms)."""

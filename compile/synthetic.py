@@ -28,9 +28,9 @@ from runtime import contract as ct
 
 from .checkpoints.hf import layer_names
 from .config import GemmaConfig, get_variant
-from .model import full_size_std, param_shapes
+from .model import full_size_params, param_shapes
 from .tokenizer import tiny_tokenizer
-from .weights import safetensors, seeded
+from .weights import safetensors
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 def hf_name(cfg: GemmaConfig, ours: str) -> tuple[str, bool]:
@@ -79,7 +79,7 @@ def hf_config(cfg: GemmaConfig, dtype: str) -> dict:
 def write(variant: str, out: Path, seed: int = 0, dtype: str = "bfloat16",
           shard_bytes: int = 2 << 30, progress=None, log=print) -> Path:
     cfg = get_variant(variant)
-    params = seeded(param_shapes(cfg), seed, full_size_std)
+    params = full_size_params(cfg, seed)
     return write_hf(cfg, params, tiny_tokenizer(cfg.vocab_size)[0], out, dtype, shard_bytes,
                     progress, log, what=f"{cfg.num_params() / 1e9:.2f}B random parameters")
 

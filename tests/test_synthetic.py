@@ -10,8 +10,7 @@ import pytest
 
 from compile import checkpoints, synthetic
 from compile.config import get_variant
-from compile.model import forward, full_size_std, param_shapes
-from compile.weights import seeded
+from compile.model import forward, full_size_params
 from conftest import ROOT
 
 
@@ -25,7 +24,7 @@ def test_synthetic_checkpoint_is_what_transformers_and_our_loader_read(variant, 
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1          # sharded, with its index
     ck = checkpoints.load(out)
     assert ck.config.family == cfg.family and ck.config.layer_types == cfg.layer_types
-    want = seeded(param_shapes(cfg), 3, full_size_std)
+    want = full_size_params(cfg, 3)
     for k in want:
         np.testing.assert_array_equal(ck.params[k], want[k], err_msg=k)
     hf = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32,

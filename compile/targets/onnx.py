@@ -23,6 +23,13 @@ stay float. The tied embedding's lookup reads an int8 copy when quantizing (`emb
 `embed_scale`: int8 blocks of 32, the projection's own with `int8`; with `native` the checkpoint's
 own blocks, with their biases), its output projection is quantized on the table's rows.
 
+Gemma 4's experts (`weights.split_experts`): each expert's three matmuls are separate weights,
+quantized like the dense FFN's, inside one If per expert that runs only when a token chose it, so
+a decode step reads the chosen k experts' MatMulNBits blocks and no other expert's (ORT has no
+dequantizing matmul for a gathered weight, and its QMoE op has no gated GELU). Its per-layer
+embedding table is an int8 lookup (`ple_embed_q`, blocks of 32), read a row per token. The
+router stays float32 (`model.keeps_float`).
+
 Before the weights are attached, `onnx_graph.simplify` turns the run-time shape arithmetic that
 jax2onnx writes for symbolic dimensions into constants, fuses the RMS norms and computes repeated
 subexpressions once (the RoPE tables and masks each layer rebuilt): a decode step ran ~6,300
