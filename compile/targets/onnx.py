@@ -52,7 +52,7 @@ from runtime import contract as ct
 
 from .. import kv
 from .. import model as gemma
-from ..weights import (FLOAT_FORMATS, float32_record, format_of, nbytes_of, specs_of,
+from ..weights import (FLOAT_FORMATS, Params, float32_record, format_of, nbytes_of, specs_of,
                        split_experts)
 from ..weights import gguf_blocks
 from ..weights import onnx as container
@@ -126,7 +126,9 @@ def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
     if not (gemma.is_linear(name) or (name == "embed" and not float_embedding)) \
             or gemma.keeps_float(name):
         return False
-    shape = specs_of(params)[name][0] if name in params else None
+    # one tensor's shape, not specs_of(params): this runs per tensor (12,117 for 26B-A4B)
+    shape = (params.tensors[name].shape if isinstance(params, Params)
+             else np.shape(params[name])) if name in params else None
     if shape is not None and gemma.is_linear(name) and shape[0] % BLOCK:
         return False   # inputs that do not fill a block (a tiny model's 8-wide PLE) stay float
     if quant == "native":

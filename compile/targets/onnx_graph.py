@@ -30,6 +30,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from ..weights.onnx import subgraphs
+
 # element-wise ops whose inputs broadcast (numpy rules) to their output's shape
 BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "And", "Or", "Xor", "Where",
                 "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"}
@@ -192,21 +194,11 @@ def _share(graph) -> int:
     return merged
 
 
-def _subgraphs(node):
-    """The graphs held in a node's attributes (If branches, Loop bodies)."""
-    from onnx import AttributeProto
-    for a in node.attribute:
-        if a.type == AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
 def _reads(node) -> set[str]:
     """Every value a node reads: its inputs and what its subgraphs read from the outer scope
     (an If branch may use outer values without listing them as inputs)."""
     out = {i for i in node.input if i}
-    for g in _subgraphs(node):
+    for g in subgraphs(node):
         inner = {i.name for i in g.input} | {i.name for i in g.initializer}
         for n in g.node:
             inner.update(n.output)
@@ -220,7 +212,7 @@ def _rewrite_inputs(node, renames: dict[str, str]) -> None:
     for k, i in enumerate(node.input):
         if i in renames:
             node.input[k] = renames[i]
-    for g in _subgraphs(node):
+    for g in subgraphs(node):
         for n in g.node:
             _rewrite_inputs(n, renames)
         for o in g.output:   # a branch may return an outer value as it is
@@ -341,7 +333,7 @@ def _remove_dead(graph) -> int:
         del graph.initializer[:]
         graph.initializer.extend(inits)
     for node in graph.node:       # If branches: their own unread constants (ORT warns of each)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             read = {o.name for o in sub.output}
             for n in sub.node:
                 read |= _reads(n)

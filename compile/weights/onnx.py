@@ -136,17 +136,22 @@ def finish(graph, tensors, data_path: Path, tick=None, float_activations: bool =
     return {"quantized_matmuls": replaced}
 
 
+def subgraphs(node):
+    """The graphs held in a node's attributes (If branches, Loop bodies)."""
+    from onnx import AttributeProto
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
 def _graphs(g):
     """g and every graph nested in its nodes' attributes (If branches), depth first."""
-    from onnx import AttributeProto
     yield g
     for n in g.node:
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from _graphs(sub)
+        for sub in subgraphs(n):
+            yield from _graphs(sub)
 
 
 def _uncapture(g, names: set) -> None:
@@ -154,8 +159,6 @@ def _uncapture(g, names: set) -> None:
     branch; for the weights (`names`), the branch's nodes read the outer name instead, so each
     weight is read under its own name wherever it is used (names inside a branch are local to
     it, so the rewrite stays within the branch and its own branches)."""
-    from onnx import AttributeProto
-
     def branch(sub, renames):
         local = dict(renames)
         keep = []
@@ -166,24 +169,16 @@ def _uncapture(g, names: set) -> None:
             for k, i in enumerate(n.input):
                 if i in local:
                     n.input[k] = local[i]
-            for a in n.attribute:
-                if a.type == AttributeProto.GRAPH:
-                    branch(a.g, local)
-                elif a.type == AttributeProto.GRAPHS:
-                    for x in a.graphs:
-                        branch(x, local)
+            for x in subgraphs(n):
+                branch(x, local)
             keep.append(n)
         if len(keep) < len(sub.node):
             del sub.node[:]
             sub.node.extend(keep)
 
     for n in g.node:
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                branch(a.g, {})
-            elif a.type == AttributeProto.GRAPHS:
-                for x in a.graphs:
-                    branch(x, {})
+        for x in subgraphs(n):
+            branch(x, {})
 
 
 def halves(w: Blocks) -> tuple[Blocks, Blocks]:
