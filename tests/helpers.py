@@ -111,7 +111,7 @@ def synthetic_over_2gb():
     return Checkpoint(cfg, params, tok, special, source={"format": "random"})
 
 
-_GGUF_ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
+_GGUF_ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3", 4: "gemma4"}
 
 
 def write_gguf_metadata(w, cfg: GemmaConfig, max_context: int = 8192) -> None:
@@ -136,13 +136,47 @@ def write_gguf_metadata(w, cfg: GemmaConfig, max_context: int = 8192) -> None:
         import gguf
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_scale_global)
+    if cfg.family == 4:
+        _write_gemma4_metadata(w, cfg)
 
 
-def write_gguf_vocab(w, model_proto: bytes) -> None:
+def _write_gemma4_metadata(w, cfg: GemmaConfig) -> None:
+    """What llama.cpp's Gemma4Model (conversion/gemma.py) adds: the global layers' head dim as
+    key_length and the sliding ones' as key_length_swa, per-layer arrays where layers differ, and
+    the rope_freqs tensor of proportional RoPE (factor 1 on rotating pairs, 1e30 on the rest).
+    It writes nothing for k_eq_v: that is global layers without attn_v."""
+    L = cfg.num_layers
+    local = [t == LOCAL for t in cfg.layer_types]
+    w.add_sliding_window_pattern(local)
+    w.add_key_length(cfg.global_head_dim)
+    w.add_value_length(cfg.global_head_dim)
+    w.add_key_length_swa(cfg.head_dim)
+    w.add_value_length_swa(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.global_head_dim)
+    w.add_rope_dimension_count_swa(cfg.head_dim)
+    w.add_rope_freq_base_swa(cfg.rope_base_local)
+    if cfg.global_kv_heads:
+        w.add_head_count_kv([cfg.num_kv_heads if s else cfg.global_kv_heads for s in local])
+    if cfg.double_wide_mlp:
+        w.add_feed_forward_length([cfg.layer_ffn_dim(i) for i in range(L)])
+    w.add_shared_kv_layers(cfg.kv_shared_layers)
+    w.add_embedding_length_per_layer_input(cfg.ple_dim)
+    w.add_final_logit_softcapping(cfg.final_softcap)
+    if cfg.num_experts:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.top_k_experts)
+        w.add_expert_feed_forward_length(cfg.moe_ffn_dim)
+    pairs = cfg.global_head_dim // 2
+    rotating = int(cfg.global_head_dim * cfg.rope_fraction_global / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * rotating + [1e30] * (pairs - rotating),
+                                               np.float32))
+
+
+def write_gguf_vocab(w, model_proto: bytes, kind: str = "llama") -> None:
     from sentencepiece import sentencepiece_model_pb2 as spm
     m = spm.ModelProto()
     m.ParseFromString(model_proto)
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model(kind)
     w.add_token_list([p.piece for p in m.pieces])
     w.add_token_scores([p.score for p in m.pieces])
     w.add_token_types([3 if p.type == 2 else p.type for p in m.pieces])   # GGUF: unk is CONTROL
@@ -153,7 +187,8 @@ def write_gguf_vocab(w, model_proto: bytes) -> None:
     w.add_unk_token_id(t.unk_id)
 
 
-def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path) -> None:
+def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path, vocab_kind: str = "llama"
+                       ) -> None:
     """The transformers model's weights as llama.cpp's converter writes them: GGUF names, F32,
     every RMSNorm weight with +1 added, the tiny tokenizer's vocabulary."""
     import gguf
@@ -164,23 +199,46 @@ def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path) -> None:
              "self_attn.k_norm": "attn_k_norm", "pre_feedforward_layernorm": "ffn_norm",
              "post_feedforward_layernorm": "post_ffw_norm",
              "post_attention_layernorm": "ffn_norm" if cfg.family == 1 else "post_attention_norm"}
+    if cfg.family == 4:   # Gemma 4 norms multiply by w: stored unshifted
+        names.update(_GGUF_GEMMA4)
+    shift = 1.0 if cfg.norm_plus_one else 0.0
     w = gguf.GGUFWriter(str(path), _GGUF_ARCH[cfg.family])
     write_gguf_metadata(w, cfg)
-    write_gguf_vocab(w, tiny_tokenizer(cfg.vocab_size)[0])
+    write_gguf_vocab(w, tiny_tokenizer(cfg.vocab_size)[0], vocab_kind)
     for name, p in hf_model.state_dict().items():
         a = p.detach().float().numpy()
-        if name == "model.embed_tokens.weight":
+        top = name.removeprefix("model.").removesuffix(".weight")
+        if top in _GGUF_GEMMA4_TOP:
+            w.add_tensor(f"{_GGUF_GEMMA4_TOP[top]}.weight", a)
+        elif name == "model.embed_tokens.weight":
             w.add_tensor("token_embd.weight", a)
         elif name == "model.norm.weight":
-            w.add_tensor("output_norm.weight", a + 1.0)
+            w.add_tensor("output_norm.weight", a + shift)
         elif name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
             ours = names[rest.removesuffix(".weight")]
-            w.add_tensor(f"blk.{i}.{ours}.weight", a + 1.0 if ours.endswith("norm") else a)
+            if "." not in ours:
+                ours += ".weight"   # the router's two scales are named .scale
+            w.add_tensor(f"blk.{i}.{ours}", a + shift if ours.endswith("norm.weight") else a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# llama.cpp's names for Gemma 4's additions (gguf-py tensor_mapping.py; conversion/gemma.py puts
+# the router's scale and per-expert scale beside ffn_gate_inp / ffn_down_exps as .scale)
+_GGUF_GEMMA4 = {"per_layer_input_gate": "inp_gate", "per_layer_projection": "proj",
+                "post_per_layer_input_norm": "post_norm", "layer_scalar": "layer_output_scale",
+                "router.proj": "ffn_gate_inp", "router.scale": "ffn_gate_inp.scale",
+                "router.per_expert_scale": "ffn_down_exps.scale",
+                "experts.gate_up_proj": "ffn_gate_up_exps", "experts.down_proj": "ffn_down_exps",
+                "pre_feedforward_layernorm_2": "pre_ffw_norm_2",
+                "post_feedforward_layernorm_1": "post_ffw_norm_1",
+                "post_feedforward_layernorm_2": "post_ffw_norm_2"}
+_GGUF_GEMMA4_TOP = {"embed_tokens_per_layer": "per_layer_token_embd",
+                    "per_layer_model_projection": "per_layer_model_proj",
+                    "per_layer_projection_norm": "per_layer_proj_norm"}
 
 
 _GGUF_LINEAR = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",

@@ -11,7 +11,7 @@ from compile import checkpoints
 from compile.checkpoints.gguf import config_from_gguf
 from compile.checkpoints.hf import config_from_hf
 from compile.config import FAMILIES, VARIANTS, get_variant
-from helpers import (TINY_VARIANTS, hf_config, write_gguf_from_hf, write_gguf_metadata,
+from helpers import (GEMMA4_TINY, TINY_VARIANTS, hf_config, write_gguf_from_hf, write_gguf_metadata,
                      write_hf_checkpoint)
 
 
@@ -23,14 +23,19 @@ def test_registry_variant_from_either_format(variant, tmp_path):
     cfg = VARIANTS[variant]
     from_hf = config_from_hf(hf_config(cfg).to_dict(), tmp_path / "config.json")
     assert from_hf == cfg
-    if cfg.family == 4:
-        return    # Gemma 4 GGUF files are not read yet (issue 17)
     path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), {1: "gemma", 2: "gemma2", 3: "gemma3"}[cfg.family])
+    w = gguf.GGUFWriter(str(path), {1: "gemma", 2: "gemma2", 3: "gemma3", 4: "gemma4"}[cfg.family])
     write_gguf_metadata(w, cfg)
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    if cfg.family == 4:   # k_eq_v is said only by the tensor table: global layers without attn_v
+        for a in cfg.attention():
+            if a.owner == a.layer:
+                w.add_tensor(f"blk.{a.layer}.attn_k.weight", np.zeros(1, np.float32))
+                if not cfg.layer_k_eq_v(a.layer):
+                    w.add_tensor(f"blk.{a.layer}.attn_v.weight", np.zeros(1, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
+    w.write_tensors_to_file()
     w.close()
     from_gguf = config_from_gguf(gguf.GGUFReader(str(path)), path)
     assert from_hf == cfg
@@ -39,8 +44,9 @@ def test_registry_variant_from_either_format(variant, tmp_path):
 
 # GGUF stores no query scale: a tiny config's scale that differs from head_dim (gemma2-27b-tiny's)
 # cannot be told from its GGUF file (its dimensions equal gemma2-2b-tiny's)
+# (Gemma 4's is 1 by the family's rule: stated nowhere, the same in both)
 SAME_IN_BOTH = [v for v in TINY_VARIANTS if get_variant(v).query_pre_attn_scalar ==
-                get_variant(v).head_dim]
+                get_variant(v).head_dim] + GEMMA4_TINY
 
 
 @pytest.mark.parametrize("variant", SAME_IN_BOTH)
@@ -54,6 +60,11 @@ def test_gguf_and_hf_give_identical_configs_and_weights(variant, tmp_path):
     assert a.params.keys() == b.params.keys()
     for k in a.params:
         np.testing.assert_allclose(a.params[k], b.params[k], rtol=0, atol=1e-6, err_msg=k)
+    for k, t in b.params.tensors.items():   # what exports read alone: one expert, a table's rows
+        if k.rsplit(".", 1)[-1].startswith("experts_"):
+            np.testing.assert_array_equal(t.get_part(1), a.params[k][1], err_msg=k)
+        if k == "ple_embed":
+            np.testing.assert_array_equal(t.get_rows(3, 7), a.params[k][3:7])
 
 
 def test_gemma2_softcaps_follow_transformers_when_config_json_omits_them(tmp_path):
@@ -78,3 +89,33 @@ def test_config_json_with_a_mistyped_field_names_it(tmp_path):
                        match=r"config.json: unusable config: .*d_model must be a positive "
                              r"integer, got '64'"):
         config_from_hf({**d, "hidden_size": "64", "head_dim": 16}, tmp_path / "config.json")
+
+
+def test_gemma4_gguf_with_a_scaled_rope_is_refused_by_name(tmp_path):
+    """rope_freqs other than proportional RoPE's 1 / 1e30 factors (a scaled RoPE) is a model this
+    compiler would run wrongly: refused, naming the tensor."""
+    import gguf
+    cfg = get_variant("gemma4-26b-a4b-tiny")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    write_gguf_metadata(w, cfg)
+    w.tensors[0].pop("rope_freqs.weight")
+    w.add_tensor("rope_freqs.weight", np.full(cfg.global_head_dim // 2, 2.0, np.float32))
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(checkpoints.CheckpointError, match="rope_freqs holds factors other than 1"):
+        config_from_gguf(gguf.GGUFReader(str(path)), path)
+
+
+def test_gguf_with_a_bpe_vocabulary_is_refused_not_mistokenized(tmp_path):
+    """Gemma 4 GGUFs carry a BPE vocabulary (tokenizer.ggml.model 'gemma4', merges, no scores):
+    read as SentencePiece pieces it would tokenize wrongly, so it is refused by name."""
+    import gguf
+    cfg = get_variant("gemma4-31b-tiny")
+    hf_model = write_hf_checkpoint(cfg, tmp_path / "hf")
+    write_gguf_from_hf(hf_model, cfg, tmp_path / "m.gguf", vocab_kind="gemma4")
+    with pytest.raises(checkpoints.CheckpointError, match="tokenizer.ggml.model is 'gemma4'"):
+        checkpoints.load(tmp_path / "m.gguf")

@@ -1,8 +1,18 @@
-"""GGUF (llama.cpp) checkpoints of Gemma, Gemma 2 and Gemma 3, dequantized with the `gguf` package.
+"""GGUF (llama.cpp) checkpoints of Gemma 1-4, dequantized with the `gguf` package.
 
-llama.cpp's converter stores every Gemma RMSNorm weight with the +1 already added; we subtract it to
-get Gemma's native scale (applied as 1 + w). Linear weights are stored [out, in] in numpy order.
-The file stays memory-mapped; a tensor is dequantized only when read (`weights.Params`).
+llama.cpp's converter stores every Gemma 1-3 RMSNorm weight with the +1 already added; we subtract
+it to get Gemma's native scale (applied as 1 + w). Gemma 4's norms multiply by w and are stored as
+they are. Linear weights are stored [out, in] in numpy order; expert stacks [E, out, in] (the
+fused `ffn_gate_up_exps` holds the gate rows, then the up rows, as transformers' `gate_up_proj`).
+The file stays memory-mapped; a tensor is dequantized only when read (`weights.Params`), an expert
+or a row range of a table (Gemma 4's per-layer embeddings) without the rest.
+
+Gemma 4 metadata (llama.cpp's `conversion/gemma.py`, `src/models/gemma4.cpp`): per-layer arrays
+where layers differ (`attention.sliding_window_pattern`, true = sliding; `head_count_kv`;
+`feed_forward_length` with the double-wide KV-shared layers), the global layers' head dim as
+`key_length` and the sliding ones' as `key_length_swa`, and two facts only the tensors tell:
+k_eq_v (a global layer with attn_k and no attn_v) and proportional RoPE (`rope_freqs`: factor 1 on
+the pairs that rotate, 1e30 on the rest).
 """
 
 from __future__ import annotations
@@ -13,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import tokenizer as tok
-from ..config import GemmaConfig, make_config, match_variant
+from ..config import GLOBAL, LOCAL, GemmaConfig, make_config, match_variant
 from ..weights import Params, Tensor, gguf_blocks
 from . import Checkpoint, CheckpointError, check_params
 
-ARCHS = {"gemma": 1, "gemma2": 2, "gemma3": 3}
+ARCHS = {"gemma": 1, "gemma2": 2, "gemma3": 3, "gemma4": 4}
 
 _LAYER_TENSORS = {   # GGUF name -> (our name, is a norm, is a linear [out, in] matrix)
     "attn_norm": ("attn_norm", True, False),
@@ -34,6 +44,26 @@ _LAYER_TENSORS = {   # GGUF name -> (our name, is a norm, is a linear [out, in] 
     "ffn_down": ("down_proj", False, True),
     "post_ffw_norm": ("post_ffn_norm", True, False),
 }
+_GEMMA4_LAYER_TENSORS = {   # Gemma 4's additions (norms here are never shifted: x w)
+    "inp_gate": ("ple_gate", False, True),
+    "proj": ("ple_proj", False, True),
+    "post_norm": ("ple_norm", True, False),
+    "ffn_gate_inp": ("router", False, True),
+    "ffn_gate_inp.scale": ("router_scale", False, False),
+    "ffn_down_exps.scale": ("expert_scale", False, False),
+    "pre_ffw_norm_2": ("moe_norm", True, False),
+    "post_ffw_norm_1": ("post_mlp_norm", True, False),
+    "post_ffw_norm_2": ("post_moe_norm", True, False),
+    "layer_output_scale": ("layer_scalar", False, False),
+}
+_GEMMA4_TOP_TENSORS = {"per_layer_token_embd": ("ple_embed", False, False),
+                       "per_layer_model_proj": ("ple_model_proj", False, True),
+                       "per_layer_proj_norm": ("ple_proj_norm", True, False)}
+# expert stacks: GGUF name -> ((our name, first row, rows as a fraction of the stored rows), ...)
+_EXPERT_TENSORS = {"ffn_gate_up_exps": (("experts_gate", 0, 2), ("experts_up", 1, 2)),
+                   "ffn_gate_exps": (("experts_gate", 0, 1),),
+                   "ffn_up_exps": (("experts_up", 0, 1),),
+                   "ffn_down_exps": (("experts_down", 0, 1),)}
 
 
 class _Truncated(Exception):
@@ -110,6 +140,9 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
     if family < 3:
         stated.pop("rope_scale_global", None)
     try:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        if family == 4:
+            stated.update(_gemma4_stated(reader, arch, stated, vocab, path))
         for f in ("norm_eps", "attn_softcap", "final_softcap", "rope_base_global",
                   "rope_scale_global"):
             if f in stated:
@@ -122,11 +155,104 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
                 stated[f] = int(stated[f])
         stated.setdefault("num_kv_heads", stated["num_heads"])
         stated.setdefault("head_dim", stated["d_model"] // stated["num_heads"])
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
         cfg = make_config("from-gguf", family, vocab_size=vocab, **stated)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unusable metadata: {e}") from None
+    if family == 4:
+        ffn = _per_layer(reader, arch, "feed_forward_length", cfg.num_layers, path)
+        wanted = [cfg.layer_ffn_dim(i) for i in range(cfg.num_layers)]
+        if ffn != wanted:
+            raise CheckpointError(
+                f"{path}: {arch}.feed_forward_length {ffn} is not one width with the "
+                f"{cfg.kv_shared_layers} KV-shared layers double-wide or all alike")
     return dataclasses.replace(cfg, name=match_variant(cfg))
+
+
+def _per_layer(reader, arch: str, key: str, L: int, path: Path) -> list[int]:
+    """A per-layer metadata value: one number for every layer, or an array of L."""
+    v = _field(reader, f"{arch}.{key}")
+    if isinstance(v, list):
+        if len(v) != L:
+            raise CheckpointError(f"{path}: {arch}.{key} has {len(v)} entries for {L} layers")
+        return [int(x) for x in v]
+    return [int(v)] * L
+
+
+def _one_per_type(values: list[int], types: tuple, kind: str, what: str, path: Path) -> int | None:
+    """The value all layers of `kind` share (None: no such layer); refuses layers that differ."""
+    mine = {v for v, t in zip(values, types) if t == kind}
+    if len(mine) > 1:
+        raise CheckpointError(f"{path}: {what} differs between {kind} layers ({sorted(mine)}); "
+                              f"Gemma 4 varies it only between sliding and global layers")
+    return mine.pop() if mine else None
+
+
+def _gemma4_stated(reader, arch: str, stated: dict, vocab: int, path: Path) -> dict:
+    """Gemma 4's per-layer geometry and switches from llama.cpp's metadata and tensor table."""
+    L = int(stated["num_layers"])
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if not isinstance(pattern, list) or len(pattern) != L:
+        raise CheckpointError(f"{path}: {arch}.attention.sliding_window_pattern must list one "
+                              f"bool per layer ({L}), got {pattern!r}")
+    types = tuple(LOCAL if s else GLOBAL for s in pattern)
+    out: dict = {"layer_types": types}
+    heads = _per_layer(reader, arch, "attention.head_count", L, path)
+    out["num_heads"] = heads[0]
+    if len(set(heads)) > 1:
+        raise CheckpointError(f"{path}: {arch}.attention.head_count differs between layers")
+    kv = _per_layer(reader, arch, "attention.head_count_kv", L, path) \
+        if _field(reader, f"{arch}.attention.head_count_kv") is not None else heads
+    local_kv = _one_per_type(kv, types, LOCAL, "attention.head_count_kv", path)
+    global_kv = _one_per_type(kv, types, GLOBAL, "attention.head_count_kv", path)
+    out["num_kv_heads"] = local_kv if local_kv is not None else global_kv
+    if global_kv is not None and global_kv != out["num_kv_heads"]:
+        out["global_kv_heads"] = global_kv
+    global_dim = _field(reader, f"{arch}.attention.key_length")
+    local_dim = _field(reader, f"{arch}.attention.key_length_swa", global_dim)
+    if local_dim is None:
+        raise CheckpointError(f"{path}: missing metadata {arch}.attention.key_length")
+    out["head_dim"] = int(local_dim)
+    out["global_head_dim"] = int(global_dim if global_dim is not None else local_dim)
+    ffn = _per_layer(reader, arch, "feed_forward_length", L, path)
+    shared = int(_field(reader, f"{arch}.attention.shared_kv_layers", 0))
+    out["kv_shared_layers"] = shared
+    out["ffn_dim"] = ffn[0]
+    out["double_wide_mlp"] = bool(shared) and ffn[-1] == 2 * ffn[0]
+    base_swa = _field(reader, f"{arch}.rope.freq_base_swa")
+    if base_swa is not None:
+        out["rope_base_local"] = float(base_swa)
+    tensors = {t.name: t for t in reader.tensors}
+    ple = int(_field(reader, f"{arch}.embedding_length_per_layer_input", 0) or 0)
+    out["ple_dim"] = ple
+    if ple:   # llama.cpp states no per-layer vocabulary: its table has the token list's rows
+        out["ple_vocab_size"] = vocab
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    if experts:
+        out["num_experts"] = experts
+        out["top_k_experts"] = int(_field(reader, f"{arch}.expert_used_count", 0) or 0)
+        out["moe_ffn_dim"] = int(_field(reader, f"{arch}.expert_feed_forward_length", 0) or 0)
+    # k_eq_v: a global layer that computes K (has attn_k) but has no V projection
+    producers = [i for i in range(L - shared) if types[i] == GLOBAL]
+    no_v = {i for i in producers if f"blk.{i}.attn_k.weight" in tensors
+            and f"blk.{i}.attn_v.weight" not in tensors}
+    if no_v and len(no_v) != len(producers):
+        raise CheckpointError(f"{path}: global layers {sorted(no_v)} have no attn_v but "
+                              f"{sorted(set(producers) - no_v)} do; Gemma 4 drops V on all or none")
+    out["k_eq_v"] = bool(no_v)
+    # proportional RoPE on global layers: factor 1 on the rotating pairs, 1e30 (no rotation) after
+    freqs = tensors.get("rope_freqs.weight")
+    if freqs is not None:
+        f = np.asarray(freqs.data, np.float32).reshape(-1)
+        rotating = int(np.sum(f == 1.0))
+        if f.size != out["global_head_dim"] // 2 or not np.all(f[:rotating] == 1.0) \
+                or not np.all(f[rotating:] >= 1e29):
+            raise CheckpointError(f"{path}: rope_freqs holds factors other than 1 (rotate) then "
+                                  f"1e30 (do not) over {out['global_head_dim'] // 2} pairs: a "
+                                  f"scaled RoPE this compiler does not read")
+        out["rope_fraction_global"] = rotating / f.size
+    else:
+        out["rope_fraction_global"] = 1.0
+    return out
 
 
 def _tensor(path: Path, t, ours: str, norm: bool, linear: bool, mm) -> Tensor:
@@ -154,9 +280,43 @@ def _tensor(path: Path, t, ours: str, norm: bool, linear: bool, mm) -> Tensor:
                                   f"({kind}): {e}") from e
         _release(mm, int(t.data_offset), int(t.n_bytes))
         return b
+    def rows(lo, hi):   # a table's rows alone (Gemma 4's per-layer embeddings: 9.4 GB float)
+        w = _dequantize(t, (hi - lo,) + shape[1:], t.data[lo:hi])
+        _release(mm, int(t.data_offset), int(t.n_bytes))
+        return w - 1.0 if norm else w
+
     native = kind in gguf_blocks.SUPPORTED and len(shape) == 2
     return Tensor(ours, shape[::-1] if linear else shape, np.dtype(np.float32), read,
-                  f"{path} ({t.name})", format=kind, blocks=blocks if native else None)
+                  f"{path} ({t.name})", format=kind, blocks=blocks if native else None,
+                  rows=rows if len(shape) == 2 and not linear else None)
+
+
+def _expert_tensor(path: Path, t, ours: str, half: int, halves: int, mm) -> Tensor:
+    """Experts [E, out, in] as stored (or one half of the rows of a fused gate_up stack) ->
+    our [E, in, out], one expert readable alone."""
+    E, rows, cols = (int(d) for d in reversed(t.shape))
+    if rows % halves:
+        raise CheckpointError(f"{path}: {t.name} has {rows} rows, not {halves} equal parts")
+    n = rows // halves
+    lo = half * n
+
+    def part(e):
+        try:
+            w = _dequantize(t, (n, cols), t.data[e][lo:lo + n])          # [out, in]
+        except Exception as ex:
+            raise CheckpointError(f"{path}: cannot dequantize tensor {t.name} "
+                                  f"({t.tensor_type.name}): {ex}") from ex
+        return np.ascontiguousarray(w.T)
+
+    def read():
+        out = np.empty((E, cols, n), np.float32)
+        for e in range(E):
+            out[e] = part(e)
+        _release(mm, int(t.data_offset), int(t.n_bytes))
+        return out
+
+    return Tensor(ours, (E, cols, n), np.dtype(np.float32), read, f"{path} ({t.name})",
+                  format=t.tensor_type.name, part=part)
 
 
 _CHUNK_BYTES = 16 << 20
@@ -175,12 +335,13 @@ def _release(mm, offset: int, length: int) -> None:
         pass
 
 
-def _dequantize(t, shape: tuple) -> np.ndarray:
-    """float32 [*shape] from the mapped blocks, a slice of rows at a time into one output array:
-    gguf's dequantizers make several temporaries the size of their input, which for the whole
-    262144 x 640 embedding of Gemma 3 270M came to 1.5 GB; by slices they stay ~16 MB."""
+def _dequantize(t, shape: tuple, data=None) -> np.ndarray:
+    """float32 [*shape] from the mapped blocks (`data`: whole rows of `t`, default all of it), a
+    slice of rows at a time into one output array: gguf's dequantizers make several temporaries
+    the size of their input, which for the whole 262144 x 640 embedding of Gemma 3 270M came to
+    1.5 GB; by slices they stay ~16 MB."""
     import gguf
-    data = t.data
+    data = t.data if data is None else data
     out = np.empty(shape, np.float32)
     if data.ndim < 2 or len(shape) < 2:
         out[...] = np.asarray(gguf.quants.dequantize(data, t.tensor_type),
@@ -201,19 +362,32 @@ def load_gguf(path: Path, progress=None) -> Checkpoint:
     cfg = config_from_gguf(reader, path)
     mm = getattr(reader.data, "_mmap", None)
     tensors: dict[str, Tensor] = {}
+    shift = cfg.norm_plus_one      # Gemma 1-3 norms are stored as 1 + w
+    gemma4 = cfg.family == 4
+    layer_tensors = {**_LAYER_TENSORS, **(_GEMMA4_LAYER_TENSORS if gemma4 else {})}
     for t in reader.tensors:
         name = t.name.removesuffix(".weight")
         if name == "token_embd":
             tensors["embed"] = _tensor(path, t, "embed", False, False, mm)
         elif name == "output_norm":
-            tensors["final_norm"] = _tensor(path, t, "final_norm", True, False, mm)
+            tensors["final_norm"] = _tensor(path, t, "final_norm", shift, False, mm)
+        elif gemma4 and name == "rope_freqs":
+            continue   # read into the config (proportional RoPE's rotating fraction)
+        elif gemma4 and name in _GEMMA4_TOP_TENSORS:
+            ours, is_norm, is_linear = _GEMMA4_TOP_TENSORS[name]
+            tensors[ours] = _tensor(path, t, ours, is_norm and shift, is_linear, mm)
         elif name.startswith("blk."):
             _, i, kind = name.split(".", 2)
-            if kind not in _LAYER_TENSORS:
+            if gemma4 and kind in _EXPERT_TENSORS:
+                for ours, half, halves in _EXPERT_TENSORS[kind]:
+                    tensors[f"layers.{i}.{ours}"] = _expert_tensor(
+                        path, t, f"layers.{i}.{ours}", half, halves, mm)
+                continue
+            if kind not in layer_tensors:
                 raise CheckpointError(f"{path}: unexpected tensor {t.name}")
-            ours, is_norm, is_linear = _LAYER_TENSORS[kind]
-            tensors[f"layers.{i}.{ours}"] = _tensor(path, t, f"layers.{i}.{ours}", is_norm,
-                                                    is_linear, mm)
+            ours, is_norm, is_linear = layer_tensors[kind]
+            tensors[f"layers.{i}.{ours}"] = _tensor(path, t, f"layers.{i}.{ours}",
+                                                    is_norm and shift, is_linear, mm)
         elif name != "output":   # an untied output matrix would be a different model
             raise CheckpointError(f"{path}: unexpected tensor {t.name}")
         else:
@@ -221,6 +395,12 @@ def load_gguf(path: Path, progress=None) -> Checkpoint:
                                   f"token_embd")
     params = Params(tensors)
     check_params(cfg, params, path)
+    vocab_kind = _field(reader, "tokenizer.ggml.model", "llama")
+    if vocab_kind != "llama":   # Gemma 1-3 files: SentencePiece pieces and scores
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.model is {vocab_kind!r} (Gemma 4's BPE vocabulary with "
+            f"merges); this compiler builds a SentencePiece tokenizer from 'llama' vocabularies "
+            f"only (pieces and scores), and would tokenize this one wrongly")
     model_bytes, special = tok.sentencepiece_from_gguf(reader)
     return Checkpoint(cfg, params, model_bytes, special,
                       source={"format": "gguf", "path": str(path), "file_type":
