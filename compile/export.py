@@ -64,7 +64,9 @@ def _file_record(root: Path, rel: str) -> dict:
 
 def _manifest(ck: Checkpoint, contract: ct.Contract, tokenizer_file: str, tok_sha: str) -> dict:
     return ct.new_manifest(ck.config.name, ck.config.to_dict(), ck.source,
-                           {"file": tokenizer_file, "sha256": tok_sha, **ck.special_ids}, contract)
+                           {"file": tokenizer_file, "sha256": tok_sha, **ck.special_ids,
+                            **({"chat_template": ck.chat_template} if ck.chat_template else {})},
+                           contract)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -163,9 +163,25 @@ def full_size_params(cfg: GemmaConfig, seed: int = 0):
     """Random full-size weights made on the fly (`weights.seeded`): `full_size_std` scales,
     centred by `init_mean` (Gemma 4's scales multiply as they are: centred on 0 they shrank each
     layer's output ~5x, 30 layers to nothing, and a random 26B-A4B int4 export agreed on 0 % of
-    top-1s)."""
+    top-1s).
+
+    Where attention is not scaled (Gemma 4: scaling 1, the trained q/k norm weights carry the
+    scale), q_norm and k_norm are drawn around head_dim^-1/4 each, so that q.k has the
+    1/sqrt(head_dim) scale of Gemma 1-3: around 1 the scores were ~N(0, 16) and every softmax
+    nearly one-hot, a network so sensitive that int4 rounding alone (in the JAX reference, no
+    artifact involved) moved random full-size E2B's logits by 1.23 x the largest logit (KL 1.75);
+    scaled, 0.44 (KL 0.13)."""
     from .weights import seeded
-    return seeded(param_shapes(cfg), seed, full_size_std, mean=lambda n: init_mean(cfg, n))
+    shapes = param_shapes(cfg)
+
+    def qk(name: str) -> float:
+        unscaled = cfg.query_pre_attn_scalar == 1.0 and not cfg.norm_plus_one
+        if unscaled and name.rsplit(".", 1)[-1] in ("q_norm", "k_norm"):
+            return shapes[name][0] ** -0.25
+        return 1.0
+
+    return seeded(shapes, seed, lambda n, s: full_size_std(n, s) * qk(n),
+                  mean=lambda n: init_mean(cfg, n) * qk(n))
 
 
 def rms_norm(x, scale, eps, plus_one: bool = True):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sentencepiece import sentencepiece_model_pb2 as spm
 
-from runtime.chat import BOS, END_OF_TURN, START_OF_TURN
+from runtime.chat import BOS, END_OF_TURN, START_OF_TURN, TURN_MARKERS
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -39,12 +39,16 @@ def build_sentencepiece(pieces, scores, types, *, bos_id, eos_id, pad_id, unk_id
 
 
 def special_ids(pieces, *, bos_id, eos_id, pad_id, unk_id) -> dict[str, int]:
-    index = {p: i for i, p in enumerate(pieces) if p in (START_OF_TURN, END_OF_TURN)}
-    missing = [p for p in (START_OF_TURN, END_OF_TURN) if p not in index]
-    if missing:
-        raise ValueError(f"tokenizer has no {', '.join(missing)} piece: not a Gemma vocabulary")
-    return {"bos": bos_id, "eos": eos_id, "pad": pad_id, "unk": unk_id,
-            "start_of_turn": index[START_OF_TURN], "end_of_turn": index[END_OF_TURN]}
+    """The ids the runtime needs; start_of_turn / end_of_turn are Gemma 1-3's <start_of_turn> /
+    <end_of_turn> or, in a Gemma 4 vocabulary, <|turn> / <turn|>."""
+    wanted = {p for pair in TURN_MARKERS for p in pair}
+    index = {p: i for i, p in enumerate(pieces) if p in wanted}
+    for start, end in TURN_MARKERS:
+        if start in index and end in index:
+            return {"bos": bos_id, "eos": eos_id, "pad": pad_id, "unk": unk_id,
+                    "start_of_turn": index[start], "end_of_turn": index[end]}
+    pairs = " or ".join(f"{a}/{b}" for a, b in TURN_MARKERS)
+    raise ValueError(f"tokenizer has no turn pieces ({pairs}): not a Gemma vocabulary")
 
 
 def sentencepiece_from_gguf(reader) -> tuple[bytes, dict[str, int]]:
@@ -63,9 +67,10 @@ def sentencepiece_from_gguf(reader) -> tuple[bytes, dict[str, int]]:
     return build_sentencepiece(pieces, scores, types, **ids), special_ids(pieces, **ids)
 
 
-def tiny_tokenizer(vocab_size: int) -> tuple[bytes, dict[str, int]]:
-    """A small byte-fallback BPE vocabulary with Gemma's special pieces, for tiny test models."""
-    pieces = ["<pad>", "<eos>", str(BOS), "<unk>", str(START_OF_TURN), str(END_OF_TURN)]
+def tiny_tokenizer(vocab_size: int, turns: int = 0) -> tuple[bytes, dict[str, int]]:
+    """A small byte-fallback BPE vocabulary with Gemma's special pieces, for tiny test models;
+    `turns` picks the turn markers (`runtime.chat.TURN_MARKERS`: 0 Gemma 1-3's, 1 Gemma 4's)."""
+    pieces = ["<pad>", "<eos>", str(BOS), "<unk>", *map(str, TURN_MARKERS[turns])]
     types = [CONTROL] * len(pieces)
     pieces += [f"<0x{b:02X}>" for b in range(256)]
     types += [BYTE] * 256

@@ -113,9 +113,14 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     segments = {}
     for a in cfg.attention():
         i = a.layer
-        x, segments[i] = _block(cfg, i, model.layer_params(params, i), x, positions,
+        # each tensor onto the device as it is read, its host copy dropped at once: a 26B-A4B
+        # layer's float expert stacks are 3 GB, held twice when the whole host dict was passed
+        prefix = f"layers.{i}."
+        p = {n[len(prefix):]: jnp.asarray(params[n]) for n in params if n.startswith(prefix)}
+        x, segments[i] = _block(cfg, i, p, x, positions,
                                 None if a.owner == i else segments[a.owner],
                                 None if ple is None else ple[:, :, i])
+        del p   # before the next layer's are read
     norm = params["final_norm"]
     step = max(1, (64 << 20) // (table.shape[1] * 4))                             # 64 MB slices
     for r in range(start, ids.shape[1], rows):

@@ -53,7 +53,8 @@ runtime derives from the contract instead):
   schema_version  int
   model           {"variant": str, "config": {GemmaConfig fields}, "source": {...}}
   tokenizer       {"file": str, "sha256": str, and the ids "bos", "eos", "pad", "unk",
-                   "start_of_turn", "end_of_turn"}
+                   "start_of_turn", "end_of_turn" (Gemma 4: <|turn>, <turn|>); optional
+                   "chat_template": the checkpoint's Jinja template (`runtime.chat.render`)}
   signatures      {"max_context": int, "prefill_lengths": [int], "kv_dtype": str,
                    "entries": [{"name", "kind", "length", "inputs": [TensorSpec],
                                 "outputs": [TensorSpec]}]}   (exactly what `Contract` derives)
@@ -419,6 +420,8 @@ def validate(data) -> dict:
     _need(tok, "sha256", str, "tokenizer.", "a string")
     for key in TOKENIZER_IDS:
         _need(tok, key, int, "tokenizer.", "an integer token id")
+    if "chat_template" in tok:
+        _need(tok, "chat_template", str, "tokenizer.", "a string")
     sigs = _need(data, "signatures", dict, "", "an object")
     _need(sigs, "max_context", int, "signatures.", "an integer")
     lengths = _need(sigs, "prefill_lengths", list, "signatures.", "a list of integers")

@@ -187,7 +187,8 @@ def write_gguf_vocab(w, model_proto: bytes, kind: str = "llama") -> None:
     w.add_unk_token_id(t.unk_id)
 
 
-def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path, vocab_kind: str = "llama"
+def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path, vocab_kind: str = "llama",
+                       chat_template: str | None = None, model_bytes: bytes | None = None
                        ) -> None:
     """The transformers model's weights as llama.cpp's converter writes them: GGUF names, F32,
     every RMSNorm weight with +1 added, the tiny tokenizer's vocabulary."""
@@ -204,7 +205,9 @@ def write_gguf_from_hf(hf_model, cfg: GemmaConfig, path: Path, vocab_kind: str =
     shift = 1.0 if cfg.norm_plus_one else 0.0
     w = gguf.GGUFWriter(str(path), _GGUF_ARCH[cfg.family])
     write_gguf_metadata(w, cfg)
-    write_gguf_vocab(w, tiny_tokenizer(cfg.vocab_size)[0], vocab_kind)
+    write_gguf_vocab(w, model_bytes or tiny_tokenizer(cfg.vocab_size)[0], vocab_kind)
+    if chat_template:
+        w.add_chat_template(chat_template)
     for name, p in hf_model.state_dict().items():
         a = p.detach().float().numpy()
         top = name.removeprefix("model.").removesuffix(".weight")

@@ -218,3 +218,20 @@ def test_quantized_per_layer_table_is_an_int8_lookup_read_in_row_chunks(tmp_path
     want = trace.reference_logits(contract, ck.params, tokens)
     got = gen.logits(tokens, start=17)
     assert (got.argmax(-1) == want[17:].argmax(-1)).mean() >= 0.9
+
+
+def test_random_full_size_qk_norms_carry_the_attention_scale():
+    """Gemma 4 scales attention by 1: random full-size q/k norm weights centre on head_dim^-1/4
+    (global layers' 512 and sliding ones' 256 alike), so q.k has Gemma 1-3's 1/sqrt(head_dim);
+    other norms still centre on 1, Gemma 3's (1 + w) norms on 0."""
+    from compile.model import full_size_params
+    cfg = get_variant("gemma4-26b-a4b-tiny")
+    p = full_size_params(cfg, 0)
+    for a in cfg.attention()[:3]:
+        for n in ("q_norm", "k_norm"):
+            w = p[f"layers.{a.layer}.{n}"]
+            assert w.shape == (a.head_dim,)
+            assert abs(w.mean() - a.head_dim ** -0.25) < 0.25 * a.head_dim ** -0.25
+    assert abs(p["layers.0.attn_norm"].mean() - 1.0) < 0.1
+    g3 = full_size_params(get_variant("gemma3-270m-tiny"), 0)
+    assert abs(g3["layers.0.q_norm"].mean()) < 0.15

@@ -29,6 +29,7 @@ class Checkpoint:
     tokenizer_model: bytes          # serialized SentencePiece ModelProto
     special_ids: dict[str, int]     # bos, eos, pad, unk, start_of_turn, end_of_turn
     source: dict = field(default_factory=dict)
+    chat_template: str | None = None   # the checkpoint's own Jinja chat template, if it has one
 
 
 def default_checkpoint() -> Path:

@@ -402,6 +402,8 @@ def load_gguf(path: Path, progress=None) -> Checkpoint:
             f"merges); this compiler builds a SentencePiece tokenizer from 'llama' vocabularies "
             f"only (pieces and scores), and would tokenize this one wrongly")
     model_bytes, special = tok.sentencepiece_from_gguf(reader)
+    template = _field(reader, "tokenizer.chat_template")
     return Checkpoint(cfg, params, model_bytes, special,
                       source={"format": "gguf", "path": str(path), "file_type":
-                              int(_field(reader, "general.file_type", -1))})
+                              int(_field(reader, "general.file_type", -1))},
+                      chat_template=template if isinstance(template, str) and template else None)

@@ -375,7 +375,37 @@ def load_hf(path: Path, progress=None) -> Checkpoint:
         raise CheckpointError(f"{path}: no tokenizer.model (SentencePiece) file")
     model_bytes = tok_file.read_bytes()
     special = _special_ids(model_bytes, tok_file)
-    return Checkpoint(cfg, params, model_bytes, special, source={"format": "hf", "path": str(path)})
+    return Checkpoint(cfg, params, model_bytes, special, source={"format": "hf", "path": str(path)},
+                      chat_template=chat_template(path))
+
+
+def chat_template(path: Path) -> str | None:
+    """The checkpoint's chat template, where transformers keeps it: chat_template.jinja, else
+    tokenizer_config.json's "chat_template" (a string, or named templates: the "default" one),
+    else a processor's chat_template.json. None when it has none."""
+    jinja = path / "chat_template.jinja"
+    if jinja.exists():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{jinja}: unreadable chat template: {e}") from None
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        f = path / name
+        if not f.exists():
+            continue
+        try:
+            t = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{f}: not a JSON object ({e})") from None
+        if isinstance(t, list):   # [{"name": ..., "template": ...}]
+            t = next((x.get("template") for x in t if isinstance(x, dict)
+                      and x.get("name") == "default"), None)
+        if t is not None and not isinstance(t, str):
+            raise CheckpointError(f"{f}: chat_template must be a string, got "
+                                  f"{type(t).__name__}")
+        if t:
+            return t
+    return None
 
 
 def _special_ids(model_bytes: bytes, tok_file: Path) -> dict[str, int]:
