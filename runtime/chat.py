@@ -31,11 +31,15 @@ END_OF_TURN = Marker("<end_of_turn>")
 TURN_MARKERS = ((START_OF_TURN, END_OF_TURN), (Marker("<|turn>"), Marker("<turn|>")))
 
 
-def turn_prefix(role: str) -> str:
-    return f"{START_OF_TURN}{role}\n"
+def turn_prefix(role: str, start: str = START_OF_TURN) -> str:
+    return f"{start}{role}\n"
 
 
-TURN_SUFFIX = f"{END_OF_TURN}\n"
+def turn_suffix(end: str = END_OF_TURN) -> str:
+    return f"{end}\n"
+
+
+TURN_SUFFIX = turn_suffix()
 
 
 def chat_turns(messages) -> list[tuple[str, str]]:

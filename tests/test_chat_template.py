@@ -105,3 +105,23 @@ def test_loaders_read_the_template_and_the_export_carries_it(tmp_path):
     assert gen.tokenizer.prompt_ids(CHAT, chat=True)[:2] == [special["bos"],
                                                             special["start_of_turn"]]
     assert special["end_of_turn"] in gen.stop_ids
+
+
+def test_litertlm_prompt_templates_spell_the_vocabularys_turn_markers():
+    """LiteRT-LM's engine writes turns from the bundle's prompt templates: a Gemma 4 vocabulary's
+    bundle spells <|turn> / <turn|>, a Gemma 1-3 one <start_of_turn> / <end_of_turn>."""
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+    from compile.targets import tflite
+    from runtime import contract as ct
+    cfg = get_variant("gemma4-e2b-tiny")
+    for turns, (start, end) in ((1, ("<|turn>", "<turn|>")),
+                                (0, ("<start_of_turn>", "<end_of_turn>"))):
+        model_bytes, special = tiny_tokenizer(512, turns=turns)
+        md = llm_metadata_pb2.LlmMetadata()
+        md.ParseFromString(tflite.llm_metadata(special, ct.Contract(cfg, (8,), 64),
+                                               tflite.turn_pieces(model_bytes, special)))
+        assert md.prompt_templates.user.prefix == f"{start}user\n"
+        assert md.prompt_templates.model.prefix == f"{start}model\n"
+        assert md.prompt_templates.user.suffix == md.prompt_templates.model.suffix == f"{end}\n"
+        assert [t.token_ids.ids[0] for t in md.stop_tokens] == [special["eos"],
+                                                                 special["end_of_turn"]]

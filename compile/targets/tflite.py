@@ -270,17 +270,20 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
             **counts}
 
 
-def llm_metadata(special: dict, contract) -> bytes:
-    """LiteRT-LM's LlmMetadata: start and stop tokens, Gemma's turn templates, max tokens."""
+def llm_metadata(special: dict, contract, markers: tuple[str, str] = chat.TURN_MARKERS[0]
+                 ) -> bytes:
+    """LiteRT-LM's LlmMetadata: start and stop tokens, Gemma's turn templates spelled with the
+    vocabulary's turn `markers` (Gemma 4's are <|turn> / <turn|>), max tokens."""
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
     md = llm_metadata_pb2.LlmMetadata()
     md.start_token.token_ids.ids.append(int(special["bos"]))
     for stop in (special["eos"], special["end_of_turn"]):
         md.stop_tokens.add().token_ids.ids.append(int(stop))
-    md.prompt_templates.user.prefix = chat.turn_prefix(chat.USER)
-    md.prompt_templates.user.suffix = chat.TURN_SUFFIX
-    md.prompt_templates.model.prefix = chat.turn_prefix(chat.MODEL)
-    md.prompt_templates.model.suffix = chat.TURN_SUFFIX
+    start, end = markers
+    md.prompt_templates.user.prefix = chat.turn_prefix(chat.USER, start)
+    md.prompt_templates.user.suffix = chat.turn_suffix(end)
+    md.prompt_templates.model.prefix = chat.turn_prefix(chat.MODEL, start)
+    md.prompt_templates.model.suffix = chat.turn_suffix(end)
     md.max_num_tokens = contract.max_context
     if contract.config.family == 3:
         md.llm_model_type.gemma3.SetInParent()
@@ -304,15 +307,25 @@ def engine_tokenizer(model_proto: bytes, special: dict) -> bytes:
     return m.SerializeToString()
 
 
+def turn_pieces(model_proto: bytes, special: dict) -> tuple[str, str]:
+    """The vocabulary's start- and end-of-turn pieces (<start_of_turn>, or Gemma 4's <|turn>)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    m = sp_pb2.ModelProto()
+    m.ParseFromString(model_proto)
+    return (m.pieces[int(special["start_of_turn"])].piece,
+            m.pieces[int(special["end_of_turn"])].piece)
+
+
 def bundle(tflite_path: Path, tokenizer_path: Path, special: dict, contract, out: Path) -> None:
     """A `.litertlm` file (litert-lm-builder): the TFLite model, the engine's SentencePiece
     tokenizer and LlmMetadata, as LiteRT-LM's engine and the Android app load it."""
     from litert_lm_builder import litertlm_builder as lb
     from litert_lm_builder import litertlm_core
+    proto = tokenizer_path.read_bytes()
     md_path = out.with_name(out.name + ".llm_metadata.pb")
-    md_path.write_bytes(llm_metadata(special, contract))
+    md_path.write_bytes(llm_metadata(special, contract, turn_pieces(proto, special)))
     tok_path = out.with_name(out.name + ".tokenizer.model")
-    tok_path.write_bytes(engine_tokenizer(tokenizer_path.read_bytes(), special))
+    tok_path.write_bytes(engine_tokenizer(proto, special))
     try:
         b = lb.LitertLmFileBuilder()
         b.add_system_metadata(lb.Metadata(key="model", value=contract.config.name,
