@@ -19,7 +19,7 @@ import numpy as np
 from runtime import contract as ct
 
 from . import model
-from .weights import take_rows
+from .weights import Params, take_rows
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -101,9 +101,10 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     cfg = contract.config
     ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
-    table = params["embed"]                   # read once: the lookup and the output projection
-    # the lookup as model.embed does it (a row gather, then one float32 multiply)
-    x = jnp.asarray(table[ids] * np.float32(cfg.embed_scale))                     # [1, T, D]
+    # the lookup as model.embed does it (a row gather, then one float32 multiply); the table is
+    # never whole in memory (31B's is 5.6 GB in float32): the tokens' rows, then row slices
+    x = jnp.asarray(take_rows(params, "embed", ids) * np.float32(cfg.embed_scale))  # [1, T, D]
+    V, D = params.tensors["embed"].shape if isinstance(params, Params) else params["embed"].shape
     ple = None
     if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
         ple = _per_layer_inputs(cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
@@ -122,11 +123,18 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
                                 None if ple is None else ple[:, :, i])
         del p   # before the next layer's are read
     norm = params["final_norm"]
-    step = max(1, (64 << 20) // (table.shape[1] * 4))                             # 64 MB slices
+    step = max(1, (64 << 20) // (D * 4))                                          # 64 MB slices
     for r in range(start, ids.shape[1], rows):
         xr = x[:, r:r + rows]
-        yield np.concatenate([np.asarray(_head(cfg, norm, table[v:v + step], xr))[0]
-                              for v in range(0, table.shape[0], step)], axis=-1)
+        yield np.concatenate([np.asarray(_head(cfg, norm, _table_rows(params, v, v + step), xr))[0]
+                              for v in range(0, V, step)], axis=-1)
+
+
+def _table_rows(params, lo: int, hi: int) -> np.ndarray:
+    """Rows lo..hi of the embedding table, reading only those where the source can."""
+    if isinstance(params, Params):
+        return params.tensors["embed"].get_rows(lo, min(hi, params.tensors["embed"].shape[0]))
+    return np.asarray(params["embed"][lo:hi])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

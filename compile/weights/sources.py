@@ -137,7 +137,7 @@ class Params(Mapping):
 
 
 ROW_CHUNK = 8192   # rows per read of a large table (and per random draw of one)
-ROW_TABLES = ("ple_embed",)   # tables read in row chunks, never whole
+ROW_TABLES = ("embed", "ple_embed")   # tables that random weights draw in row chunks
 
 
 def take_rows(params: Mapping, name: str, ids) -> np.ndarray:
