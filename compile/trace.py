@@ -104,7 +104,9 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     # the lookup as model.embed does it (a row gather, then one float32 multiply); the table is
     # never whole in memory (31B's is 5.6 GB in float32): the tokens' rows, then row slices
     x = jnp.asarray(take_rows(params, "embed", ids) * np.float32(cfg.embed_scale))  # [1, T, D]
-    V, D = params.tensors["embed"].shape if isinstance(params, Params) else params["embed"].shape
+    lazy = isinstance(params, Params) and params.tensors["embed"].rows is not None
+    table = None if lazy else params["embed"]   # a source that reads only whole: once
+    V, D = params.tensors["embed"].shape if lazy else table.shape
     ple = None
     if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
         ple = _per_layer_inputs(cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
@@ -126,15 +128,9 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     step = max(1, (64 << 20) // (D * 4))                                          # 64 MB slices
     for r in range(start, ids.shape[1], rows):
         xr = x[:, r:r + rows]
-        yield np.concatenate([np.asarray(_head(cfg, norm, _table_rows(params, v, v + step), xr))[0]
-                              for v in range(0, V, step)], axis=-1)
-
-
-def _table_rows(params, lo: int, hi: int) -> np.ndarray:
-    """Rows lo..hi of the embedding table, reading only those where the source can."""
-    if isinstance(params, Params):
-        return params.tensors["embed"].get_rows(lo, min(hi, params.tensors["embed"].shape[0]))
-    return np.asarray(params["embed"][lo:hi])
+        yield np.concatenate([np.asarray(_head(cfg, norm, params.tensors["embed"].get_rows(
+            v, min(v + step, V)) if lazy else table[v:v + step], xr))[0]
+            for v in range(0, V, step)], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

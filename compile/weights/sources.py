@@ -147,6 +147,8 @@ def take_rows(params: Mapping, name: str, ids) -> np.ndarray:
     if not isinstance(params, Params):
         return np.asarray(params[name])[ids]
     t = params.tensors[name]
+    if t.rows is None:   # a source that reads only whole: once
+        return t.get()[ids]
     out = np.empty(ids.shape + tuple(t.shape[1:]), np.dtype(t.dtype))
     flat, dst = ids.reshape(-1), out.reshape((-1,) + tuple(t.shape[1:]))
     for c in np.unique(flat // ROW_CHUNK):
