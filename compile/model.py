@@ -322,17 +322,34 @@ def embed(cfg: GemmaConfig, params: dict, tokens):
     return x * jnp.asarray(cfg.embed_scale, x.dtype)
 
 
+def ple_table_parts(params) -> list[tuple[str, str]]:
+    """The names (q, scale) of the int8 per-layer table's column parts, in order: one
+    ("ple_embed_q", "ple_embed_scale"), or ple_embed0_q, ple_embed1_q, ... where a target
+    splits it (no name ends in a digit: tflite's tensor names could not be told apart)."""
+    if "ple_embed_q" in params:
+        return [("ple_embed_q", "ple_embed_scale")]
+    out, c = [], 0
+    while f"ple_embed{c}_q" in params:
+        out.append((f"ple_embed{c}_q", f"ple_embed{c}_scale"))
+        c += 1
+    return out
+
+
 def per_layer_inputs(cfg: GemmaConfig, params: dict, tokens, x):
     """Gemma 4's per-layer embeddings: tokens [B, T] and their scaled embeddings x [B, T, D] ->
     [B, T, L, P], the input of each layer's gated block. The token's row of the per-layer table
     (one gather: a token never needs other rows) mixed with a projection of x."""
     B, T, D = x.shape
     L, P = cfg.num_layers, cfg.ple_dim
-    if "ple_embed_q" in params:   # an int8 table in blocks (quantizing targets): only T rows read
-        q = params["ple_embed_q"][tokens].astype(jnp.float32)                     # [B, T, L*P]
-        scale = params["ple_embed_scale"][tokens]                                 # [B, T, L*P/b]
-        nb = scale.shape[-1]
-        table_rows = (q.reshape(B, T, nb, L * P // nb) * scale[..., None]).reshape(B, T, L * P)
+    parts = ple_table_parts(params)
+    if parts:   # an int8 table in blocks (quantizing targets): only T rows read
+        rows = []
+        for q_name, scale_name in parts:   # column parts (tflite: each under 2^31 values)
+            q = params[q_name][tokens].astype(jnp.float32)                         # [B, T, K]
+            scale = params[scale_name][tokens]                                     # [B, T, K/b]
+            nb = scale.shape[-1]
+            rows.append((q.reshape(B, T, nb, -1) * scale[..., None]).reshape(B, T, -1))
+        table_rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows, -1)  # [B, T, L*P]
     else:
         table_rows = params["ple_embed"][tokens]                                  # [B, T, L*P]
     rows = table_rows * jnp.asarray(P ** 0.5, x.dtype)                            # [B, T, L*P]

@@ -235,3 +235,34 @@ def test_random_full_size_qk_norms_carry_the_attention_scale():
     assert abs(p["layers.0.attn_norm"].mean() - 1.0) < 0.1
     g3 = full_size_params(get_variant("gemma3-270m-tiny"), 0)
     assert abs(g3["layers.0.q_norm"].mean()) < 0.15
+
+
+def test_tflite_splits_a_per_layer_table_past_int32_element_counts(tmp_path, monkeypatch):
+    """TFLite's gather kernels count a tensor's elements in int32 (full-size E2B's int8 table,
+    2.35e9 values, failed every lookup as "index out of bounds"): the table is stored in column
+    parts under the limit, whose concatenation is the whole table, and the artifact still agrees
+    with the reference. Forced here with a limit small enough for a tiny model."""
+    import runtime
+    from compile import export as ex, trace
+    from compile.targets import tflite
+    from compile.weights import quant as wq
+    from runtime import contract as ct
+    ck = ex.random_checkpoint("gemma4-e2b-tiny")
+    V, K = ck.params.tensors["ple_embed"].shape
+    parts = wq.int8_table_parts(ck.params, "ple_embed", 32, V * K // 3)
+    assert len(parts) >= 3 and all(q.size <= V * K // 3 for q, _ in parts)
+    q, scale = wq.int8_table(ck.params, "ple_embed", 32)
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts], -1), q)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts], -1), scale)
+
+    monkeypatch.setattr(tflite, "TENSOR_ELEMENTS", V * K // 3)
+    consts, _ = tflite.weight_forms(ck.params, "int8", False)
+    assert "ple_embed_q" not in consts and "ple_embed2_q" in consts
+    contract = ct.Contract(ck.config, (4, 8), 64)
+    out = tmp_path / "art"
+    ex.export(ck, contract, ["tflite"], out, {"quant": "int8"}, log=lambda m: None)
+    gen = runtime.load(out, target="tflite")
+    tokens = np.random.default_rng(6).integers(0, ck.config.vocab_size, 30).astype(np.int32)
+    want = trace.reference_logits(contract, ck.params, tokens)
+    got = gen.logits(tokens, start=17)
+    assert (got.argmax(-1) == want[17:].argmax(-1)).mean() >= 0.9

@@ -79,6 +79,7 @@ def check_checkpoint(params, options: dict) -> None:
 
 
 PLE_BLOCK = 32   # values per scale of the per-layer embedding table's int8 lookup copy
+TENSOR_ELEMENTS = 2**31 - 1   # TFLite kernels count a tensor's elements in int32
 
 
 def weight_forms(params, quant: str, float_embedding: bool, tick=None
@@ -89,9 +90,13 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
     quantized: dict[str, container.Quantized] = {}
     for name in params:
         if name == "ple_embed" and quant != "none":
-            # Gemma 4's per-layer table: an int8 lookup in blocks, one row gathered per token
-            consts["ple_embed_q"], consts["ple_embed_scale"] = wq.int8_table(
-                params, name, PLE_BLOCK)
+            # Gemma 4's per-layer table: an int8 lookup in blocks, one row gathered per token,
+            # in column parts that TFLite's int32 element counts can address
+            parts = wq.int8_table_parts(params, name, PLE_BLOCK, TENSOR_ELEMENTS)
+            for c, (q, scale) in enumerate(parts):
+                part = "ple_embed" + ("" if len(parts) == 1 else str(c))
+                consts[part + "_q"], consts[part + "_scale"] = q, scale
+            del parts
             if tick:
                 tick()
             continue

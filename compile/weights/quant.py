@@ -191,14 +191,30 @@ def int8_table(params, name: str, block: int) -> tuple[np.ndarray, np.ndarray]:
     below it that divides K: a tiny model's rows are short) (q int8 [V, K], scales float32
     [V, K / block]), quantized `sources.ROW_CHUNK` rows at a time, so the float table is never
     whole in memory (Gemma 4's per-layer embeddings: 9.4 GB in float32 for E2B)."""
+    [(q, scale)] = int8_table_parts(params, name, block)
+    return q, scale
+
+
+def int8_table_parts(params, name: str, block: int, max_elements: int | None = None
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`int8_table` as column parts [V, K_c] (each a whole number of blocks) of at most
+    `max_elements` values each, filled as the row chunks are quantized (no copy of the whole).
+    TFLite's gather kernels count a tensor's elements in int32: E2B's per-layer table (2.35e9
+    values) made every lookup "index out of bounds"; concatenated along K, the parts are the
+    table."""
     from .sources import row_chunks, specs_of
     (V, K), _ = specs_of(params)[name]
     block = table_block(K, block)
-    q = np.empty((V, K), np.int8)
-    scale = np.empty((V, K // block), np.float32)
-    for lo, rows in row_chunks(params, name):
-        q[lo:lo + len(rows)], scale[lo:lo + len(rows)] = int_blocks(rows, 8, block)
-    return q, scale
+    per_part = K if max_elements is None else max(block, (max_elements // V) // block * block)
+    bounds = [(lo, min(lo + per_part, K)) for lo in range(0, K, per_part)]
+    parts = [(np.empty((V, hi - lo), np.int8), np.empty((V, (hi - lo) // block), np.float32))
+             for lo, hi in bounds]
+    for r, rows in row_chunks(params, name):
+        q, scale = int_blocks(rows, 8, block)                    # [n, K], [n, K / block]
+        for (lo, hi), (pq, ps) in zip(bounds, parts):
+            pq[r:r + len(rows)] = q[:, lo:hi]
+            ps[r:r + len(rows)] = scale[:, lo // block:hi // block]
+    return parts
 
 
 def table_block(K: int, block: int) -> int:
