@@ -39,8 +39,8 @@ def build_sentencepiece(pieces, scores, types, *, bos_id, eos_id, pad_id, unk_id
 
 
 def special_ids(pieces, *, bos_id, eos_id, pad_id, unk_id) -> dict[str, int]:
-    """The ids the runtime needs; start_of_turn / end_of_turn are Gemma 1-3's <start_of_turn> /
-    <end_of_turn> or, in a Gemma 4 vocabulary, <|turn> / <turn|>."""
+    """The ids the runtime needs; start_of_turn / end_of_turn are the first pair of
+    `runtime.chat.TURN_MARKERS` (Gemma 1-3's, then Gemma 4's) the vocabulary holds."""
     wanted = {p for pair in TURN_MARKERS for p in pair}
     index = {p: i for i, p in enumerate(pieces) if p in wanted}
     for start, end in TURN_MARKERS:

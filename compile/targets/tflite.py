@@ -278,7 +278,7 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
 def llm_metadata(special: dict, contract, markers: tuple[str, str] = chat.TURN_MARKERS[0]
                  ) -> bytes:
     """LiteRT-LM's LlmMetadata: start and stop tokens, Gemma's turn templates spelled with the
-    vocabulary's turn `markers` (Gemma 4's are <|turn> / <turn|>), max tokens."""
+    vocabulary's turn `markers` (one pair of `runtime.chat.TURN_MARKERS`), max tokens."""
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
     md = llm_metadata_pb2.LlmMetadata()
     md.start_token.token_ids.ids.append(int(special["bos"]))
@@ -313,7 +313,7 @@ def engine_tokenizer(model_proto: bytes, special: dict) -> bytes:
 
 
 def turn_pieces(model_proto: bytes, special: dict) -> tuple[str, str]:
-    """The vocabulary's start- and end-of-turn pieces (<start_of_turn>, or Gemma 4's <|turn>)."""
+    """The vocabulary's start- and end-of-turn pieces (one pair of `runtime.chat.TURN_MARKERS`)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     m = sp_pb2.ModelProto()
     m.ParseFromString(model_proto)
