@@ -267,7 +267,9 @@ def unread_bytes(cfg: dict, target: str, quant: str | None) -> int:
         out += int(table * ((1 + 4 / 32) if quantized else 4))
     if cfg.get("num_experts"):
         E, k = cfg["num_experts"], cfg["top_k_experts"]
-        per = _PER_WEIGHT.get(quant or "none", {})
+        # tflite's int8 experts (LiteRT's MoE op) have one scale per row, not per 32 inputs
+        per = {"*": 1.0} if (target, quant) == ("tflite", "int8") else \
+            _PER_WEIGHT.get(quant or "none", {})
         one = cfg["d_model"] * cfg["moe_ffn_dim"]
         expert = one * (2 * per.get("*", 4) + per.get("down", per.get("*", 4)))
         out += int(cfg["num_layers"] * (E - k) * expert)

@@ -39,7 +39,7 @@ import numpy as np
 
 from runtime import contract as ct
 
-from . import kv
+from . import kv, litert_moe
 from .config import GemmaConfig, LOCAL
 
 
@@ -369,15 +369,20 @@ def moe(cfg: GemmaConfig, p: dict, x):
     fp32 softmax over all E experts, top k, renormalised, times each expert's scale. For a few
     tokens (T * k < E: decode) only the chosen experts' weights are gathered and read; for more
     (prefill) every expert runs densely and a [B, T, E] combine matrix (zero off the chosen k)
-    mixes them, which reads each expert once."""
+    mixes them, which reads each expert once. Targets that store the experts otherwise pick their
+    own form by the names in p: ONNX one conditional per expert (`expert<e>.*`), tflite LiteRT's
+    MoE op (`litert_moe`), which reads only the chosen experts in decode and prefill alike."""
     B, T, D = x.shape
     E, k = cfg.num_experts, cfg.top_k_experts
     r = rms_norm(x, None, cfg.norm_eps) * p["router_scale"] * jnp.asarray(D ** -0.5, x.dtype)
     probs = jax.nn.softmax(linear(r, p["router"]).astype(jnp.float32), axis=-1)   # [B, T, E]
     w, idx = _top_k(probs, k)                                                     # [B, T, k]
     w = w / w.sum(axis=-1, keepdims=True)
-    w = (w * p["expert_scale"][idx]).astype(x.dtype)                              # [B, T, k]
     h = norm(cfg, x, p["moe_norm"])                                               # [B, T, D]
+    if "experts_gate" + litert_moe.SUFFIX in p:
+        # the tflite target's stored form: LiteRT's "moe" op (it applies the expert scale)
+        return litert_moe.experts(h, w, idx, p, E, k).astype(x.dtype)
+    w = (w * p["expert_scale"][idx]).astype(x.dtype)                              # [B, T, k]
     if "expert0.gate_proj" in p:
         return _experts_branches(h, idx, w, p, E)
     experts = (p["experts_gate"], p["experts_up"], p["experts_down"])

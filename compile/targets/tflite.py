@@ -21,6 +21,10 @@ Weight forms (`weight_forms`, filled one tensor at a time from the lazy checkpoi
                   then the row's scale in the graph) and the projection (INT8 per channel, the same
                   rows and scales), stored once; `int4`: the lookup per-row int8, the projection
                   blockwise int4
+  expert stacks   Gemma 4's [E, in, out] stacks in the form LiteRT's MoE op reads
+                  (`compile.litert_moe`, which owns that op's contract): rows [out, E, 1, in],
+                  float32, per-row int8 or int4 blocks of 32 with float32 scales, one expert at
+                  a time from the source; the graph passes them to the op untouched
   norms           float32
 So memory holds the weights once, in their stored (quantized) form, plus the converter's copy.
 
@@ -41,8 +45,10 @@ import numpy as np
 from runtime import chat
 from runtime import contract as ct
 
+from .. import litert_moe
 from .. import model as gemma
 from ..weights import FLOAT_FORMATS, format_of, nbytes_of
+from ..weights.sources import Params, specs_of
 from ..weights import quant as wq
 from ..weights import tflite as container
 
@@ -88,6 +94,7 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
     weight, how it was quantized. Reads `params` one tensor at a time."""
     consts: dict[str, np.ndarray] = {}
     quantized: dict[str, container.Quantized] = {}
+    specs = specs_of(params)
     for name in params:
         if name == "ple_embed" and quant != "none":
             # Gemma 4's per-layer table: an int8 lookup in blocks, one row gathered per token,
@@ -97,6 +104,19 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
                 part = "ple_embed" + ("" if len(parts) == 1 else str(c))
                 consts[part + "_q"], consts[part + "_scale"] = q, scale
             del parts
+            if tick:
+                tick()
+            continue
+        if gemma.is_experts(name):
+            # Gemma 4's expert stacks: LiteRT's MoE op reads the chosen experts' rows itself
+            prefix = name.rsplit(".", 1)[0] + "."
+            wt = litert_moe.weight_type(quant, {k: specs[prefix + k][0]
+                                                for k in litert_moe.KEYS})
+            w, scale = litert_moe.stored_form(_part_reader(params, name), specs[name][0], wt)
+            consts[name + litert_moe.SUFFIX] = w
+            if scale is not None:
+                consts[name + litert_moe.SUFFIX + "_scale"] = scale
+            del w, scale
             if tick:
                 tick()
             continue
@@ -131,6 +151,14 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
     return consts, quantized
 
 
+def _part_reader(params, name: str):
+    """Reads expert e of the stack `name` alone where the source can."""
+    if isinstance(params, Params):
+        return params.tensors[name].get_part
+    stack = params[name]
+    return lambda e: stack[e]
+
+
 def graph_fn(fn, packed=frozenset()):
     """The traced signature function `fn(params, inputs)` over the stored forms: matmul weights
     back to [in, out] float (a CAST and a transpose the converter folds into FULLY_CONNECTED).
@@ -156,7 +184,7 @@ def graph_fn(fn, packed=frozenset()):
     return f
 
 
-def convert(traced, consts: dict, path: Path, progress=None, quantized=()) -> None:
+def convert(traced, consts: dict, path: Path, progress=None, quantized=None) -> None:
     """Writes the converter's flatbuffer (one signature per traced signature) to `path`. A
     constant shared by several names (the int8 embedding: lookup and projection) is named after
     the one in `quantized`."""
@@ -165,6 +193,7 @@ def convert(traced, consts: dict, path: Path, progress=None, quantized=()) -> No
     from litert_converter.mlir.dialects import arith
     from litert_converter.mlir._mlir_libs import converter_api_ext as conv
 
+    quantized = quantized or {}
     wspecs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in consts.items()}
     bar = progress(total=len(traced) + 1, desc="tflite trace+convert", unit="step") \
         if progress else None
@@ -186,9 +215,12 @@ def convert(traced, consts: dict, path: Path, progress=None, quantized=()) -> No
         # decode first: the interpreter's primary subgraph is the one that has every weight
         order = sorted(traced.items(), key=lambda kv: kv[1].signature.kind != ct.DECODE)
         for name, t in order:
-            exported = jax.export.export(jax.jit(graph_fn(t.fn, packed)), platforms=("cpu",))(
-                wspecs, {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
-                         for s in t.signature.inputs})
+            with litert_moe.emitting():   # Gemma 4's experts as LiteRT's MoE op
+                exported = jax.export.export(
+                    jax.jit(graph_fn(t.fn, packed)), platforms=("cpu",),
+                    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("tfl.custom")])(
+                    wspecs, {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
+                             for s in t.signature.inputs})
             flat = jax.tree_util.tree_leaves(({k: k for k in wspecs},
                                               {s.name: s.name for s in t.signature.inputs}))
             args = [flat[i] for i in sorted(exported.module_kept_var_idx)]
