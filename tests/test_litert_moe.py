@@ -115,3 +115,59 @@ def test_litert_runs_the_op_as_the_stored_forms_say(tmp_path, quant, atol):
         jax_out = jax.jit(fn)({k: jnp.asarray(v) for k, v in consts.items()},
                               {k: jnp.asarray(v) for k, v in inputs.items()})["out"]
         np.testing.assert_allclose(np.asarray(jax_out), want, atol=atol, rtol=1e-5)
+
+
+def test_options_kept_past_the_flatbuffer_come_back_inside_it(tmp_path):
+    """A converter file over 2 GB keeps custom ops' options after the flatbuffer (offset from
+    the file's start); `weights.tflite.finish` moves every buffer, so it must bring them inside.
+    The same op, with its options moved out as the converter does it, runs and gives the same
+    output after finish."""
+    import flatbuffers
+    from ai_edge_litert.interpreter import Interpreter
+    from litert_converter import schema_py_generated as S
+    from compile.targets import tflite
+    from compile.weights import tflite as container
+
+    rng = np.random.default_rng(1)
+    stacks = _stacks(rng)
+    consts = {"expert_scale": np.ones(E, np.float32)}
+    for name, s in stacks.items():
+        consts[name + litert_moe.SUFFIX], _ = litert_moe.stored_form(lambda e, s=s: s[e],
+                                                                     s.shape, "fp32")
+
+    def fn(p, inputs):
+        return {"out": litert_moe.experts(inputs["src"], inputs["top_w"], inputs["top_i"],
+                                          p, E, K)}
+    sig = ct.Signature("decode", ct.DECODE, 1, (ct.TensorSpec("src", (1, 1, D), "float32"),
+                                                ct.TensorSpec("top_w", (1, 1, K), "float32"),
+                                                ct.TensorSpec("top_i", (1, 1, K), "int32")),
+                       (ct.TensorSpec("out", (1, 1, D), "float32"),))
+    tflite.convert({"decode": SimpleNamespace(fn=fn, signature=sig)}, consts, tmp_path / "a.tflite")
+
+    model = S.ModelT.InitFromPackedBuf(bytearray((tmp_path / "a.tflite").read_bytes()), 0)
+    moved = []
+    for op in model.subgraphs[0].operators:
+        if op.customOptions is not None and len(op.customOptions):
+            moved.append(bytes(np.asarray(op.customOptions, np.uint8)))
+            op.customOptions = None
+    assert len(moved) == 1
+    b = flatbuffers.Builder(1 << 16)
+    # the offset is a uint64 either way: pack once to learn the size, then with the real offset
+    for offset in (1 << 40, None):
+        if offset is None:
+            offset = -(-len(head) // 16) * 16
+        for op in model.subgraphs[0].operators:
+            if S.BuiltinOperator.CUSTOM == model.operatorCodes[op.opcodeIndex].builtinCode:
+                op.largeCustomOptionsOffset, op.largeCustomOptionsSize = offset, len(moved[0])
+        b = flatbuffers.Builder(1 << 16)
+        b.Finish(model.Pack(b), file_identifier=b"TFL3")
+        head = bytes(b.Output())
+    (tmp_path / "b.tflite").write_bytes(head + b"\0" * (offset - len(head)) + moved[0])
+    container.finish(tmp_path / "b.tflite", tmp_path / "c.tflite", {})
+
+    inputs = {"src": rng.standard_normal((1, 1, D)).astype(np.float32),
+              "top_w": np.array([[[0.7, 0.3]]], np.float32), "top_i": np.array([[[3, 1]]], np.int32)}
+    want = Interpreter(model_path=str(tmp_path / "a.tflite")).get_signature_runner()(**inputs)
+    got = Interpreter(model_path=str(tmp_path / "c.tflite")).get_signature_runner()(**inputs)
+    np.testing.assert_array_equal(got["out"], want["out"])
+    assert np.abs(want["out"]).max() > 0

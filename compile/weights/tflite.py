@@ -12,6 +12,8 @@ converter a float [N, K] to type the matmul with. `finish` then rewrites the con
     (`BlockwiseQuantization`), which LiteRT's FULLY_CONNECTED kernels (builtin and XNNPACK) run
     as hybrid matmuls; the ops in between are removed. Every quantized parameter must end up read
     that way, or the rewrite fails (what the placeholder ops compute is not the weight).
+  * custom ops' options that a converter file over 2 GB keeps outside the flatbuffer (LiteRT's
+    MoE op) go back inside it, since every buffer moves;
   * the flatbuffer is written without its buffers (each buffer records an offset and size in the
     file, the format LiteRT uses for models over 2 GB), followed by each buffer's bytes, copied one
     buffer at a time from the converter's file through a memory map. So the rewrite never holds
@@ -77,6 +79,7 @@ def finish(src: Path, dst: Path, quantized: dict[str, Quantized]) -> dict:
         sources = [_source(mm, b) for b in model.buffers]     # (offset, size) in src, or None
         new_data: dict[int, np.ndarray] = {}                   # buffer index -> replacement bytes
         done = _rewrite(S, model, quantized, sources, new_data)
+        _inline_custom_options(model, mm)
         _write(S, model, mm, sources, new_data, Path(dst))
         return done
     finally:
@@ -86,6 +89,21 @@ def finish(src: Path, dst: Path, quantized: dict[str, Quantized]) -> dict:
             mm.close()
         except BufferError:   # a view still alive (e.g. in a traceback): the map goes with it
             pass
+
+
+def _inline_custom_options(model, mm) -> None:
+    """A converter file over 2 GB keeps each custom op's options after the flatbuffer
+    (`large_custom_options_offset/size`, from the file's start); the rewritten file moves every
+    buffer, so they go back inside the flatbuffer (a few hundred bytes each: LiteRT's MoE op)."""
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if op.largeCustomOptionsSize:
+                start, size = int(op.largeCustomOptionsOffset), int(op.largeCustomOptionsSize)
+                if start + size > len(mm):
+                    raise ValueError(f"tflite: custom options at {start}+{size} lie past the "
+                                     f"converter's file ({len(mm)} bytes)")
+                op.customOptions = np.frombuffer(bytes(mm[start:start + size]), np.uint8)
+                op.largeCustomOptionsOffset = op.largeCustomOptionsSize = 0
 
 
 def _source(mm, buf) -> tuple[int, int] | None:
