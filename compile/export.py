@@ -336,6 +336,12 @@ def main(argv=None) -> int:
                    metavar="DIR", help="also build the tflite target and copy its .litertlm bundle "
                                        "to DIR (default: android_demo/model), printing the adb "
                                        "command that puts it on the phone")
+    p.add_argument("--lora", default=None, metavar="PEFT_DIR",
+                   help="merge a LoRA adapter (the directory PEFT's save_pretrained writes) into "
+                        "the checkpoint before export (default --out: artifacts/<variant>-<adapter "
+                        "directory name>)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="multiply the adapter's update by this (default 1)")
     p.add_argument("--mesh", default=None,
                    help="xla-tpu: model=M splits the model over M chips (default: all chips)")
     args = p.parse_args(argv)
@@ -374,8 +380,15 @@ def main(argv=None) -> int:
         print(f"loaded {ck.config.name} ({ck.config.num_params() / 1e6:.0f}M parameters) from "
               f"{ck.source.get('path', ck.source.get('format'))} in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
+        if args.lora:
+            from . import lora
+            ck = lora.apply(ck, args.lora, args.lora_scale,
+                            log=lambda m: print(m, file=sys.stderr))
+        elif args.lora_scale != 1.0:
+            raise ValueError("--lora-scale needs --lora PEFT_DIR")
         contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context)
-        out = Path(args.out or f"artifacts/{ck.config.name}")
+        default_out = ck.config.name + (f"-{Path(args.lora).resolve().name}" if args.lora else "")
+        out = Path(args.out or f"artifacts/{default_out}")
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:

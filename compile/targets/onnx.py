@@ -121,6 +121,17 @@ def _native_layout(params, name: str):
     return lay
 
 
+MERGED_QUANT = "int8"   # `native`: a weight a LoRA adapter changed is float; it takes this recipe
+
+
+def _own_quant(params, name: str, quant: str) -> str:
+    """The recipe of one tensor: `native` keeps a checkpoint's blocks, except for weights a LoRA
+    adapter changed (`Params.merged`), which are float now and take the float recipe."""
+    if quant == "native" and name in getattr(params, "merged", ()):
+        return MERGED_QUANT
+    return quant
+
+
 def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
     """Whether `name` reaches the graph as Blocks (a MatMulNBits weight)."""
     if not (gemma.is_linear(name) or (name == "embed" and not float_embedding)) \
@@ -131,6 +142,7 @@ def quantized(params, name: str, quant: str, float_embedding: bool) -> bool:
              else np.shape(params[name])) if name in params else None
     if shape is not None and gemma.is_linear(name) and shape[0] % BLOCK:
         return False   # inputs that do not fill a block (a tiny model's 8-wide PLE) stay float
+    quant = _own_quant(params, name, quant)
     if quant == "native":
         return _native_layout(params, name) is not None
     return quant != "none"
@@ -266,7 +278,8 @@ def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None
         if not quantized(params, name, quant, float_embedding):
             yield name, np.ascontiguousarray(params[name], np.float32)
             continue
-        if quant == "native":
+        own = _own_quant(params, name, quant)
+        if own == "native":
             blocks = params.native(name)
             if name == "embed":
                 yield "embed_q", blocks.q
@@ -277,15 +290,15 @@ def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None
             w = params[name]
             rows = np.ascontiguousarray(w.T if name != "embed" else w, np.float32)   # [N, K]
             del w
-            bits, asym = recipe(name, quant)
+            bits, asym = recipe(name, own)
             if asym:
-                blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=quant)
+                blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=own)
             elif bits == 8:   # the lookup's table (embed) stays symmetric
-                blocks = int8_blocks(rows, quant, asymmetric_ok=name != "embed")
+                blocks = int8_blocks(rows, own, asymmetric_ok=name != "embed")
             else:             # the max-scaled 4-bit blocks tflite stores too
-                blocks = wq.Blocks(4, BLOCK, *wq.int_blocks(rows, 4, BLOCK), source=quant)
+                blocks = wq.Blocks(4, BLOCK, *wq.int_blocks(rows, 4, BLOCK), source=own)
             if name == "embed":   # the lookup: int8 blocks, the projection's when int8
-                lookup = blocks if bits == 8 else int8_blocks(rows, quant, asymmetric_ok=False)
+                lookup = blocks if bits == 8 else int8_blocks(rows, own, asymmetric_ok=False)
                 yield "embed_q", lookup.q
                 yield "embed_scale", lookup.scale
                 del lookup
@@ -316,19 +329,21 @@ def tensor_formats(params, quant: str, float_embedding: bool, activations: str =
         if name == "ple_embed" and quantized_table(params, quant):
             out[name] = f"int8 lookup table, blocks of {BLOCK} (Gather)"
             continue
+        own = _own_quant(params, name, quant)
         if not quantized(params, name, quant, float_embedding):
             out[name] = float32_record(params, name)
-        elif quant == "native":
+        elif own == "native":
             bits, block, bias = _native_layout(params, name)
             out[name] = (f"{src} kept: MatMulNBits {8 if bits > 4 else 4}-bit, block {block}"
                          + (halves if bits > 4 else "") + (", + block-sum bias" if bias else ""))
         else:
-            bits, asym = recipe(name, quant)
+            bits, asym = recipe(name, own)
             asym = (chosen or {}).get(name, asym)
-            out[name] = f"{quant}: MatMulNBits {bits}-bit, block {BLOCK}, " + \
+            out[name] = f"{own}: MatMulNBits {bits}-bit, block {BLOCK}, " + \
                 ("asymmetric (+ block-sum bias)" if asym else "symmetric") + \
                 (halves if bits > 4 else "") + \
-                (f" (re-quantized from {src})" if src not in FLOAT_FORMATS else "")
+                (f" (re-quantized from {src})" if src not in FLOAT_FORMATS else "") + \
+                (" (LoRA merged)" if own != quant else "")
     return out
 
 

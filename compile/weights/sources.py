@@ -85,7 +85,10 @@ def check_finite(a: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
 
 
 class Params(Mapping):
-    """Parameter name -> array, each read on access and not kept."""
+    """Parameter name -> array, each read on access and not kept. `merged` names the weights a
+    LoRA adapter changed (`compile.lora.merge`): float now, whatever the checkpoint stored."""
+
+    merged: frozenset = frozenset()
 
     def __init__(self, tensors: Mapping[str, Tensor]):
         self.tensors = dict(tensors)
@@ -206,7 +209,9 @@ def split_experts(params: Mapping) -> Mapping:
             tensors[name] = Tensor(name, tuple(t.shape[1:]), t.dtype,
                                    (lambda t=t, e=e: t.get_part(e)),
                                    f"{t.origin or n} [expert {e}]", t.format)
-    return Params(tensors)
+    out = Params(tensors)
+    out.merged = params.merged
+    return out
 
 
 def specs_of(params: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

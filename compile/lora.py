@@ -1,0 +1,265 @@
+"""LoRA adapters as Hugging Face PEFT saves them, read, checked against a base, and merged.
+
+A PEFT directory (`save_pretrained`) holds `adapter_config.json` and `adapter_model.safetensors`
+with, per adapted matmul, `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight`
+[out, r] (torch's [out, in] convention). PEFT's forward adds `scaling * B @ A x` to the module's
+output, with scaling = alpha / r (alpha / sqrt(r) under `use_rslora`), r and alpha per module from
+`rank_pattern` / `alpha_pattern` (a key matches a module whose name ends with it), else `r` and
+`lora_alpha`. Merged into our [in, out] weight that is W + s * scaling * (B @ A)^T, for a user's
+extra scale s.
+
+Module names are transformers' (the HF loader's map, `checkpoints.hf`), so one adapter applies to
+a Hugging Face base and to a GGUF of the same model alike. Modules the base has no weight for
+because its model computes none (Gemma 4's KV-shared layers' k/v projections, which transformers
+also leaves unused) change nothing and are skipped; any other unknown module is an error.
+
+What PEFT can express beyond plain LoRA on linear layers is refused by name before anything is
+read: other adapter types, DoRA, biases, `modules_to_save`, LoRA on embeddings or the output
+layer, trainable tokens, layer replication, activated LoRA, and the rest that changes the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import GemmaConfig
+from .weights import Params
+from .weights.sources import Tensor
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# adapter_config.json keys that do not change the forward of a saved adapter (or are checked
+# separately); any other key with a set value is refused by name
+_HARMLESS = {
+    "peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern",
+    "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
+    "base_model_name_or_path", "revision", "task_type", "inference_mode", "init_lora_weights",
+    "lora_dropout", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying", "bias", "fan_in_fan_out",
+    # initialisation schemes: they chose the saved A and B, which is all a merge needs
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+}
+_WHY = {
+    "use_dora": "DoRA (weight-decomposed LoRA) rescales each merged column by its norm",
+    "modules_to_save": "modules_to_save replaces whole modules, not a low-rank update",
+    "lora_bias": "LoRA biases add a bias term that Gemma's matmuls do not have",
+    "trainable_token_indices": "trainable tokens change embedding rows",
+    "layer_replication": "layer replication changes the number of layers",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools its inputs",
+    "target_parameters": "LoRA on parameters (e.g. Gemma 4's expert stacks)",
+}
+
+
+class AdapterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Module:
+    """One adapted matmul: our parameter `name` ([in, out]) gets scaling * (b @ a)^T."""
+    name: str
+    peft_name: str            # the adapter's module name, for messages
+    a: np.ndarray             # [r, in]
+    b: np.ndarray             # [out, r]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def delta(self, scale: float = 1.0) -> np.ndarray:
+        """The update of our [in, out] weight, float32."""
+        return ((scale * self.scaling) * (self.b.astype(np.float64) @ self.a.astype(np.float64))
+                ).T.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    path: Path
+    modules: dict[str, Module]      # our parameter name -> module
+    skipped: tuple[str, ...]        # PEFT modules with no effect on this base (see above)
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Our short names of the adapted matmuls (q_proj, v_proj, ...)."""
+        return tuple(sorted({n.rsplit(".", 1)[-1] for n in self.modules}))
+
+
+def read_config(path: Path) -> dict:
+    f = path / CONFIG_FILE
+    if not f.exists():
+        raise AdapterError(f"{path}: no {CONFIG_FILE} (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{f}: invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{f}: not a JSON object")
+    kind = cfg.get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(f"{f}: peft_type {kind!r} is not supported; only LoRA adapters "
+                           f"(peft_type LORA) are")
+    for key, why in _WHY.items():
+        if cfg.get(key):
+            raise AdapterError(f"{f}: {key} is not supported ({why}); only plain LoRA on "
+                               f"linear layers merges into the base's weights")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{f}: bias {cfg['bias']!r} is not supported (Gemma's matmuls have "
+                           f"no bias); only bias 'none'")
+    if cfg.get("fan_in_fan_out"):
+        raise AdapterError(f"{f}: fan_in_fan_out is not supported (no Gemma module stores "
+                           f"[in, out] weights)")
+    for key, value in cfg.items():
+        if key not in _HARMLESS and key not in _WHY and value not in (None, False, {}, [], ""):
+            raise AdapterError(f"{f}: {key} is not supported (it is not plain LoRA)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key, 8), (int, float)) or cfg.get(key, 8) <= 0:
+            raise AdapterError(f"{f}: {key} must be a positive number, not {cfg.get(key)!r}")
+    return cfg
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the
+    module's name (`peft.utils.other.get_pattern_key`)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
+    """The adapter at `path`, checked against the base (`cfg`, `base`'s names and shapes)."""
+    from .checkpoints import hf
+    from .weights import safetensors
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a directory (a PEFT adapter is the directory "
+                           f"save_pretrained writes)")
+    conf = read_config(path)
+    wfile = path / WEIGHTS_FILE
+    if not wfile.exists():
+        raise AdapterError(f"{path}: no {WEIGHTS_FILE} (PEFT's .bin adapters are not read: "
+                           f"save with safe_serialization=True)")
+    try:
+        entries = safetensors.read(wfile)
+    except safetensors.SafetensorsError as e:
+        raise AdapterError(str(e)) from None
+    pairs: dict[str, dict[str, object]] = {}
+    for key, entry in entries.items():
+        if "lora_embedding_" in key:
+            raise AdapterError(f"{wfile}: {key}: LoRA on embeddings is not supported")
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if not m:
+            raise AdapterError(f"{wfile}: tensor {key} is not a LoRA A/B matrix (only plain "
+                               f"LoRA adapters are supported)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = entry
+    specs = base.specs()
+    layers = conf.get("layers_to_transform")
+    layers = {layers} if isinstance(layers, int) else set(layers) if layers else None
+    modules, skipped = {}, []
+    for peft_name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{wfile}: module {peft_name} has lora_{''.join(ab)} only")
+        module = peft_name[len(PREFIX):] if peft_name.startswith(PREFIX) else peft_name
+        if module.split(".")[-1] in ("embed_tokens", "lm_head"):
+            raise AdapterError(f"{wfile}: module {module}: LoRA on the embedding/output layer "
+                               f"is not supported")
+        mapped = hf._hf_to_ours(cfg, module + ".weight")
+        if mapped is None or mapped[1] != "linear":
+            raise AdapterError(f"{wfile}: module {module} is not a linear layer of a "
+                               f"{cfg.name} model")
+        ours = mapped[0]
+        layer = int(ours.split(".")[1]) if ours.startswith("layers.") else None
+        if layers is not None and layer is not None and layer not in layers:
+            raise AdapterError(f"{wfile}: module {module} is in layer {layer}, which "
+                               f"layers_to_transform {sorted(layers)} leaves out")
+        if ours not in specs:
+            if _unused_kv(cfg, ours):
+                skipped.append(module)
+                continue
+            raise AdapterError(f"{wfile}: module {module} has no weight in the base "
+                               f"({cfg.name}): an adapter for another model?")
+        n_in, n_out = specs[ours][0]
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0] if len(a.shape) == 2 else None
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != n_in or \
+                b.shape != (n_out, r):
+            raise AdapterError(
+                f"{wfile}: module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                f"do not fit the base's {ours} ({n_in} inputs, {n_out} outputs; A must be "
+                f"[r, {n_in}], B [{n_out}, r]): an adapter for another model?")
+        want_r = _pattern_value(conf.get("rank_pattern"), module, conf.get("r", 8))
+        if want_r != r:
+            raise AdapterError(f"{wfile}: module {module} has rank {r}, but "
+                               f"{CONFIG_FILE} says {want_r}")
+        alpha = _pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", 8))
+        scaling = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
+        modules[ours] = Module(ours, module, _load(a, wfile, module, "A"),
+                               _load(b, wfile, module, "B"), float(scaling))
+    if not modules:
+        raise AdapterError(f"{wfile}: no LoRA module applies to {cfg.name}")
+    return Adapter(path, modules, tuple(skipped))
+
+
+def _load(entry, wfile: Path, module: str, which: str) -> np.ndarray:
+    a = entry.load().astype(np.float32)
+    if not np.isfinite(a).all():
+        raise AdapterError(f"{wfile}: module {module}: lora_{which} has non-finite values")
+    return a
+
+
+def _unused_kv(cfg: GemmaConfig, ours: str) -> bool:
+    """Our name of a k/v projection that the model never computes (KV-shared layers, and v
+    under k_eq_v, which transformers' Gemma 4 leaves unused)."""
+    parts = ours.split(".")
+    return (cfg.family == 4 and len(parts) == 3 and parts[2] in ("k_proj", "v_proj"))
+
+
+def merge(params: Params, adapter: Adapter, scale: float = 1.0) -> Params:
+    """The base's params with every adapted weight replaced by its merge, read lazily (one
+    tensor at a time, like the base). A merged weight is float32 whatever the base stored, so
+    quantizing targets quantize it with their float recipe; `merged` names them."""
+    if not math.isfinite(scale):
+        raise AdapterError(f"--lora-scale must be a finite number, not {scale}")
+    tensors = dict(params.tensors)
+    for name, m in adapter.modules.items():
+        t = tensors[name]
+        tensors[name] = replace(
+            t, read=(lambda t=t, m=m: (t.get() + m.delta(scale)).astype(np.float32)),
+            origin=f"{t.origin or name} + LoRA {m.peft_name}", format="F32", blocks=None)
+    out = Params(tensors)
+    out.merged = frozenset(adapter.modules)
+    return out
+
+
+def apply(ck, path: str | Path, scale: float = 1.0, log=None):
+    """The checkpoint `ck` with the PEFT adapter at `path` merged (times `scale`); its source
+    record names the adapter (path, sha256 of its weights, scale, rank, targets)."""
+    import dataclasses
+    from runtime.manifest import sha256_file
+    adapter = read(path, ck.config, ck.params)
+    if log and adapter.skipped:
+        log(f"LoRA: {len(adapter.skipped)} module(s) skipped, the model computes no output "
+            f"from them: {', '.join(adapter.skipped[:4])}{' ...' if len(adapter.skipped) > 4 else ''}")
+    params = merge(ck.params, adapter, scale)
+    source = {**ck.source, "lora": {
+        "path": str(adapter.path), "sha256": sha256_file(adapter.path / WEIGHTS_FILE),
+        "scale": scale, "rank": adapter.rank, "targets": list(adapter.targets),
+        "modules": len(adapter.modules)}}
+    if log:
+        log(f"LoRA: merged {len(adapter.modules)} matmuls (rank <= {adapter.rank}, "
+            f"{', '.join(adapter.targets)}) from {adapter.path}, scale {scale:g}")
+    return dataclasses.replace(ck, params=params, source=source)
