@@ -11,6 +11,10 @@ target and weight file shares one naming. Linear weights are stored [in, out] an
 2-D matmuls: every target lowers those to its fastest kernel (FULLY_CONNECTED, MatMul/MatMulNBits,
 dot) without reshaping einsums.
 
+A matmul of `runtime.contract.LORA_TARGETS` may carry a run-time low-rank slot beside its weight
+(`project`: `<name>_lora_a` [in, R], `<name>_lora_b` [R, out]), which adds (x A) B; a LoRA adapter
+merged at export (`compile.lora`) changes the weight itself instead.
+
 The tied embedding is `embed` [V, D]. A target that quantizes may add `embed_q` (int8 [V, D]) and
 `embed_scale` (float [V], or [V, D / b] per block of b inputs, with an optional `embed_bias` of the
 same shape: row = scale * q + bias per block) for the lookup, keeping `embed` for the output projection only: the two
@@ -219,6 +223,19 @@ def linear(x, w):
     return jnp.matmul(x, w)
 
 
+LORA_A, LORA_B = "_lora_a", "_lora_b"   # p[<matmul> + LORA_A]: a run-time low-rank slot
+
+
+def project(x, p: dict, name: str):
+    """x @ p[name], plus (x @ A) @ B where p holds a low-rank slot for that matmul
+    (`runtime.contract.LoraSlot`: A [in, R], B [R, out], the adapter's scaling folded into B;
+    zeros give the base model)."""
+    y = linear(x, p[name])
+    if name + LORA_A in p:
+        y = y + linear(linear(x, p[name + LORA_A]), p[name + LORA_B])
+    return y
+
+
 def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
@@ -237,14 +254,14 @@ def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: 
     base, scale, fraction = ((cfg.rope_base_local, 1.0, 1.0) if local else
                              (cfg.rope_base_global, cfg.rope_scale_global,
                               cfg.rope_fraction_global))
-    q = linear(x, p["q_proj"]).reshape(B, T, N, H)                                # [B, T, N, H]
+    q = project(x, p, "q_proj").reshape(B, T, N, H)                                # [B, T, N, H]
     if cfg.qk_norm:
         q = norm(cfg, q, p["q_norm"])
     q = rope(q, positions, base, scale, fraction) * cfg.query_scale
     if shared is None:
-        k = linear(x, p["k_proj"]).reshape(B, T, K, H)                            # [B, T, K, H]
+        k = project(x, p, "k_proj").reshape(B, T, K, H)                            # [B, T, K, H]
         # k_eq_v: the values are the keys' projection before its norm and RoPE
-        v = k if cfg.layer_k_eq_v(layer) else linear(x, p["v_proj"]).reshape(B, T, K, H)
+        v = k if cfg.layer_k_eq_v(layer) else project(x, p, "v_proj").reshape(B, T, K, H)
         if cfg.qk_norm:
             k = norm(cfg, k, p["k_norm"])
         if cfg.v_norm:
@@ -294,7 +311,7 @@ def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: 
             mix((w / total).astype(x.dtype).reshape(B, K, G * T, -1), seg[1])
             for w, seg in zip(weights, segments)])                                 # [B, K, G*T, H]
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)                      # [B, T, K, G, H]
-    return linear(out.reshape(B, T, N * H), p["o_proj"]), new_cache, segments     # [B, T, D]
+    return project(out.reshape(B, T, N * H), p, "o_proj"), new_cache, segments     # [B, T, D]
 
 
 def layer_params(params, i: int) -> dict:
@@ -446,9 +463,9 @@ def block(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache=None, rows:
         h = norm(cfg, h, p["post_attn_norm"])
     x = x + h
     h = norm(cfg, x, p["ffn_norm"])
-    gate = jax.nn.gelu(linear(h, p["gate_proj"]), approximate=True)
-    h = gate * linear(h, p["up_proj"])
-    h = linear(h, p["down_proj"])
+    gate = jax.nn.gelu(project(h, p, "gate_proj"), approximate=True)
+    h = gate * project(h, p, "up_proj")
+    h = project(h, p, "down_proj")
     if cfg.num_experts:
         h = norm(cfg, h, p["post_mlp_norm"]) + norm(cfg, moe(cfg, p, x), p["post_moe_norm"])
     if cfg.post_norms:

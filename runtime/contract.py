@@ -46,6 +46,10 @@ a layer that owns no cache (Gemma 4's KV-shared layers read a producer's) simply
 cache names may have gaps, and `KVLayout.owner(i)` says whose cache it reads. `attention_layers`
 states these rules once for the compiler and every backend.
 
+LoRA slots (`lora_slots`): the q/k/v/o/gate/up/down matmuls a model computes, each with its input
+and output widths, derived from the config alone like the KV layout; a slot takes A [in, R] and
+B [R, out] (`LoraSlot.a_name`, `b_name`) and adds (x A) B to the matmul's output.
+
 Manifest (`manifest.json`, version `SCHEMA_VERSION`; versions `READABLE_VERSIONS` are read), checked
 by `validate` with errors that name the bad field; unknown fields are ignored (version 1 artifacts
 carried `kv_layout`, and onnx records `dynamic_length`, `past_window` and `output_names`, which this
@@ -217,6 +221,54 @@ def attention_layers(config) -> tuple[LayerAttention, ...]:
                                  f"layer, and there is none")
             owner = producers[-1]
         out.append(LayerAttention(i, kind, kv, hd, int(window) if kind == LOCAL else None, owner))
+    return tuple(out)
+
+
+# -- LoRA slots ---------------------------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSlot:
+    """One matmul that can take a low-rank update at run time: y = x W + (x A) B, with
+    A [n_in, R] and B [R, n_out] (zero: the base model)."""
+    layer: int
+    target: str              # one of LORA_TARGETS
+    n_in: int
+    n_out: int
+
+    @property
+    def a_name(self) -> str:
+        return f"lora_{self.target}_a_{self.layer}"
+
+    @property
+    def b_name(self) -> str:
+        return f"lora_{self.target}_b_{self.layer}"
+
+
+def lora_slots(config, targets=LORA_TARGETS) -> tuple[LoraSlot, ...]:
+    """The matmuls of `targets` that the model computes, layer by layer, with their widths (from
+    `attention_layers`): a KV-shared layer computes no k/v projection, a k_eq_v global layer no
+    v projection, and a KV-shared layer's FFN is twice as wide under `double_wide_mlp`."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(LORA_TARGETS)}")
+    D, N = int(_get(config, "d_model")), int(_get(config, "num_heads"))
+    F = int(_get(config, "ffn_dim"))
+    wide, k_eq_v = bool(_get(config, "double_wide_mlp", False)), bool(_get(config, "k_eq_v", False))
+    out = []
+    for a in attention_layers(config):
+        producer = a.owner == a.layer
+        f = F * (2 if wide and not producer else 1)
+        dims = {"q_proj": (D, N * a.head_dim), "o_proj": (N * a.head_dim, D),
+                "gate_proj": (D, f), "up_proj": (D, f), "down_proj": (f, D)}
+        if producer:
+            dims["k_proj"] = (D, a.kv_heads * a.head_dim)
+            if not (k_eq_v and a.kind == GLOBAL):
+                dims["v_proj"] = (D, a.kv_heads * a.head_dim)
+        out += [LoraSlot(a.layer, t, *dims[t]) for t in LORA_TARGETS if t in targets and t in dims]
     return tuple(out)
 
 

@@ -223,3 +223,54 @@ def test_bad_adapters_are_refused_by_name_and_nothing_is_written(base_and_adapte
     assert "Traceback" not in r.stderr
     assert message in r.stderr or __import__("re").search(message, r.stderr), r.stderr[-2000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["gemma-2b", "gemma2-27b", "gemma3-270m", "gemma4-e2b",
+                                     "gemma4-e4b", "gemma4-26b-a4b", "gemma4-31b",
+                                     "gemma4-e2b-tiny", "gemma4-26b-a4b-tiny"])
+def test_lora_slots_are_the_matmuls_the_model_has(variant):
+    """The contract's slot widths (from the manifest's config alone) are the model's matmul
+    shapes, and exactly the matmuls it computes (no k/v on KV-shared layers, no v under k_eq_v,
+    double-wide FFNs)."""
+    from compile.model import param_shapes
+    from runtime import contract as ct
+    cfg = get_variant(variant)
+    shapes = param_shapes(cfg)
+    slots = ct.lora_slots(cfg.to_dict())
+    assert {(f"layers.{s.layer}.{s.target}", (s.n_in, s.n_out)) for s in slots} == \
+        {(n, shape) for n, shape in shapes.items() if n.rsplit(".", 1)[-1] in ct.LORA_TARGETS}
+    assert [s.target for s in ct.lora_slots(cfg.to_dict(), ("v_proj",))] == \
+        ["v_proj"] * sum(n.endswith(".v_proj") for n in shapes)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        ct.lora_slots(cfg.to_dict(), ("q_proj", "lm_head"))
+
+
+@pytest.mark.parametrize("variant", ["gemma3-270m-tiny", "gemma4-e2b-tiny"])
+def test_run_time_slots_equal_the_merged_weights(tmp_path, variant):
+    """The model with an adapter in its low-rank slots (A = lora_A^T, B = scaling * lora_B^T,
+    zero-padded to a larger rank) equals the model on the merged weights; zero slots equal the
+    base."""
+    from compile import model as gemma
+    cfg = get_variant(variant)
+    hf_model = write_hf_checkpoint(cfg, tmp_path / "base")
+    _adapter(hf_model, tmp_path / "ad", target_modules=["q_proj", "v_proj", "o_proj", "up_proj"])
+    ck = load(tmp_path / "base")
+    adapter = lora.read(tmp_path / "ad", ck.config, ck.params)
+    R = 8
+    base = {k: np.asarray(v) for k, v in ck.params.items()}
+    slots, zeros = dict(base), dict(base)
+    for name, m in adapter.modules.items():
+        n_in, n_out = base[name].shape
+        a, b = np.zeros((n_in, R), np.float32), np.zeros((R, n_out), np.float32)
+        a[:, :m.rank], b[:m.rank] = m.a.T, (m.scaling * m.b).T
+        slots[name + gemma.LORA_A], slots[name + gemma.LORA_B] = a, b
+        zeros[name + gemma.LORA_A], zeros[name + gemma.LORA_B] = np.zeros_like(a), np.zeros_like(b)
+    tokens = _tokens(cfg)
+    np.testing.assert_allclose(_ours(SimpleCk(ck.config, slots), tokens),
+                               _ours(lora.apply(ck, tmp_path / "ad"), tokens), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(_ours(SimpleCk(ck.config, zeros), tokens), _ours(ck, tokens))
+
+
+class SimpleCk:
+    def __init__(self, config, params):
+        self.config, self.params = config, params
