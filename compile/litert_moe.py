@@ -57,12 +57,15 @@ _emit = threading.local()
 
 @contextlib.contextmanager
 def emitting():
-    """While active, `experts` lowers to LiteRT's custom op (the tflite target's trace)."""
+    """While active (in this thread), `experts` lowers to LiteRT's custom op: the tflite target's
+    trace. JAX caches a jitted function's lowering, so trace a fresh function inside it (the
+    tflite target wraps each signature anew)."""
+    was = getattr(_emit, "on", False)
     _emit.on = True
     try:
         yield
     finally:
-        _emit.on = False
+        _emit.on = was
 
 
 def weight_type(quant: str, shapes: dict[str, tuple[int, ...]]) -> str:
@@ -164,6 +167,7 @@ def _primitive():
 
 
 _PRIM = None
+_PRIM_LOCK = threading.Lock()
 
 
 def experts(h, top_w, top_i, p: dict, E: int, k: int):
@@ -172,8 +176,9 @@ def experts(h, top_w, top_i, p: dict, E: int, k: int):
     (`<key>_litert`, `<key>_litert_scale`, and `expert_scale`)."""
     import jax.numpy as jnp
     global _PRIM
-    if _PRIM is None:
-        _PRIM = _primitive()
+    with _PRIM_LOCK:
+        if _PRIM is None:
+            _PRIM = _primitive()
     g = p[KEYS[0] + SUFFIX]
     I, D = g.shape[0], h.shape[-1]
     scaled = KEYS[0] + SUFFIX + "_scale" in p

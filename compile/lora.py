@@ -44,9 +44,17 @@ _HARMLESS = {
     "base_model_name_or_path", "revision", "task_type", "inference_mode", "init_lora_weights",
     "lora_dropout", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
     "ensure_weight_tying", "bias", "fan_in_fan_out",
-    # initialisation schemes: they chose the saved A and B, which is all a merge needs
+    # initialisation settings: those that rewrite the base weights are refused through
+    # init_lora_weights (_REWRITES_BASE); the rest only chose the saved A and B
     "loftq_config", "eva_config", "corda_config", "lora_ga_config",
 }
+# init_lora_weights values whose initialisation also changed the base weights (PiSSA, OLoRA,
+# CorDA, LoftQ, LoRA-GA): the saved A and B then belong to that changed base
+_REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# modules of a multimodal checkpoint outside its text model: an adapter on them (PEFT's
+# "all-linear" adapts them too) changes no text output
+_NOT_TEXT = ("vision_tower.", "audio_tower.", "multi_modal_projector.", "embed_vision.",
+             "embed_audio.")
 _WHY = {
     "use_dora": "DoRA (weight-decomposed LoRA) rescales each merged column by its norm",
     "modules_to_save": "modules_to_save replaces whole modules, not a low-rank update",
@@ -78,8 +86,7 @@ class Module:
 
     def delta(self, scale: float = 1.0) -> np.ndarray:
         """The update of our [in, out] weight, float32."""
-        return ((scale * self.scaling) * (self.b.astype(np.float64) @ self.a.astype(np.float64))
-                ).T.astype(np.float32)
+        return ((scale * self.scaling) * (self.b @ self.a)).T.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -125,10 +132,41 @@ def read_config(path: Path) -> dict:
     for key, value in cfg.items():
         if key not in _HARMLESS and key not in _WHY and value not in (None, False, {}, [], ""):
             raise AdapterError(f"{f}: {key} is not supported (it is not plain LoRA)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
+        raise AdapterError(f"{f}: init_lora_weights {init!r} is not supported: that "
+                           f"initialisation also rewrote the base weights, so the adapter is "
+                           f"valid only on the rewritten base (save it with PEFT's "
+                           f"path_initial_model_for_weight_conversion to make it a plain LoRA)")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key, 8), (int, float)) or cfg.get(key, 8) <= 0:
+        if not _positive(cfg.get(key, 8)):
             raise AdapterError(f"{f}: {key} must be a positive number, not {cfg.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{f}: {key} must be an object (module pattern -> number), not "
+                               f"{pattern!r}")
+        for k, v in pattern.items():
+            if not _positive(v):
+                raise AdapterError(f"{f}: {key}[{k!r}] must be a positive number, not {v!r}")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise AdapterError(f"{f}: {key} key {k!r} is not a valid pattern ({e})") from None
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (_whole(layers) or isinstance(layers, list)
+                                   and all(_whole(i) for i in layers)):
+        raise AdapterError(f"{f}: layers_to_transform must be a layer index or a list of them, "
+                           f"not {layers!r}")
     return cfg
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -165,7 +203,11 @@ def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
         if not m:
             raise AdapterError(f"{wfile}: tensor {key} is not a LoRA A/B matrix (only plain "
                                f"LoRA adapters are supported)")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = entry
+        ab = pairs.setdefault(m.group(1), {})
+        if m.group(2) in ab:
+            raise AdapterError(f"{wfile}: module {m.group(1)} has more than one lora_{m.group(2)} "
+                               f"(several adapters in one file); save one adapter per directory")
+        ab[m.group(2)] = entry
     specs = base.specs()
     layers = conf.get("layers_to_transform")
     layers = {layers} if isinstance(layers, int) else set(layers) if layers else None
@@ -174,6 +216,9 @@ def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{wfile}: module {peft_name} has lora_{''.join(ab)} only")
         module = peft_name[len(PREFIX):] if peft_name.startswith(PREFIX) else peft_name
+        if any(part in module + "." for part in _NOT_TEXT):
+            skipped.append(module)
+            continue
         if module.split(".")[-1] in ("embed_tokens", "lm_head"):
             raise AdapterError(f"{wfile}: module {module}: LoRA on the embedding/output layer "
                                f"is not supported")
@@ -231,7 +276,8 @@ def _unused_kv(cfg: GemmaConfig, ours: str) -> bool:
 def merge(params: Params, adapter: Adapter, scale: float = 1.0) -> Params:
     """The base's params with every adapted weight replaced by its merge, read lazily (one
     tensor at a time, like the base). A merged weight is float32 whatever the base stored, so
-    quantizing targets quantize it with their float recipe; `merged` names them."""
+    quantizing targets quantize it with their float recipe; `merged` maps each to the format its
+    checkpoint stored it in (onnx `native` re-quantizes only those that were blocks)."""
     if not math.isfinite(scale):
         raise AdapterError(f"--lora-scale must be a finite number, not {scale}")
     tensors = dict(params.tensors)
@@ -241,7 +287,7 @@ def merge(params: Params, adapter: Adapter, scale: float = 1.0) -> Params:
             t, read=(lambda t=t, m=m: (t.get() + m.delta(scale)).astype(np.float32)),
             origin=f"{t.origin or name} + LoRA {m.peft_name}", format="F32", blocks=None)
     out = Params(tensors)
-    out.merged = frozenset(adapter.modules)
+    out.merged = {**params.merged, **{n: params.tensors[n].format for n in adapter.modules}}
     return out
 
 
@@ -252,11 +298,12 @@ def apply(ck, path: str | Path, scale: float = 1.0, log=None):
     from runtime.manifest import sha256_file
     adapter = read(path, ck.config, ck.params)
     if log and adapter.skipped:
-        log(f"LoRA: {len(adapter.skipped)} module(s) skipped, the model computes no output "
+        log(f"LoRA: {len(adapter.skipped)} module(s) skipped, the text model computes no output "
             f"from them: {', '.join(adapter.skipped[:4])}{' ...' if len(adapter.skipped) > 4 else ''}")
     params = merge(ck.params, adapter, scale)
     source = {**ck.source, "lora": {
         "path": str(adapter.path), "sha256": sha256_file(adapter.path / WEIGHTS_FILE),
+        "config_sha256": sha256_file(adapter.path / CONFIG_FILE),
         "scale": scale, "rank": adapter.rank, "targets": list(adapter.targets),
         "modules": len(adapter.modules)}}
     if log:

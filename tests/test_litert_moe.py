@@ -103,6 +103,11 @@ def test_litert_runs_the_op_as_the_stored_forms_say(tmp_path, quant, atol):
     path = tmp_path / "moe.tflite"
     tflite.convert(sigs, consts, path)
 
+    from ai_edge_litert import schema_py_generated as S
+    model = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    for sg in model.subgraphs:     # the op itself, not the JAX math lowered to builtin ops
+        codes = [model.operatorCodes[op.opcodeIndex] for op in sg.operators]
+        assert [c.customCode for c in codes if c.customCode] == [b"moe"], sg.name
     it = Interpreter(model_path=str(path))
     src = rng.standard_normal((1, T, D)).astype(np.float32)
     top_w = rng.uniform(0, 1, (1, T, K)).astype(np.float32)
@@ -170,4 +175,7 @@ def test_options_kept_past_the_flatbuffer_come_back_inside_it(tmp_path):
     want = Interpreter(model_path=str(tmp_path / "a.tflite")).get_signature_runner()(**inputs)
     got = Interpreter(model_path=str(tmp_path / "c.tflite")).get_signature_runner()(**inputs)
     np.testing.assert_array_equal(got["out"], want["out"])
+    # LiteRT itself reads the moved options at that offset: the layout is the converter's
+    moved_out = Interpreter(model_path=str(tmp_path / "b.tflite")).get_signature_runner()(**inputs)
+    np.testing.assert_array_equal(moved_out["out"], want["out"])
     assert np.abs(want["out"]).max() > 0

@@ -187,6 +187,11 @@ def _copy_adapter(src, dst, edit_config=None, edit_weights=None):
     ("corrupt", "adapter_model.safetensors"),
     ("embedding", "LoRA on embeddings is not supported"),
     ("no_dir", "not a directory"),
+    ("pissa", "init_lora_weights 'pissa_niter_4' is not supported"),
+    ("pattern_list", "rank_pattern must be an object"),
+    ("pattern_regex", "alpha_pattern key 'q_proj(' is not a valid pattern"),
+    ("r_bool", "r must be a positive number, not True"),
+    ("two_adapters", "more than one lora_A"),
 ])
 def test_bad_adapters_are_refused_by_name_and_nothing_is_written(base_and_adapter, tmp_path,
                                                                  case, message):
@@ -218,6 +223,23 @@ def test_bad_adapters_are_refused_by_name_and_nothing_is_written(base_and_adapte
         ad = _copy_adapter(ad, tmp_path / "x", edit_weights=add_embedding)
     elif case == "no_dir":
         ad = tmp_path / "missing"
+    elif case == "pissa":
+        ad = _copy_adapter(ad, tmp_path / "x", lambda c: c.update(init_lora_weights="pissa_niter_4"))
+    elif case == "pattern_list":
+        ad = _copy_adapter(ad, tmp_path / "x", lambda c: c.update(rank_pattern=["q_proj"]))
+    elif case == "pattern_regex":
+        ad = _copy_adapter(ad, tmp_path / "x", lambda c: c.update(alpha_pattern={"q_proj(": 4}))
+    elif case == "r_bool":
+        ad = _copy_adapter(ad, tmp_path / "x", lambda c: c.update(r=True))
+    elif case == "two_adapters":
+        def second(f):
+            from safetensors.numpy import load_file, save_file
+            w = load_file(str(f))
+            for k in [k for k in w if "layers.0.self_attn.q_proj" in k]:
+                w[k.replace(".weight", ".other.weight")] = w[k]
+                w[k.replace(".weight", ".default.weight")] = w.pop(k)
+            save_file(w, str(f))
+        ad = _copy_adapter(ad, tmp_path / "x", edit_weights=second)
     r, out = _export_cli(tmp_path, ad)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
@@ -274,3 +296,29 @@ def test_run_time_slots_equal_the_merged_weights(tmp_path, variant):
 class SimpleCk:
     def __init__(self, config, params):
         self.config, self.params = config, params
+
+
+def test_float_base_stays_float_and_vision_modules_are_skipped(tmp_path):
+    """onnx's default (`native`) on a float base keeps the merged matmuls float too, and parity
+    holds at the exact limits; an adapter that also adapted a vision tower (PEFT's all-linear on
+    a multimodal checkpoint) merges its text modules and skips the rest."""
+    from safetensors.numpy import load_file, save_file
+    from compile import export as ex
+    from runtime import contract as ct
+    cfg = get_variant("gemma3-270m-tiny")
+    hf_model = write_hf_checkpoint(cfg, tmp_path / "base")
+    _adapter(hf_model, tmp_path / "ad", target_modules=["q_proj", "down_proj"])
+    w = load_file(str(tmp_path / "ad" / lora.WEIGHTS_FILE))
+    w["base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = \
+        np.ones((4, 8), np.float32)
+    w["base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = \
+        np.ones((8, 4), np.float32)
+    save_file(w, str(tmp_path / "ad" / lora.WEIGHTS_FILE))
+    logs = []
+    ck = lora.apply(load(tmp_path / "base"), tmp_path / "ad", log=logs.append)
+    assert any("1 module(s) skipped" in m and "vision_tower" in m for m in logs), logs
+    ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["onnx"], tmp_path / "art",
+              log=lambda m: None)
+    art = json.loads((tmp_path / "art" / "manifest.json").read_text())["artifacts"]["onnx"]
+    assert art["tensor_formats"]["layers.0.q_proj"].startswith("float32")
+    assert art["parity"]["tolerance"]["max_rel_diff"] < 1e-3      # the exact (float) limits

@@ -121,13 +121,15 @@ def _native_layout(params, name: str):
     return lay
 
 
-MERGED_QUANT = "int8"   # `native`: a weight a LoRA adapter changed is float; it takes this recipe
+MERGED_QUANT = "int8"   # `native`: a block weight a LoRA adapter changed takes this recipe
 
 
 def _own_quant(params, name: str, quant: str) -> str:
-    """The recipe of one tensor: `native` keeps a checkpoint's blocks, except for weights a LoRA
-    adapter changed (`Params.merged`), which are float now and take the float recipe."""
-    if quant == "native" and name in getattr(params, "merged", ()):
+    """The recipe of one tensor: `native` keeps a checkpoint's blocks, except for block weights a
+    LoRA adapter changed (`Params.merged`), which are float now and take the float recipe; a
+    merged weight of a float checkpoint stays float, like the rest of it."""
+    was = getattr(params, "merged", {}).get(name)
+    if quant == "native" and was is not None and was not in FLOAT_FORMATS:
         return MERGED_QUANT
     return quant
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
@@ -85,10 +86,10 @@ def check_finite(a: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
 
 
 class Params(Mapping):
-    """Parameter name -> array, each read on access and not kept. `merged` names the weights a
-    LoRA adapter changed (`compile.lora.merge`): float now, whatever the checkpoint stored."""
+    """Parameter name -> array, each read on access and not kept. `merged` maps the weights a
+    LoRA adapter changed (`compile.lora.merge`: float now) to the format the checkpoint stored."""
 
-    merged: frozenset = frozenset()
+    merged: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, tensors: Mapping[str, Tensor]):
         self.tensors = dict(tensors)
