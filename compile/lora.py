@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import contract as ct
+
 from .config import GemmaConfig
 from .weights import Params
 from .weights.sources import Tensor
@@ -209,6 +211,9 @@ def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
                                f"(several adapters in one file); save one adapter per directory")
         ab[m.group(2)] = entry
     specs = base.specs()
+    # the matmuls the model computes (runtime.contract states which, e.g. none for k/v on
+    # Gemma 4's KV-shared layers): a module outside them changes nothing and is skipped
+    computed = {f"layers.{s.layer}.{s.target}" for s in ct.lora_slots(cfg)}
     layers = conf.get("layers_to_transform")
     layers = {layers} if isinstance(layers, int) else set(layers) if layers else None
     modules, skipped = {}, []
@@ -232,7 +237,7 @@ def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
             raise AdapterError(f"{wfile}: module {module} is in layer {layer}, which "
                                f"layers_to_transform {sorted(layers)} leaves out")
         if ours not in specs:
-            if _unused_kv(cfg, ours):
+            if ours not in computed:
                 skipped.append(module)
                 continue
             raise AdapterError(f"{wfile}: module {module} has no weight in the base "
@@ -264,13 +269,6 @@ def _load(entry, wfile: Path, module: str, which: str) -> np.ndarray:
     if not np.isfinite(a).all():
         raise AdapterError(f"{wfile}: module {module}: lora_{which} has non-finite values")
     return a
-
-
-def _unused_kv(cfg: GemmaConfig, ours: str) -> bool:
-    """Our name of a k/v projection that the model never computes (KV-shared layers, and v
-    under k_eq_v, which transformers' Gemma 4 leaves unused)."""
-    parts = ours.split(".")
-    return (cfg.family == 4 and len(parts) == 3 and parts[2] in ("k_proj", "v_proj"))
 
 
 def merge(params: Params, adapter: Adapter, scale: float = 1.0) -> Params:
