@@ -3,7 +3,7 @@
     python -m benchmarks.run [--artifacts DIR ...] [--targets tflite,onnx,xla]
         [--peers llama.cpp,litert-lm,onnxruntime-genai] [--threads 2] [--reps 3]
         [--prefill 128,512] [--short 32] [--long 1024] [--decode 64] [--measure-export]
-        [--out benchmarks/results]
+        [--adapter NAME ...] [--out benchmarks/results]
     python -m benchmarks.run --measure-export --export-only
         [--export-checkpoints ,random:gemma3-1b,random:gemma2-2b,random:gemma3-4b]
         [--export-targets xla,tflite:int8,tflite:int4,onnx:int4]
@@ -23,6 +23,11 @@ the same run. Writes `results.json` and `results.png` (if matplotlib is installe
 Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
 (`litert-lm-api`) on our `.litertlm`; onnxruntime-genai is reported as absent when it does not
 import. `pip install -e '.[bench]'` installs them.
+
+`--adapter NAME` (repeatable) measures, for every artifact directory with LoRA slots that has
+that run-time adapter, each target with the adapter and without it; give a plain (slot-free)
+directory of the same targets too, and the report adds each adapter's decode speed against both
+(`lora_ratios`). An adapter's quality is measured against the fp32 reference with it merged.
 
 `--measure-export` exports each checkpoint to each target in its own process and reports wall time
 (and per GB of fp32 weights), peak RSS (the export process tree: wait4's ru_maxrss) and disk used,
@@ -88,7 +93,10 @@ def _measure(spec: dict, load_s: float, ttft, decode) -> dict:
 def worker_ours(spec: dict) -> dict:
     import runtime
     t0 = time.perf_counter()
-    gen = runtime.load(spec["artifacts"], target=spec["target"], num_threads=spec["threads"])
+    gen = runtime.load(spec["artifacts"], target=spec["target"], num_threads=spec["threads"],
+                       adapter=spec.get("adapter"))
+    lora = gen._lora()   # the adapter's prepared slot inputs (None: the base signatures)
+    kw = {} if lora is None else {"lora": lora}
     load_s = time.perf_counter() - t0
     b, tok = gen.backend, gen.tokenizer
     longest = max(spec["prefill"] + [spec["long"]])
@@ -96,15 +104,15 @@ def worker_ours(spec: dict) -> dict:
 
     def prefill(n):
         t = time.perf_counter()
-        state = gen._fill(ids[:n - 1], b.new_state())
-        logits, state = b.decode(ids[n - 1], n - 1, state)
+        state = gen._fill(ids[:n - 1], b.new_state(), lora=lora)
+        logits, state = b.decode(ids[n - 1], n - 1, state, **kw)
         return time.perf_counter() - t, logits, state
 
     def decode(n):
         _, logits, state = prefill(n)
         t = time.perf_counter()
         for pos in range(n, n + spec["decode"]):
-            logits, state = b.decode(int(np.argmax(logits)), pos, state)
+            logits, state = b.decode(int(np.argmax(logits)), pos, state, **kw)
         return spec["decode"] / (time.perf_counter() - t)
 
     return _measure(spec, load_s, lambda n: prefill(n)[0], decode)
@@ -218,10 +226,16 @@ def engines(args) -> list[dict]:
             step = size - unread_bytes(cfg, target, rec.get("quantization")) + kv_bytes
             what = rec.get("quantization") + (", float activations"
                                               if rec.get("activations") == "float" else "")
-            out.append({"kind": "ours", "name": f"gemma-aot {target} ({what})",
-                        "artifacts": str(m.root), "target": target, "artifact_bytes": size,
-                        "bytes_per_token": {"short": step, "long": step},
-                        "context": context})
+            lora = m.data["signatures"].get("lora")
+            if lora:
+                what += f", LoRA slots r{lora['rank']}"
+            for adapter in [None] + ([a for a in args.adapter if a in m.data.get("adapters", {})]
+                                     if lora else []):
+                out.append({"kind": "ours", "name": f"gemma-aot {target} ({what})"
+                            + (f" + adapter {adapter}" if adapter else ""),
+                            "artifacts": str(m.root), "target": target, "artifact_bytes": size,
+                            "bytes_per_token": {"short": step, "long": step},
+                            "context": context, "adapter": adapter, "slots": bool(lora)})
             if target == "tflite" and "litert-lm" in args.peers:
                 bundle = m.path(rec["files"]["litertlm"]["path"])
                 out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
@@ -312,6 +326,42 @@ def _reference(source: dict):
     return None
 
 
+def _with_adapter(ck, manifest, name: str):
+    """The checkpoint with a run-time adapter of the artifact merged, from its slot tensors
+    (A [in, R], B [R, out] with the scaling in B)."""
+    import dataclasses
+    from compile import lora
+    from runtime import adapters
+    tensors = adapters.read(manifest, name).tensors
+    modules = {}
+    for s in manifest.contract.lora_slots():
+        if s.a_name in tensors:
+            w = f"layers.{s.layer}.{s.target}"
+            modules[w] = lora.Module(w, w, tensors[s.a_name].T, tensors[s.b_name].T, 1.0)
+    return dataclasses.replace(ck, params=lora.merge(ck.params, lora.Adapter(
+        Path(name), modules, ())))
+
+
+def lora_ratios(results: list[dict]) -> list[str]:
+    """Decode speed with each adapter against the same artifact without one and against a plain
+    (slot-free) artifact of the same target and quantization, where the run has them."""
+    lines = []
+    ok = [r for r in results if r["kind"] == "ours" and "error" not in r["median"]]
+    for r in ok:
+        if not r.get("adapter"):
+            continue
+        same = next((b for b in ok if b["artifacts"] == r["artifacts"] and
+                     b["target"] == r["target"] and not b.get("adapter")), None)
+        plain = next((b for b in ok if not b.get("slots") and b["target"] == r["target"]), None)
+        parts = []
+        for key in ("decode_short", "decode_long"):
+            for what, b in (("slotted without", same), ("plain base", plain)):
+                if b:
+                    parts.append(f"{key} {r['median'][key] / b['median'][key]:.2f}x {what}")
+        lines.append(f"{r['name']}: " + ", ".join(parts))
+    return lines
+
+
 def measure_quality(todo: list[dict], args) -> dict[str, dict]:
     """Teacher-forced top-1, KL and perplexity delta of every engine against the fp32 JAX
     reference on the evaluation text (`compile.quality`): per artifact directory, the reference is
@@ -325,11 +375,11 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
     for e in todo:
         if e["kind"] not in ("ours", "llama.cpp"):
             out[e["name"]] = {"skipped": "its Python API returns text, not logits"}
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for e in todo:
         if e["kind"] == "ours":
-            groups.setdefault(e["artifacts"], []).append(e)
-    for root, engines_ in groups.items():
+            groups.setdefault((e["artifacts"], e.get("adapter")), []).append(e)
+    for (root, adapter), engines_ in groups.items():
         m = runtime.Manifest.read(root)
         source = m.data["model"].get("source", {})
         ck = _reference(source)
@@ -337,6 +387,8 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
             for e in engines_:
                 out[e["name"]] = {"skipped": f"its checkpoint {source} is not readable here"}
             continue
+        if adapter:   # the reference: the fp32 model with the adapter merged
+            ck = _with_adapter(ck, m, adapter)
         encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
         ids = quality.eval_ids(encode, piece_id)
         window = min(args.quality_window, m.max_context)
@@ -344,9 +396,11 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
         contract = ct.Contract(ck.config, tuple(m.prefill_lengths), m.max_context)
         candidates = {}
         for e in engines_:
-            gen = runtime.load(root, target=e["target"], num_threads=args.threads)
+            gen = runtime.load(root, target=e["target"], num_threads=args.threads,
+                               adapter=adapter)
             candidates[e["name"]] = lambda w, gen=gen: gen.iter_logits(w, 0)
-        if llama and llama["name"] not in out and source.get("format") == "gguf" and \
+        if adapter is None and llama and llama["name"] not in out and \
+                source.get("format") == "gguf" and \
                 Path(source["path"]).resolve() == Path(llama["gguf"]).resolve():
             from llama_cpp import Llama
             llm = Llama(model_path=llama["gguf"], n_ctx=window, n_threads=args.threads,
@@ -524,6 +578,10 @@ def main(argv=None) -> int:
     p.add_argument("--quality-window", type=int, default=1024,
                    help="quality of every engine against the fp32 reference, teacher-forced on "
                         "the evaluation text in windows of this many tokens (0: skip)")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="a run-time LoRA adapter of an artifact with slots, repeatable: its "
+                        "targets are measured with it and without (and against a plain "
+                        "artifact given with --artifacts)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.worker:
@@ -582,6 +640,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(results, args, bandwidth)
+    report["lora_ratios"] = lora_ratios(results)
+    if report["lora_ratios"]:
+        text += "\n\nLoRA adapters, decode speed:\n" + "\n".join(report["lora_ratios"])
+        (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     print(text)
     drew = chart(results, args, out / "results.png")
     print(f"wrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if drew else

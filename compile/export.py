@@ -62,8 +62,29 @@ def _file_record(root: Path, rel: str) -> dict:
     return {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
+def source_sha256(source: dict) -> str | None:
+    """The sha256 identifying the checkpoint's weights: its GGUF file's, or for a directory a
+    sha256 over its safetensors files' (name and sha256 each); None for generated weights. Run-time
+    adapters record it (`compile.adapter`) and the runtime refuses them on another base."""
+    import hashlib
+    from runtime.manifest import sha256_file
+    path = source.get("path")
+    if not path or not Path(path).exists():
+        return None
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name} {sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def _manifest(ck: Checkpoint, contract: ct.Contract, tokenizer_file: str, tok_sha: str) -> dict:
-    return ct.new_manifest(ck.config.name, ck.config.to_dict(), ck.source,
+    source = dict(ck.source)
+    if "sha256" not in source and source.get("path"):
+        source["sha256"] = source_sha256(source)
+    return ct.new_manifest(ck.config.name, ck.config.to_dict(), source,
                            {"file": tokenizer_file, "sha256": tok_sha, **ck.special_ids,
                             **({"chat_template": ck.chat_template} if ck.chat_template else {})},
                            contract)
@@ -85,6 +106,9 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
     seal_key = _seal_key()   # a key file others can read fails now, not after the work
     mods = [targets.get(t) for t in target_names]
     for mod in mods:
+        if contract.lora_rank and not getattr(mod, "LORA_SIGNATURES", False):
+            raise ExportError(f"target {mod.NAME!r} has no run-time LoRA signatures yet; build "
+                              f"it without --lora-rank (merge an adapter with --lora instead)")
         targets.check_options(mod, options)
         if hasattr(mod, "check_config"):
             mod.check_config(ck.config, options)
@@ -290,6 +314,13 @@ def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, name
     return merged
 
 
+def _parse_targets(text: str) -> tuple[str, ...]:
+    try:
+        return ct.lora_targets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_lengths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -342,6 +373,13 @@ def main(argv=None) -> int:
                         "directory name>)")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="multiply the adapter's update by this (default 1)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="also build LoRA signatures that take a run-time adapter of rank <= R "
+                        "(`python -m compile.adapter` converts PEFT adapters for them; zero "
+                        "slots are the base model)")
+    p.add_argument("--lora-targets", type=_parse_targets, default=ct.LORA_TARGETS,
+                   metavar="q,k,v,o,gate,up,down",
+                   help="with --lora-rank: the matmuls that get slots (default: all seven)")
     p.add_argument("--mesh", default=None,
                    help="xla-tpu: model=M splits the model over M chips (default: all chips)")
     args = p.parse_args(argv)
@@ -386,7 +424,10 @@ def main(argv=None) -> int:
                             log=lambda m: print(m, file=sys.stderr))
         elif args.lora_scale != 1.0:
             raise ValueError("--lora-scale needs --lora PEFT_DIR")
-        contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context)
+        if args.lora_targets != ct.LORA_TARGETS and not args.lora_rank:
+            raise ValueError("--lora-targets needs --lora-rank R")
+        contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context,
+                               lora_rank=args.lora_rank, lora_targets=args.lora_targets)
         default_out = ck.config.name + (f"-{Path(args.lora).resolve().name}" if args.lora else "")
         out = Path(args.out or f"artifacts/{default_out}")
         manifest = export(ck, contract, names, out, options, progress=tqdm,

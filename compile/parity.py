@@ -82,12 +82,18 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
     """Runs every artifact of `quants` (target -> its quantization) in the staged directory,
     records the figures in `manifest`, and returns the failures (empty when all passed)."""
     import runtime
+    import runtime.adapters
     import runtime.backends
     from . import trace
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_proto=ck.tokenizer_model)
     tokens, start = parity_tokens(contract, sp.encode, ck.special_ids["bos"])
     ref = trace.reference_logits(contract, ck.params, tokens, last=len(tokens) - start)
+    lora_ref = slots = None
+    if contract.lora_rank:   # the LoRA signatures, with a random adapter in every slot
+        slots, merged = parity_adapter(contract, ck.params)
+        lora_ref = trace.reference_logits(contract, merged, tokens, last=len(tokens) - start)
+        del merged
     release()   # the reference's weights, before the artifacts load theirs
     failures = []
     here = runtime.backends.reasons(runtime.Manifest.read(stage))
@@ -106,6 +112,8 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
             gen = runtime.load(stage, target=target, verify=False, trust_executables=True,
                                cache_dir=tmp if target == "tflite" else False)
             got = gen.logits(tokens, start=start)
+            got_lora = None if slots is None else gen.logits(
+                tokens, start=start, adapter=runtime.adapters.Adapter("parity", slots))
             del gen
         release()
         figures = {"tokens": int(len(tokens)), "prefill_tokens": int(start),
@@ -116,9 +124,36 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
             f"{figures['decode_steps']} decode steps after {start} prefill tokens "
             f"({figures['top1_agreement_clear']:.0%} of {figures['clear_positions']} clear)")
         problems = judge(figures, figures["tolerance"])
+        if got_lora is not None:
+            figures["lora"] = compare(lora_ref, got_lora)
+            log(f"parity {target} with a random rank-{contract.lora_rank} adapter in its LoRA "
+                f"signatures: max |diff| {figures['lora']['max_abs_diff']:.2e}, KL "
+                f"{figures['lora']['mean_kl']:.2e}, top-1 agreement "
+                f"{figures['lora']['top1_agreement']:.0%}")
+            problems += [f"LoRA signatures: {p}" for p in judge(figures["lora"],
+                                                                figures["tolerance"])]
         if problems:
             failures.append(f"{target}: " + "; ".join(problems))
     return failures
+
+
+def parity_adapter(contract: ct.Contract, params):
+    """A random adapter of the artifact's rank in every LoRA slot: (slot inputs, the params with
+    it merged, lazily). Its update is a tenth of each weight's scale, large enough that a slot
+    wired to the wrong matmul or left out fails the comparison."""
+    from . import lora
+    R = contract.lora_rank
+    rng = np.random.default_rng(0)
+    slots, modules = {}, {}
+    for s in contract.lora_slots():
+        name = f"layers.{s.layer}.{s.target}"
+        w_scale = float(np.sqrt(np.mean(np.square(np.asarray(params[name], np.float32)))))
+        a = (rng.standard_normal((R, s.n_in)) / np.sqrt(s.n_in)).astype(np.float32)
+        b = (rng.standard_normal((s.n_out, R)) * (0.1 * w_scale * np.sqrt(s.n_in / R))
+             ).astype(np.float32)
+        slots[s.a_name], slots[s.b_name] = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+        modules[name] = lora.Module(name, name, a, b, 1.0)
+    return slots, lora.merge(params, lora.Adapter(Path("parity"), modules, ()))
 
 
 QUALITY_TOKENS = 512

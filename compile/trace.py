@@ -2,8 +2,10 @@
 
 A signature function has the form `fn(weights, inputs) -> outputs`: `weights` is the flat params
 dict (an argument, never closed over, so a target stores it once beside the graphs), `inputs` and
-`outputs` are dicts keyed by the contract's tensor names (`runtime.contract`). `jax.export` traces it once into
-StableHLO for every requested platform; every target lowers from these traced signatures.
+`outputs` are dicts keyed by the contract's tensor names (`runtime.contract`); a LoRA signature's
+slot inputs join the params under the names `model.project` reads (`lora_params`). `jax.export`
+traces it once into StableHLO for every requested platform; every target lowers from these traced
+signatures.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def signature_fn(contract: ct.Contract, signature: ct.Signature) -> Callable:
     kv_names = contract.kv.names
     decode = signature.kind == ct.DECODE
 
+    slots = contract.lora_slots() if signature.lora else ()
+
     def fn(weights, inputs):
         cache = {n: inputs[n] for n in kv_names}
+        if slots:   # the run-time LoRA inputs, beside the matmuls they update (`model.project`)
+            weights = {**weights, **lora_params(slots, inputs)}
         logits, cache = model.forward(cfg, weights, inputs[ct.TOKENS], inputs[ct.INPUT_POS],
                                       cache, logits="last" if decode else "none")
         out = dict(cache)
@@ -48,6 +54,16 @@ def signature_fn(contract: ct.Contract, signature: ct.Signature) -> Callable:
 
     fn.__name__ = signature.name
     return fn
+
+
+def lora_params(slots, inputs) -> dict:
+    """Slot inputs (`runtime.contract.LoraSlot` names) under the params names `model.project`
+    reads: `layers.<i>.<target>_lora_a` / `_lora_b`."""
+    out = {}
+    for s in slots:
+        name = f"layers.{s.layer}.{s.target}"
+        out[name + model.LORA_A], out[name + model.LORA_B] = inputs[s.a_name], inputs[s.b_name]
+    return out
 
 
 def specs(tensors) -> dict[str, jax.ShapeDtypeStruct]:

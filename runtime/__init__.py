@@ -18,7 +18,7 @@ __all__ = ["load", "Generator", "Tokenizer", "Manifest", "ArtifactError", "Conte
 
 
 def load(artifact_dir: str | Path, target: str = "auto", verify: bool = True, log=None,
-         **options) -> Generator:
+         adapter: str | None = None, adapter_scale: float = 1.0, **options) -> Generator:
     """target: "auto" (the rules in `runtime.backends`; falls back to the next artifact when one
     fails to open) or a manifest target name. verify: check every file's sha256 (tokenizer
     included) against the manifest before use (`runtime.integrity`; remembered per unchanged
@@ -27,10 +27,12 @@ def load(artifact_dir: str | Path, target: str = "auto", verify: bool = True, lo
     them: num_threads (tflite, onnx), provider (onnx), cache_dir (xla: JAX's compilation cache;
     tflite: XNNPACK's packed-weight cache; a directory, or False for no persistent cache),
     trust_executables (xla-tpu: unpickle executables whose manifest no seal of the user's key
-    vouches for; see `runtime.backends.xla_tpu`)."""
+    vouches for; see `runtime.backends.xla_tpu`). adapter: one of the artifact's run-time LoRA
+    adapters (`runtime.adapters`), times adapter_scale, for every generation that names no other
+    (`Generator.with_adapter`, or adapter= per call)."""
     from . import backends
     manifest = Manifest.read(artifact_dir)
     order = backends.candidates(manifest, target)
     tokenizer = Tokenizer(manifest.check_tokenizer(verify, log=log), manifest.tokenizer)
     return Generator(backends.open_first(manifest, order, verify=verify, log=log, **options),
-                     manifest, tokenizer)
+                     manifest, tokenizer, adapter, adapter_scale, verify=verify, log=log)

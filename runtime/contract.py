@@ -48,7 +48,11 @@ states these rules once for the compiler and every backend.
 
 LoRA slots (`lora_slots`): the q/k/v/o/gate/up/down matmuls a model computes, each with its input
 and output widths, derived from the config alone like the KV layout; a slot takes A [in, R] and
-B [R, out] (`LoraSlot.a_name`, `b_name`) and adds (x A) B to the matmul's output.
+B [R, out] (`LoraSlot.a_name`, `b_name`) and adds (x A) B to the matmul's output. A contract with
+`lora_rank` R > 0 adds, after the base signatures, `lora_prefill_{N}` and `lora_decode`
+(`lora_name`): the same inputs and outputs plus every slot of `lora_targets` (`lora_specs`);
+zero slots are the base model. The base signatures never take a slot input (LiteRT-LM's engine
+runs them, and leaves inputs it does not know unset).
 
 Manifest (`manifest.json`, version `SCHEMA_VERSION`; versions `READABLE_VERSIONS` are read), checked
 by `validate` with errors that name the bad field; unknown fields are ignored (version 1 artifacts
@@ -60,12 +64,17 @@ runtime derives from the contract instead):
                    "start_of_turn", "end_of_turn" (Gemma 4: <|turn>, <turn|>); optional
                    "chat_template": the checkpoint's Jinja template (`runtime.chat.render`)}
   signatures      {"max_context": int, "prefill_lengths": [int], "kv_dtype": str,
-                   "entries": [{"name", "kind", "length", "inputs": [TensorSpec],
-                                "outputs": [TensorSpec]}]}   (exactly what `Contract` derives)
+                   optional "lora": {"rank": R, "targets": [str]},
+                   "entries": [{"name", "kind", "length", optional "lora": true,
+                                "inputs": [TensorSpec], "outputs": [TensorSpec]}]}
+                  (exactly what `Contract` derives)
   artifacts       {target: {"target", "dir", "files": {role: {"path", "sha256", "bytes"}},
                             "quantization", "parity": {...} or {"skipped": reason}, "created",
                             "export_s", ...target fields (onnx: cache_outputs, max_length;
                             xla-tpu: topology, mesh, shardings...)}}
+  adapters        optional {name: {"path", "sha256", "bytes", "rank" (<= R), "targets" (within
+                  the slots'), "modules", "source", "skipped", "created"}}: run-time LoRA
+                  adapters (`runtime.adapters`; `compile.adapter` adds them)
   seal            optional {"alg": "hmac-sha256", "key_id": str, "value": hex}: an HMAC of the
                   rest of the manifest (canonical JSON) with the user's key
                   (`runtime.integrity`); required before pickle-based executables (xla-tpu) load
@@ -121,6 +130,16 @@ def rows_name(name: str) -> str:
 
 def prefill_name(length: int) -> str:
     return f"{PREFILL}_{length}"
+
+
+LORA_PREFIX = "lora_"
+
+
+def lora_name(signature: str) -> str:
+    """The signature that runs `signature` with run-time LoRA slots (`lora_prefill_N`,
+    `lora_decode`). It must not start with `prefill`: LiteRT-LM's engine takes every such
+    signature for a prefill length, and would feed slot inputs it does not know nothing."""
+    return LORA_PREFIX + signature
 
 
 # -- KV layout ----------------------------------------------------------------------------------
@@ -247,6 +266,19 @@ class LoraSlot:
         return f"lora_{self.target}_b_{self.layer}"
 
 
+def lora_targets(text: str) -> tuple[str, ...]:
+    """`q,v,down` or `q_proj,v_proj,down_proj` (or `all`) as LORA_TARGETS names, in their order."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if names == ["all"]:
+        return LORA_TARGETS
+    full = [t if t.endswith("_proj") else t + "_proj" for t in names]
+    unknown = [n for n, f in zip(names, full) if f not in LORA_TARGETS]
+    if unknown or not full:
+        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or repr(text)}; choose "
+                         f"from {', '.join(t[:-5] for t in LORA_TARGETS)} (or all)")
+    return tuple(t for t in LORA_TARGETS if t in full)
+
+
 def lora_slots(config, targets=LORA_TARGETS) -> tuple[LoraSlot, ...]:
     """The matmuls of `targets` that the model computes, layer by layer, with their widths (from
     `attention_layers`): a KV-shared layer computes no k/v projection, a k_eq_v global layer no
@@ -332,9 +364,11 @@ class Signature:
     length: int          # tokens per call
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    lora: bool = False   # takes the run-time LoRA slots (`Contract.lora_specs`) as inputs too
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "length": self.length,
+                **({"lora": True} if self.lora else {}),
                 "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs]}
 
@@ -347,6 +381,8 @@ class Contract:
     prefill_lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS
     max_context: int = DEFAULT_MAX_CONTEXT
     kv_dtype: str = "float32"
+    lora_rank: int = 0                    # R > 0: LoRA signatures beside the base ones
+    lora_targets: tuple[str, ...] = LORA_TARGETS   # the matmuls with slots (when lora_rank > 0)
     batch: int = field(default=1, init=False)
 
     def __post_init__(self):
@@ -363,6 +399,20 @@ class Contract:
         if lengths[-1] > self.max_context:
             raise ValueError(f"prefill length {lengths[-1]} exceeds max context {self.max_context}")
         object.__setattr__(self, "prefill_lengths", lengths)
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
+                or self.lora_rank < 0:
+            raise ValueError(f"LoRA rank must be a non-negative integer, got {self.lora_rank!r}")
+        targets = tuple(self.lora_targets) if self.lora_rank else ()
+        if self.lora_rank:
+            unknown = [t for t in targets if t not in LORA_TARGETS]
+            if unknown or not targets:
+                raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or '(none)'}; "
+                                 f"choose from {', '.join(LORA_TARGETS)}")
+            targets = tuple(t for t in LORA_TARGETS if t in targets)
+        object.__setattr__(self, "lora_targets", targets)
+        if self.lora_rank and not self.lora_slots():
+            raise ValueError(f"this model computes none of the LoRA targets "
+                             f"{', '.join(targets)}")
 
     @property
     def kv(self) -> KVLayout:
@@ -381,7 +431,26 @@ class Contract:
                 return s
         raise KeyError(f"no signature {name!r}; have {[s.name for s in self.signatures()]}")
 
+    def lora_slots(self) -> tuple[LoraSlot, ...]:
+        """The matmuls that take a run-time low-rank update (none when lora_rank is 0)."""
+        return lora_slots(self.config, self.lora_targets) if self.lora_rank else ()
+
+    def lora_specs(self) -> tuple[TensorSpec, ...]:
+        """The LoRA signatures' extra inputs, slot by slot: A [in, R], then B [R, out]."""
+        R = self.lora_rank
+        return tuple(t for s in self.lora_slots()
+                     for t in (TensorSpec(s.a_name, (s.n_in, R), "float32"),
+                               TensorSpec(s.b_name, (R, s.n_out), "float32")))
+
     def signatures(self) -> list[Signature]:
+        """prefill_N and decode; with lora_rank, also lora_prefill_N and lora_decode, the same
+        with the slots' inputs appended."""
+        base = self._signatures()
+        lora = self.lora_specs()
+        return base + [Signature(lora_name(s.name), s.kind, s.length, s.inputs + lora,
+                                 s.outputs, lora=True) for s in base if lora]
+
+    def _signatures(self) -> list[Signature]:
         kv = self.kv_specs()
 
         def inputs(n):
@@ -400,14 +469,18 @@ class Contract:
             "max_context": self.max_context,
             "prefill_lengths": list(self.prefill_lengths),
             "kv_dtype": self.kv_dtype,
+            **({"lora": {"rank": self.lora_rank, "targets": list(self.lora_targets)}}
+               if self.lora_rank else {}),
             "entries": [s.to_dict() for s in self.signatures()],
         }
 
     @classmethod
     def from_manifest(cls, data: dict) -> "Contract":
         s = data["signatures"]
+        lora = s.get("lora") or {}
         return cls(data["model"]["config"], tuple(s["prefill_lengths"]), int(s["max_context"]),
-                   s.get("kv_dtype", "float32"))
+                   s.get("kv_dtype", "float32"), lora.get("rank", 0),
+                   tuple(lora.get("targets", LORA_TARGETS)))
 
 
 # -- manifest schema ----------------------------------------------------------------------------
@@ -418,6 +491,20 @@ CONFIG_FIELDS = ("vocab_size", "num_layers", "num_kv_heads", "head_dim")   # wha
 
 class ManifestError(ValueError):
     pass
+
+
+ADAPTERS = "adapters"    # the manifest's run-time LoRA adapters (`compile.adapter` adds them)
+ADAPTER_DIR = "adapters"  # where their files live in the artifact directory
+
+
+def adapter_name_error(name) -> str | None:
+    """Why `name` cannot name an adapter, or None. A server names it `<base>:<adapter>`, and it is
+    a file name: letters, digits, `.`, `_`, `-`, starting with a letter or digit."""
+    import re
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        return (f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting "
+                f"with a letter or digit")
+    return None
 
 
 def _need(d, key: str, types, where: str, what: str):
@@ -489,6 +576,13 @@ def validate(data) -> dict:
             any(t not in (LOCAL, GLOBAL) for t in types):
         raise ManifestError(f"field 'model.config.layer_types' must list {LOCAL!r} or {GLOBAL!r} "
                             f"for each of the {config['num_layers']} layers")
+    if "lora" in sigs:
+        lora = _need(sigs, "lora", dict, "signatures.", "an object")
+        r = _need(lora, "rank", int, "signatures.lora.", "an integer")
+        targets = _need(lora, "targets", list, "signatures.lora.", "a list of matmul names")
+        if r < 1 or not targets or any(t not in LORA_TARGETS for t in targets):
+            raise ManifestError(f"field 'signatures.lora' must have a positive rank and targets "
+                                f"among {', '.join(LORA_TARGETS)}, got {_short(lora)}")
     try:
         want = Contract.from_manifest(data).to_manifest()["entries"]
     except (ValueError, TypeError, LookupError) as e:
@@ -504,6 +598,26 @@ def validate(data) -> dict:
         seal = _need(data, SEAL, dict, "", "an object")
         for key in ("alg", "key_id", "value"):
             _need(seal, key, str, f"{SEAL}.", "a string")
+    adapters = data.get(ADAPTERS, {})
+    if not isinstance(adapters, dict):
+        raise ManifestError(f"field '{ADAPTERS}' must be an object, got {_short(adapters)}")
+    lora = sigs.get("lora") or {}
+    for name, rec in adapters.items():
+        where = f"{ADAPTERS}.{name}."
+        why = adapter_name_error(name)
+        if why:
+            raise ManifestError(f"field '{ADAPTERS}': {why}")
+        if not isinstance(rec, dict):
+            raise ManifestError(f"field '{ADAPTERS}.{name}' must be an object, got {_short(rec)}")
+        _need(rec, "path", str, where, "a string")
+        _need(rec, "sha256", str, where, "a string")
+        _need(rec, "bytes", int, where, "an integer")
+        r = _need(rec, "rank", int, where, "an integer")
+        targets = _need(rec, "targets", list, where, "a list of matmul names")
+        if not 1 <= r <= lora.get("rank", 0) or \
+                any(t not in lora.get("targets", ()) for t in targets):
+            raise ManifestError(f"field '{ADAPTERS}.{name}': rank {r} and targets {targets} do "
+                                f"not fit the artifact's LoRA slots ({_short(lora or None)})")
     arts = _need(data, "artifacts", dict, "", "an object")
     for target, rec in arts.items():
         where = f"artifacts.{target}."

@@ -9,6 +9,10 @@ last prompt token goes through `decode`, whose logits give the first new token. 
 reaches past the cache end (writes there would be clamped onto valid slots); near the end of the
 context the remainder is decoded token by token. A backend whose graph takes any token count
 (`dynamic_length`, the ONNX one) gets chunks of at most the largest prefill length, unpadded.
+
+A LoRA adapter (`runtime.adapters`) is chosen per generation: its slot inputs, prepared by the
+backend once per (adapter, scale), are passed to every call as `lora=`, and the backend runs the
+LoRA signatures with them; without one it runs the base signatures.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from . import sampling
+from . import adapters, sampling
+from . import contract as ct
 from .backends.base import Backend
 from .contract import prefill_name
 from .manifest import Manifest
@@ -86,8 +91,61 @@ def plan_chunks(start: int, count: int, lengths: list[int], max_context: int
     return plan
 
 
+_BOUND = object()   # per-call adapter argument not given: the generator's own
+
+
+class _Loras:
+    """The backend's prepared slot inputs per (adapter, scale), made once and shared by a
+    Generator and its `with_adapter` views (a bounded cache under a lock: entries are never
+    changed, only added and dropped)."""
+    SIZE = 16
+
+    def __init__(self, backend, manifest: Manifest, verify: bool, log):
+        import threading
+        from collections import OrderedDict
+        self.backend, self.manifest, self.verify, self.log = backend, manifest, verify, log
+        self._lock = threading.Lock()
+        self._read: dict[str, adapters.Adapter] = {}
+        self._prepared: OrderedDict = OrderedDict()
+
+    def adapter(self, name) -> "adapters.Adapter":
+        if isinstance(name, adapters.Adapter):
+            return name.check(self.manifest.contract)
+        with self._lock:
+            if name not in self._read:
+                self._read[name] = adapters.read(self.manifest, name, self.verify, self.log)
+            return self._read[name]
+
+    def prepared(self, adapter, scale: float):
+        """The backend's handle for (adapter, scale); None for no adapter (the base signatures)."""
+        if adapter is None:
+            return None
+        ad = self.adapter(adapter)
+        if not hasattr(self.backend, "lora_inputs"):
+            raise adapters.AdapterError(f"the {self.backend.target} backend runs no LoRA "
+                                        f"adapters")
+        key = (ad.name if isinstance(adapter, str) else id(adapter), float(scale))
+        with self._lock:
+            if key in self._prepared:
+                self._prepared.move_to_end(key)
+                return self._prepared[key]
+        handle = self.backend.lora_inputs(adapters.slot_inputs(self.manifest.contract, ad, scale))
+        with self._lock:
+            self._prepared[key] = handle
+            while len(self._prepared) > self.SIZE:
+                self._prepared.popitem(last=False)
+        return handle
+
+
 class Generator:
-    def __init__(self, backend: Backend, manifest: Manifest, tokenizer: Tokenizer):
+    """Generation over one loaded artifact. `adapter` (a name from the manifest's adapters, or a
+    `runtime.adapters.Adapter`) and `adapter_scale` are this generator's LoRA adapter, None for
+    the base model; every generation method takes them per call too, and `with_adapter` gives a
+    generator sharing the loaded backend."""
+
+    def __init__(self, backend: Backend, manifest: Manifest, tokenizer: Tokenizer,
+                 adapter=None, adapter_scale: float = 1.0, verify: bool = True, log=None,
+                 _loras: _Loras | None = None):
         self.backend = backend
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -95,49 +153,76 @@ class Generator:
         self.max_context = contract.max_context
         self.prefill_lengths = list(contract.prefill_lengths)
         self.stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
+        self._loras = _loras or _Loras(backend, manifest, verify, log)
+        self.adapter, self.adapter_scale = adapter, adapter_scale
+        self._lora(adapter, adapter_scale)   # a bad name or scale fails here, not mid-request
 
     @property
     def target(self) -> str:
         return self.backend.target
 
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the artifact's run-time adapters."""
+        return sorted(self.manifest.data.get(ct.ADAPTERS, {}))
+
+    def with_adapter(self, adapter, scale: float = 1.0) -> "Generator":
+        """This generator with another adapter (None: the base model), sharing the backend."""
+        return Generator(self.backend, self.manifest, self.tokenizer, adapter, scale,
+                         _loras=self._loras)
+
+    def _lora(self, adapter=_BOUND, scale=None):
+        if adapter is _BOUND:
+            adapter, scale = self.adapter, self.adapter_scale if scale is None else scale
+        return self._loras.prepared(adapter, 1.0 if scale is None else scale)
+
     def __repr__(self):
-        return f"Generator(variant={self.manifest.variant!r}, target={self.target!r})"
+        extra = f", adapter={self.adapter!r}" if self.adapter is not None else ""
+        return f"Generator(variant={self.manifest.variant!r}, target={self.target!r}{extra})"
 
     # -- cache filling ------------------------------------------------------------------------
 
-    def _fill(self, ids: list[int], state, start: int = 0):
+    def _fill(self, ids: list[int], state, start: int = 0, lora=None):
         """Run ids through the cache from position `start` without logits; returns the state."""
+        kw = {} if lora is None else {"lora": lora}
         if getattr(self.backend, "dynamic_length", False):
             step = self.prefill_lengths[-1]
             for i in range(0, len(ids), step):
-                state = self.backend.prefill_tokens(ids[i:i + step], start + i, state)
+                state = self.backend.prefill_tokens(ids[i:i + step], start + i, state, **kw)
             return state
         pos = start
         for bucket, real in plan_chunks(start, len(ids), self.prefill_lengths, self.max_context):
             chunk = ids[pos - start: pos - start + real]
             if bucket == 1:
-                _, state = self.backend.decode(chunk[0], pos, state)
+                _, state = self.backend.decode(chunk[0], pos, state, **kw)
             else:
                 tokens = np.full(bucket, self.tokenizer.pad_id, np.int32)
                 tokens[:real] = chunk
-                state = self.backend.prefill(prefill_name(bucket), tokens, pos, state)
+                state = self.backend.prefill(prefill_name(bucket), tokens, pos, state, **kw)
             pos += real
         return state
 
-    def logits(self, token_ids, start: int = 0) -> np.ndarray:
+    def logits(self, token_ids, start: int = 0, adapter=_BOUND, adapter_scale=None
+               ) -> np.ndarray:
         """Logits [T - start, V] for positions start..T-1 of token_ids: tokens before `start` go
         through chunked prefill, the rest through decode one at a time."""
-        return np.stack(list(self.iter_logits(token_ids, start)))
+        return np.stack(list(self.iter_logits(token_ids, start, adapter, adapter_scale)))
 
-    def iter_logits(self, token_ids, start: int = 0) -> Iterator[np.ndarray]:
+    def iter_logits(self, token_ids, start: int = 0, adapter=_BOUND, adapter_scale=None
+                    ) -> Iterator[np.ndarray]:
         """`logits` a row [V] at a time (teacher-forced evaluation over long texts)."""
         ids = self._ids(token_ids)
         if not 0 <= start < len(ids):
             raise ValueError(f"start must be in [0, {len(ids)}), got {start}")
         self._check_fits(len(ids), 0)
-        state = self._fill(ids[:start], self.backend.new_state())
+        lora = self._lora(adapter, adapter_scale)
+        kw = {} if lora is None else {"lora": lora}
+        return self._rows(ids, start, lora, kw)
+
+    def _rows(self, ids, start, lora, kw):
+        state = self._fill(ids[:start], self.backend.new_state(), lora=lora)
         for pos in range(start, len(ids)):
-            row, state = self.backend.decode(ids[pos], pos, state)
+            row, state = self.backend.decode(ids[pos], pos, state, **kw)
             yield row
 
     def _ids(self, token_ids) -> list[int]:
@@ -166,7 +251,8 @@ class Generator:
 
     def stream_ids(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None,
-                   seed: int | None = None) -> "Generation":
+                   seed: int | None = None, adapter=_BOUND, adapter_scale=None
+                   ) -> "Generation":
         """The new token ids, one at a time, ending at a stop token or after max_new_tokens.
         Arguments are checked now; the work runs as the result is iterated."""
         sampling.validate(temperature, top_k, top_p)
@@ -177,14 +263,16 @@ class Generator:
         ids = self._ids(prompt_ids)
         self._check_fits(len(ids), max_new_tokens)
         rng = np.random.default_rng(sampling.check_seed(seed))
+        lora = self._lora(adapter, adapter_scale)
         stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "finish_reason": "length"}
         return Generation(stats, self._tokens(ids, max_new_tokens, temperature, top_k, top_p, rng,
-                                              stats))
+                                              stats, lora))
 
-    def _tokens(self, ids, max_new_tokens, temperature, top_k, top_p, rng, stats):
+    def _tokens(self, ids, max_new_tokens, temperature, top_k, top_p, rng, stats, lora=None):
+        kw = {} if lora is None else {"lora": lora}
         t0 = time.perf_counter()
-        state = self._fill(ids[:-1], self.backend.new_state())
-        logits, state = self.backend.decode(ids[-1], len(ids) - 1, state)
+        state = self._fill(ids[:-1], self.backend.new_state(), lora=lora)
+        logits, state = self.backend.decode(ids[-1], len(ids) - 1, state, **kw)
         t1 = time.perf_counter()
         stats["prefill_s"] = t1 - t0
         pos = len(ids)
@@ -198,17 +286,19 @@ class Generator:
                 yield token
                 if n + 1 == max_new_tokens:
                     break
-                logits, state = self.backend.decode(token, pos, state)
+                logits, state = self.backend.decode(token, pos, state, **kw)
                 pos += 1
         finally:   # also when the consumer stops early (a stop string, a closed connection)
             stats["decode_s"] = time.perf_counter() - t1
 
     def stream_text(self, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop=()) -> "Generation":
+                    seed: int | None = None, stop=(), adapter=_BOUND, adapter_scale=None
+                    ) -> "Generation":
         """Text pieces as they become complete characters; ends at a stop token or before the
         first of the `stop` strings (finish_reason "stop" either way)."""
-        tokens = self.stream_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
+        tokens = self.stream_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                 adapter, adapter_scale)
         return Generation(tokens.stats, self._pieces(tokens, TextStream(self.tokenizer, stop)))
 
     @staticmethod
@@ -229,10 +319,11 @@ class Generator:
 
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               chat: bool = False, stop=()) -> "Generation":
+               chat: bool = False, stop=(), adapter=_BOUND, adapter_scale=None
+               ) -> "Generation":
         """`stream_text` of a plain prompt (BOS + text) or, with chat=True, a chat prompt."""
         return self.stream_text(self.tokenizer.prompt_ids(prompt, chat=chat), max_new_tokens,
-                                temperature, top_k, top_p, seed, stop)
+                                temperature, top_k, top_p, seed, stop, adapter, adapter_scale)
 
     def generate(self, prompt, **kwargs) -> str:
         return "".join(self.stream(prompt, **kwargs))

@@ -56,6 +56,13 @@ def main(argv=None) -> int:
                 else "top-1  n/a")
         status = "runnable" if why is None else f"not runnable: {why}"
         print(f"  {target:<8} {a.get('quantization', '?'):<5} {size:8.1f} MB  {top1}  {status}")
+    lora = m.data["signatures"].get("lora")
+    if lora:
+        names = m.data.get("adapters", {})
+        print(f"LoRA slots: rank {lora['rank']} on {', '.join(lora['targets'])}; adapters: "
+              + (", ".join(f"{n} (rank {a['rank']}, {', '.join(a['targets'])})"
+                           for n, a in sorted(names.items())) or "none yet (python -m "
+                 "compile.adapter PEFT_DIR --artifacts DIR)"))
     order = backends.ranked(m, here)
     if not order:
         print("choice: none (no artifact can run here)")

@@ -10,6 +10,13 @@ get 429 with Retry-After (503 while draining after SIGTERM). Bad requests get a 
 OpenAI's shape (inside a stream: an `error` event, then `[DONE]`) and the server keeps serving.
 Defaults follow OpenAI's API (max_tokens 16, temperature 1); `top_k` is an extension.
 
+Adapters are models, as OpenAI names fine-tuned models: an artifact's run-time LoRA adapters
+(`runtime.adapters`) are served as `"model": "<variant>:<adapter>"` beside the base
+`"<variant>"`, all listed by /v1/models; `lora_scale` (an extension) scales the named adapter for
+that request. Each request runs its own adapter on the one loaded backend, so requests with
+different adapters run at once without affecting each other. An unknown model is a 404 naming
+those served.
+
 Holding load: a generation stops as soon as its client goes away (a failed write when
 streaming; a closed socket, checked between tokens, when not); the listen backlog is
 `LISTEN_BACKLOG`; each connection has a read timeout (`--read-timeout`), so a client that
@@ -68,6 +75,7 @@ _FIELDS = {   # field -> (accepted types, description for the error)
     "stream_options": ((dict,), "an object"),
     "stop": ((str, list), "a string or a list of strings"),
     "n": ((int,), "an integer"),
+    "lora_scale": (_NUMBER, "a number"),
 }
 
 
@@ -117,6 +125,16 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
     if served and model is not None and model not in served:
         raise RequestError(f"model {model[:100]!r} is not served here; this server serves: "
                            f"{', '.join(served)}", 404, param="model", code="model_not_found")
+    # "<base>:<adapter>" names a run-time LoRA adapter, "<base>" the base model; no model: the
+    # server's default (its --adapter, else the base)
+    adapter = ADAPTER_DEFAULT
+    if model is not None and served:
+        adapter = model.split(":", 1)[1] if ":" in model else None
+    lora_scale = _number(req, "lora_scale", 1.0)
+    if req.get("lora_scale") is not None and (adapter is None or
+                                              adapter is ADAPTER_DEFAULT and gen.adapter is None):
+        raise RequestError("'lora_scale' applies to an adapter; name one as model "
+                           "'<base>:<adapter>'", param="lora_scale")
     key = "messages" if chat else "prompt"
     if req.get(key) is None:
         raise RequestError(f"'{key}' is required", param=key)
@@ -165,7 +183,18 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
     return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
             "top_k": req.get("top_k"), "seed": seed, "stop": stop,
             "stream": bool(req.get("stream")),
-            "include_usage": bool(options.get("include_usage"))}
+            "include_usage": bool(options.get("include_usage")),
+            "adapter": adapter, "lora_scale": lora_scale,
+            "model": model if model is not None else model_id(gen, gen.adapter)}
+
+
+ADAPTER_DEFAULT = object()   # the request names no model: the generator's own adapter
+
+
+def model_id(gen, adapter) -> str:
+    """The OpenAI model name of the base (`<variant>`) or one of its adapters
+    (`<variant>:<adapter>`)."""
+    return gen.manifest.variant + (f":{adapter}" if isinstance(adapter, str) else "")
 
 
 class Server(ThreadingHTTPServer):
@@ -179,7 +208,9 @@ class Server(ThreadingHTTPServer):
                              f"{max_concurrent} and {max_queue}")
         super().__init__(addr, Handler)
         self.gen = gen
-        self.served = (gen.manifest.variant,)
+        self.served = (model_id(gen, None),) + tuple(model_id(gen, a) for a in gen.adapters)
+        for a in gen.adapters:   # each adapter read, checked and prepared now, not mid-request
+            gen.with_adapter(a)
         self.slots = threading.Semaphore(max_concurrent)
         self.max_concurrent = max_concurrent
         self.max_waiting = max_concurrent + max_queue
@@ -269,7 +300,8 @@ class Handler(BaseHTTPRequestHandler):
             with srv.lock:
                 state = {"status": "draining" if srv.draining else "ok",
                          "model": gen.manifest.variant, "target": gen.target,
-                         "max_context": gen.max_context, "in_flight": srv.admitted, "cancelled": srv.stats["cancelled"]}
+                         "max_context": gen.max_context, "in_flight": srv.admitted,
+                         "cancelled": srv.stats["cancelled"], "adapters": gen.adapters}
             self._json(200, state)
         elif self.path == "/v1/models":
             if self._authorized():
@@ -354,7 +386,7 @@ class Handler(BaseHTTPRequestHandler):
         gen = self.server.gen
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        model = gen.manifest.variant
+        model = r["model"]
         obj = "chat.completion" if chat else "text_completion"
 
         def choice(text, finish, stream=False):
@@ -372,9 +404,12 @@ class Handler(BaseHTTPRequestHandler):
             return {"prompt_tokens": len(r["ids"]), "completion_tokens": n,
                     "total_tokens": len(r["ids"]) + n}
 
+        adapter = {} if r["adapter"] is ADAPTER_DEFAULT and r["lora_scale"] == 1.0 else \
+            {"adapter": gen.adapter if r["adapter"] is ADAPTER_DEFAULT else r["adapter"],
+             "adapter_scale": r["lora_scale"]}
         try:
             run = gen.stream_text(r["ids"], r["max_tokens"], r["temperature"], r["top_k"],
-                                  r["top_p"], r["seed"], r["stop"])
+                                  r["top_p"], r["seed"], r["stop"], **adapter)
         except (ValueError, TypeError) as e:
             self._error(RequestError(str(e)))
             return
@@ -480,6 +515,10 @@ def main(argv=None) -> int:
                                 description="OpenAI-compatible HTTP server for a gemma-aot artifact.")
     p.add_argument("--artifacts", required=True)
     p.add_argument("--target", default="auto")
+    p.add_argument("--adapter", default=None,
+                   help="the run-time LoRA adapter for requests that name no model (default: "
+                        "the base); every adapter of the artifact is served as "
+                        "'<variant>:<adapter>' either way")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000)
     p.add_argument("--max-concurrent", type=_int_in(1), default=4,
@@ -501,7 +540,8 @@ def main(argv=None) -> int:
                 f"(or set ${API_KEY_ENV}) so that only clients with the key are served")
     import runtime
     try:
-        gen = runtime.load(args.artifacts, target=args.target, **integrity.load_options(args))
+        gen = runtime.load(args.artifacts, target=args.target, adapter=args.adapter,
+                           **integrity.load_options(args))
         srv = make_server(gen, args.host, args.port, args.max_concurrent, args.max_queue,
                           api_key, args.read_timeout)
     except (runtime.ArtifactError, RuntimeError, OSError, ValueError) as e:
@@ -511,7 +551,7 @@ def main(argv=None) -> int:
     def _terminate(signum, frame):   # drain in another thread: shutdown() waits for the loop
         threading.Thread(target=srv.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, _terminate)
-    print(f"serving {gen.manifest.variant} ({gen.target}) on http://{args.host}:"
+    print(f"serving {', '.join(srv.served)} ({gen.target}) on http://{args.host}:"
           f"{srv.server_address[1]}/v1 — up to {args.max_concurrent} at once, "
           f"{args.max_queue} waiting" + (", API key required" if api_key else ""),
           file=sys.stderr, flush=True)

@@ -12,6 +12,8 @@
     def write(traced, params, out_dir, options, progress) -> dict
         lowers the traced signatures, writes files under out_dir, and returns the target-specific
         part of the manifest's artifact record ("files" maps roles to paths relative to out_dir).
+    LORA_SIGNATURES: bool           optional (default False): it builds the contract's LoRA
+                                    signatures (`--lora-rank`); export refuses others then
     def check_options(options) -> None   optional: raises ValueError for bad target options before
                                         any work is done
     def keeps_blocks(params, options) -> bool   optional, for targets with `native`: whether any

@@ -6,7 +6,9 @@ Python API cannot share weights (or their pre-packed forms) between sessions, so
 runs any prefill length and the one-token decode keeps the weights stored and resident once. Inputs
 and outputs carry the contract's names. Cache outputs are `rows` (`runtime.contract`): the cache
 inputs are read-only and each call returns only its new K/V rows (`{name}_new`), which the runtime
-writes into its cache buffers. An ONNX graph cannot alias an output to an input, so returning whole
+writes into its cache buffers. With `--lora-rank R` the graph also takes the contract's LoRA slot inputs
+(A [in, R], B [R, out] per slotted matmul): the one graph serves the base signatures (the runtime
+feeds zero slots, prepared once) and the `lora_*` ones. An ONNX graph cannot alias an output to an input, so returning whole
 updated caches made ORT copy every layer's cache on every decoded token (ScatterND).
 
 Export, streamed: jax2onnx traces the model with every weight a graph input (from shapes only:
@@ -80,6 +82,9 @@ MIXED_INT8 = ("embed", "v_proj", "down_proj")
 
 
 ASYM_GAIN = 0.5   # an 8-bit tensor takes asymmetric blocks when they halve its squared error
+
+
+LORA_SIGNATURES = True   # the one graph takes the slots too (the runtime feeds zeros for the base)
 
 
 def int8_blocks(rows: np.ndarray, source: str, asymmetric_ok: bool = True) -> "wq.Blocks":
@@ -198,13 +203,18 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     import jax.numpy as jnp
     from jax2onnx import to_onnx
 
+    from ..trace import lora_params
     cfg = contract.config
     layout = contract.kv
     names_kv = layout.names
     wnames = sorted(wspecs)
+    slots, lora = contract.lora_slots(), contract.lora_specs()
+    nw = len(names_kv) + len(wnames)
 
     def fn(tokens, input_pos, *rest):
-        cache, weights = rest[:len(names_kv)], dict(zip(wnames, rest[len(names_kv):]))
+        cache, weights = rest[:len(names_kv)], dict(zip(wnames, rest[len(names_kv):nw]))
+        if slots:   # the run-time LoRA inputs (zeros: the base model)
+            weights.update(lora_params(slots, dict(zip([t.name for t in lora], rest[nw:]))))
         logits, new = gemma.forward(cfg, weights, tokens, input_pos, dict(zip(names_kv, cache)),
                                     logits="last", cache_outputs=ct.ROWS, spelling="onnx")
         return (logits.astype(jnp.float32),) + tuple(new[n] for n in names_kv)
@@ -224,9 +234,11 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     specs += kv.trace_specs(layout, ct.ROWS, {w: dims["P"] if w is None else dims["L"]
                                               for w in windows})
     specs += [jax.ShapeDtypeStruct(*wspecs[k]) for k in wnames]
+    specs += [jax.ShapeDtypeStruct(t.shape, jnp.dtype(t.dtype)) for t in lora]
     with _scalable_jax2onnx(light=bool(cfg.num_experts)):
         to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
-                input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames,
+                input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames
+                + [t.name for t in lora],
                 output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
 
 

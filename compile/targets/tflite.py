@@ -57,6 +57,9 @@ QUANTS = ("none", "native", "int8", "int4")
 EXACT_QUANTS = ("none", "native")   # native: only a float checkpoint, kept in float32
 DEFAULT_QUANT = "int8"
 TRACE_PLATFORMS = ()   # traced here, for cpu, from the weight forms this target stores
+# lora_* signatures beside prefill_N/decode, sharing their weights; the base ones take no slot
+# input, so LiteRT-LM's engine runs the `.litertlm` as before (it would leave unknown inputs unset)
+LORA_SIGNATURES = True
 
 
 def check_options(options: dict) -> None:

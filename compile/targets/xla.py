@@ -24,6 +24,7 @@ ACTIVATIONS = ("float",)   # XLA computes every matmul in float
 EXACT_QUANTS = ("none", "native")
 DEFAULT_QUANT = "none"
 TRACE_PLATFORMS = ("cpu", "cuda", "tpu")
+LORA_SIGNATURES = True   # lora_* signatures are exported like the others (`{name}.jaxexport`)
 
 
 def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:

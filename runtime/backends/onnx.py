@@ -7,7 +7,9 @@ its own set of host buffers, so many threads can generate at once. The graph's c
 each layer's cache input as a view of the state's numpy buffer (the filled part, or its last
 window - 1 slots for a sliding-window layer; bound without a copy when contiguous, i.e. one KV
 head, else numpy copies the view), and writes the new rows the graph returns into the buffers. So
-a decode step reads the filled part of each cache and copies none. With the CUDA provider ORT
+a decode step reads the filled part of each cache and copies none. An artifact with LoRA slots has one graph
+for both signature sets: the slot inputs are bound from ORT values prepared once per adapter (or
+zeros for the base model), never copied per call. With the CUDA provider ORT
 copies those views to the device on each call (the Python API cannot write a slice of a device
 buffer).
 """
@@ -65,12 +67,21 @@ class OnnxBackend:
         self._rows = {name: ct.rows_name(name) for name in self._cache.layout.names}
         # io.get_outputs() follows the order of the bind_output calls in _run
         self._output_order = list(self._rows.values()) + [ct.LOGITS]
+        # with LoRA slots the graph always takes them: zeros (the base model) unless an adapter
+        contract = manifest.contract
+        self._zeros = self.lora_inputs({t.name: np.zeros(t.shape, np.float32)
+                                        for t in contract.lora_specs()})
+
+    def lora_inputs(self, arrays: dict):
+        """The slot inputs as ORT values, once per (adapter, scale); read-only afterwards."""
+        return {k: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32))
+                for k, a in arrays.items()}
 
     def new_state(self):
         """Full-length numpy buffers [1, K, S, H] per cache, written in place."""
         return self._cache.new()
 
-    def _run(self, tokens, start, state, want_logits):
+    def _run(self, tokens, start, state, want_logits, lora=None):
         n = tokens.shape[0]
         if start + n > self.max_length:
             raise ValueError(f"positions {start}..{start + n - 1} exceed the cache length "
@@ -81,6 +92,8 @@ class OnnxBackend:
         for name, past in self._cache.past(state, start).items():
             io.bind_cpu_input(name, past)
             io.bind_output(self._rows[name], "cpu")
+        for name, value in (self._zeros if lora is None else lora).items():
+            io.bind_ortvalue_input(name, value)
         io.bind_output(ct.LOGITS, "cpu")
         self.session.run_with_iobinding(io)
         outputs = dict(zip(self._output_order, io.get_outputs()))
@@ -89,12 +102,12 @@ class OnnxBackend:
         logits = outputs[ct.LOGITS].numpy()[0, -1] if want_logits else None
         return logits, state
 
-    def prefill(self, signature, tokens, start, state):
-        return self.prefill_tokens(tokens, start, state)
+    def prefill(self, signature, tokens, start, state, lora=None):
+        return self.prefill_tokens(tokens, start, state, lora)
 
-    def prefill_tokens(self, tokens, start, state):
+    def prefill_tokens(self, tokens, start, state, lora=None):
         """Any number of tokens in one call (the graph's token dimension is dynamic)."""
-        return self._run(np.asarray(tokens, np.int32), start, state, False)[1]
+        return self._run(np.asarray(tokens, np.int32), start, state, False, lora)[1]
 
-    def decode(self, token, pos, state):
-        return self._run(np.array([token], np.int32), pos, state, True)
+    def decode(self, token, pos, state, lora=None):
+        return self._run(np.array([token], np.int32), pos, state, True, lora)

@@ -29,14 +29,17 @@ def unsupported(record: dict, machine) -> str | None:
 
 
 class JaxSignatures:
-    """prefill/decode over `_run(name, tokens [T] int32, start, state) -> (outputs, state)`,
-    shared by the JAX backends."""
+    """prefill/decode over `_run(name, tokens [T] int32, start, state, lora) -> (outputs,
+    state)`, shared by the JAX backends; with `lora` (slot inputs from `lora_inputs`) they run
+    the LoRA signatures."""
 
-    def prefill(self, signature, tokens, start, state):
-        return self._run(signature, np.asarray(tokens, np.int32), start, state)[1]
+    def prefill(self, signature, tokens, start, state, lora=None):
+        name = signature if lora is None else ct.lora_name(signature)
+        return self._run(name, np.asarray(tokens, np.int32), start, state, lora)[1]
 
-    def decode(self, token, pos, state):
-        out, state = self._run(ct.DECODE, np.array([token], np.int32), pos, state)
+    def decode(self, token, pos, state, lora=None):
+        name = ct.DECODE if lora is None else ct.lora_name(ct.DECODE)
+        out, state = self._run(name, np.array([token], np.int32), pos, state, lora)
         return np.asarray(out[ct.LOGITS][0, 0]), state
 
 
@@ -72,11 +75,15 @@ class XlaBackend(JaxSignatures):
     def new_state(self):
         return kv.zeros(self._kv, alloc=self._jnp.zeros)
 
-    def _run(self, name, tokens, start, state):
+    def lora_inputs(self, arrays: dict):
+        """The slot inputs on the device, once per (adapter, scale)."""
+        return {k: self._jax.device_put(a) for k, a in arrays.items()}
+
+    def _run(self, name, tokens, start, state, lora=None):
         jnp = self._jnp
         n = tokens.shape[0]
         out = self._fns[name](self.weights, state, jnp.asarray(tokens.reshape(1, n), jnp.int32),
-                              jnp.arange(start, start + n, dtype=jnp.int32))
+                              jnp.arange(start, start + n, dtype=jnp.int32), lora or {})
         return out, {k: out[k] for k in self._kv.names}
 
 
@@ -118,6 +125,6 @@ def enable_compilation_cache(preferred) -> str | None:
 
 def _with_inputs(exp):
     """Split the KV state from the per-call inputs so only the cache buffers are donated."""
-    def call(weights, state, tokens, input_pos):
-        return exp.call(weights, {**state, ct.TOKENS: tokens, ct.INPUT_POS: input_pos})
+    def call(weights, state, tokens, input_pos, lora):
+        return exp.call(weights, {**state, **lora, ct.TOKENS: tokens, ct.INPUT_POS: input_pos})
     return call

@@ -134,7 +134,7 @@ class XlaTpuBackend(JaxSignatures):
         return kv.zeros(self._kv, alloc=lambda shape, dtype: jax.device_put(
             np.zeros(shape, dtype), self._kv_sharding))
 
-    def _run(self, name, tokens, start, state):
+    def _run(self, name, tokens, start, state, lora=None):
         jax = self._jax
         n = tokens.shape[0]
         tok = jax.device_put(tokens.reshape(1, n), self._replicated)
