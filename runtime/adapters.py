@@ -76,15 +76,9 @@ def read(manifest, name: str, verify: bool = True, log=None) -> Adapter:
     if name not in adapters:
         raise AdapterError(f"unknown adapter {name!r}; this artifact has "
                            f"{', '.join(sorted(adapters)) or 'none'}")
-    rec = adapters[name]
-    p = manifest.path(rec["path"])
-    if not p.is_file():
-        raise ArtifactError(f"adapter {name!r}: missing file {p}")
-    if p.stat().st_size != rec["bytes"]:
-        raise ArtifactError(f"adapter {name!r}: {p} has {p.stat().st_size} bytes, the manifest "
-                            f"records {rec['bytes']} (truncated or replaced)")
+    p, sha = manifest.present(adapters[name], f"adapter {name!r}")
     if verify:
-        manifest.verify([(p, rec["sha256"])], True, log, what=f"adapter {name!r}")
+        manifest.verify([(p, sha)], True, log, what=f"adapter {name!r}")
     try:
         meta, tensors = read_file(p)
     except (OSError, ValueError) as e:

@@ -91,17 +91,21 @@ class Manifest:
         """Every file of the artifact exists with its recorded size; with `verify_hash`, it and
         the tokenizer have their recorded sha256 (`runtime.integrity`; `use_cache`: trust the
         user's record of files verified before and unchanged since)."""
-        files = []
-        for role, f in self.artifact(target)["files"].items():
-            p = self.path(f["path"])
-            if not p.is_file():
-                raise ArtifactError(f"{target} artifact: missing file {p}")
-            if p.stat().st_size != f["bytes"]:
-                raise ArtifactError(f"{target} artifact: {p} has {p.stat().st_size} bytes, the "
-                                    f"manifest records {f['bytes']} (truncated or replaced)")
-            files.append((p, f["sha256"]))
+        files = [self.present(f, f"{target} artifact")
+                 for f in self.artifact(target)["files"].values()]
         if verify_hash:
             self.verify(files, use_cache, log, what=f"{target} artifact")
+
+    def present(self, record: dict, what: str) -> tuple[Path, str]:
+        """(path, sha256) of a file record ({"path", "sha256", "bytes"}), after checking that the
+        file exists with its recorded size."""
+        p = self.path(record["path"])
+        if not p.is_file():
+            raise ArtifactError(f"{what}: missing file {p}")
+        if p.stat().st_size != record["bytes"]:
+            raise ArtifactError(f"{what}: {p} has {p.stat().st_size} bytes, the manifest "
+                                f"records {record['bytes']} (truncated or replaced)")
+        return p, record["sha256"]
 
     def check_tokenizer(self, verify_hash: bool = True, use_cache: bool = True, log=None) -> Path:
         """The tokenizer file, present and (with `verify_hash`) with its recorded sha256."""
