@@ -26,8 +26,12 @@ import. `pip install -e '.[bench]'` installs them.
 
 `--adapter NAME` (repeatable) measures, for every artifact directory with LoRA slots that has
 that run-time adapter, each target with the adapter and without it; give a plain (slot-free)
-directory of the same targets too, and the report adds each adapter's decode speed against both
-(`lora_ratios`). An adapter's quality is measured against the fp32 reference with it merged.
+directory of the same targets too. Besides each case's own worker runs, the adapter's decode
+speed against both is measured interleaved in one process per target (`worker_lora_ab`:
+separate processes drift by more than the difference asked about) and reported as
+`lora_ratios`; with llama.cpp as a peer, its own cost of the same adapter is measured the same
+way (the adapter written as a LoRA GGUF, `gguf_lora`). An adapter's quality is measured against
+the fp32 reference with it merged.
 
 `--measure-export` exports each checkpoint to each target in its own process and reports wall time
 (and per GB of fp32 weights), peak RSS (the export process tree: wait4's ru_maxrss) and disk used,
@@ -90,14 +94,12 @@ def _measure(spec: dict, load_s: float, ttft, decode) -> dict:
     return out
 
 
-def worker_ours(spec: dict) -> dict:
-    import runtime
-    t0 = time.perf_counter()
-    gen = runtime.load(spec["artifacts"], target=spec["target"], num_threads=spec["threads"],
-                       adapter=spec.get("adapter"))
-    lora = gen._lora()   # the adapter's prepared slot inputs (None: the base signatures)
+def _ours_timers(gen, spec: dict, adapter: str | None = None):
+    """prefill(n) -> (seconds, logits, state) of an n-token prompt and decode(n) -> tokens/s
+    greedy-decoding spec["decode"] tokens after it, on a loaded Generator, with `adapter`'s
+    prepared slot inputs (None: the base signatures)."""
+    lora = gen._lora(adapter, 1.0) if adapter else None
     kw = {} if lora is None else {"lora": lora}
-    load_s = time.perf_counter() - t0
     b, tok = gen.backend, gen.tokenizer
     longest = max(spec["prefill"] + [spec["long"]])
     ids = _prompt_ids(tok.encode, tok.bos_id, longest + spec["decode"])
@@ -114,16 +116,58 @@ def worker_ours(spec: dict) -> dict:
         for pos in range(n, n + spec["decode"]):
             logits, state = b.decode(int(np.argmax(logits)), pos, state, **kw)
         return spec["decode"] / (time.perf_counter() - t)
+    return prefill, decode
 
+
+def worker_ours(spec: dict) -> dict:
+    import runtime
+    t0 = time.perf_counter()
+    gen = runtime.load(spec["artifacts"], target=spec["target"], num_threads=spec["threads"],
+                       adapter=spec.get("adapter"))
+    load_s = time.perf_counter() - t0
+    prefill, decode = _ours_timers(gen, spec, spec.get("adapter"))
     return _measure(spec, load_s, lambda n: prefill(n)[0], decode)
 
 
-def worker_llama(spec: dict) -> dict:
+def worker_lora_ab(spec: dict) -> dict:
+    """Decode speed of several cases of one target, interleaved in one process: the slotted
+    artifact without an adapter, with each adapter, and a plain artifact (or llama.cpp on its
+    GGUF without and with each adapter as a LoRA GGUF). Separate processes measured minutes
+    apart differ by up to 30 % on a shared VM, more than the differences asked about; here every
+    case runs spec["reps"] times in rotating order, at each length, so drift falls on all alike. Returns {case label: {"decode_short": [...], "decode_long": [...]}}."""
+    gens, timers = {}, {}
+    for c in spec["cases"]:
+        if "gguf" in c:   # llama.cpp: one context per case (the adapter is set at load)
+            timers[c["label"]] = _llama_timers(_llama({**spec, "gguf": c["gguf"]},
+                                                      c.get("lora_path")), spec)[1]
+            continue
+        import runtime
+        if c["artifacts"] not in gens:
+            gens[c["artifacts"]] = runtime.load(c["artifacts"], target=spec["target"],
+                                                num_threads=spec["threads"])
+        timers[c["label"]] = _ours_timers(gens[c["artifacts"]], spec, c.get("adapter"))[1]
+    for decode in timers.values():   # warm-up: first calls compile or allocate
+        decode(spec["short"])
+    out = {label: {"decode_short": [], "decode_long": []} for label in timers}
+    labels = list(timers)
+    for rep in range(spec["reps"]):
+        order = labels[rep % len(labels):] + labels[:rep % len(labels)]
+        for key in ("decode_short", "decode_long"):
+            for label in order:
+                out[label][key].append(timers[label](spec[key.split("_")[1]]))
+    return out
+
+
+def _llama(spec: dict, lora_path: str | None = None):
     from llama_cpp import Llama
-    t0 = time.perf_counter()
-    llm = Llama(model_path=spec["gguf"], n_ctx=spec["context"], n_threads=spec["threads"],
-                n_threads_batch=spec["threads"], n_batch=512, verbose=False)
-    load_s = time.perf_counter() - t0
+    return Llama(model_path=spec["gguf"], n_ctx=spec["context"], n_threads=spec["threads"],
+                 n_threads_batch=spec["threads"], n_batch=512, verbose=False,
+                 **({"lora_path": lora_path, "lora_scale": 1.0} if lora_path else {}))
+
+
+def _llama_timers(llm, spec: dict):
+    """prefill(n) -> seconds to evaluate an n-token prompt, decode(n) -> tokens/s greedy-decoding
+    spec["decode"] tokens after it."""
     longest = max(spec["prefill"] + [spec["long"]])
     ids = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False),
                       llm.token_bos(), longest + spec["decode"])
@@ -142,8 +186,14 @@ def worker_llama(spec: dict) -> dict:
             last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
             llm.eval([int(np.argmax(last))])
         return spec["decode"] / (time.perf_counter() - t)
+    return prefill, decode
 
-    return _measure(spec, load_s, prefill, decode)
+
+def worker_llama(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    llm = _llama(spec)
+    load_s = time.perf_counter() - t0
+    return _measure(spec, load_s, *_llama_timers(llm, spec))
 
 
 def worker_litert_lm(spec: dict) -> dict:
@@ -167,7 +217,8 @@ def worker_litert_lm(spec: dict) -> dict:
     return out
 
 
-WORKERS = {"ours": worker_ours, "llama.cpp": worker_llama, "litert-lm": worker_litert_lm}
+WORKERS = {"ours": worker_ours, "lora-ab": worker_lora_ab, "llama.cpp": worker_llama,
+           "litert-lm": worker_litert_lm}
 
 
 def run_worker(spec: dict) -> dict:
@@ -235,7 +286,8 @@ def engines(args) -> list[dict]:
                             + (f" + adapter {adapter}" if adapter else ""),
                             "artifacts": str(m.root), "target": target, "artifact_bytes": size,
                             "bytes_per_token": {"short": step, "long": step},
-                            "context": context, "adapter": adapter, "slots": bool(lora)})
+                            "context": context, "adapter": adapter, "slots": bool(lora),
+                            "quantization": what})
             if target == "tflite" and "litert-lm" in args.peers:
                 bundle = m.path(rec["files"]["litertlm"]["path"])
                 out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
@@ -342,23 +394,133 @@ def _with_adapter(ck, manifest, name: str):
         Path(name), modules, ())))
 
 
-def lora_ratios(results: list[dict]) -> list[str]:
-    """Decode speed with each adapter against the same artifact without one and against a plain
-    (slot-free) artifact of the same target and quantization, where the run has them."""
-    lines = []
-    ok = [r for r in results if r["kind"] == "ours" and "error" not in r["median"]]
-    for r in ok:
-        if not r.get("adapter"):
+def _plain_of(e: dict, todo: list[dict]) -> dict | None:
+    """The plain (slot-free) engine of the same target and quantization as a slotted one."""
+    what = e["quantization"].split(", LoRA slots")[0]
+    return next((b for b in todo if b["kind"] == "ours" and not b.get("slots") and
+                 b["target"] == e["target"] and b["quantization"] == what), None)
+
+
+def measure_lora_interleaved(todo: list[dict], common: dict, reps: int) -> list[dict]:
+    """For every slotted (artifact directory, target) measured with an adapter: one worker
+    process decoding without an adapter, with each adapter and on the plain artifact of the
+    same target and quantization (if given), interleaved (`worker_lora_ab`). With llama.cpp as a
+    peer, the same for it: its GGUF without and with each adapter (`gguf_lora`) whose artifact
+    was exported from that GGUF."""
+    out = []
+    for e in todo:
+        if e["kind"] != "ours" or not e.get("slots") or e.get("adapter"):
             continue
-        same = next((b for b in ok if b["artifacts"] == r["artifacts"] and
-                     b["target"] == r["target"] and not b.get("adapter")), None)
-        plain = next((b for b in ok if not b.get("slots") and b["target"] == r["target"]), None)
-        parts = []
-        for key in ("decode_short", "decode_long"):
-            for what, b in (("slotted without", same), ("plain base", plain)):
-                if b:
-                    parts.append(f"{key} {r['median'][key] / b['median'][key]:.2f}x {what}")
-        lines.append(f"{r['name']}: " + ", ".join(parts))
+        with_ = [a for a in todo if a["kind"] == "ours" and a.get("adapter") and
+                 a["artifacts"] == e["artifacts"] and a["target"] == e["target"]]
+        if not with_:
+            continue
+        cases = [{"label": "slotted", "artifacts": e["artifacts"]}]
+        cases += [{"label": a["adapter"], "artifacts": e["artifacts"], "adapter": a["adapter"]}
+                  for a in with_]
+        plain = _plain_of(e, todo)
+        if plain:
+            cases.append({"label": "plain", "artifacts": plain["artifacts"]})
+        print(f"LoRA, interleaved in one process ({reps} reps): {e['name']}: "
+              + ", ".join(c["label"] for c in cases), file=sys.stderr)
+        r = run_worker({"kind": "lora-ab", **common, "target": e["target"], "reps": reps,
+                        "cases": cases})
+        out.append({"engine": e["name"], "artifacts": e["artifacts"], "target": e["target"],
+                    "plain": plain["artifacts"] if plain else None, **_medians(r)})
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = _llama_lora_cases(todo, Path(tmp))
+        if peer:
+            llama, cases = peer
+            print(f"LoRA, interleaved in one process ({reps} reps): llama.cpp: "
+                  + ", ".join(c["label"] for c in cases), file=sys.stderr)
+            r = run_worker({"kind": "lora-ab", **common, "target": "llama.cpp", "reps": reps,
+                            "context": llama["context"], "cases": cases})
+            out.append({"engine": llama["name"], "gguf": llama["gguf"], **_medians(r)})
+    return out
+
+
+def _medians(r: dict) -> dict:
+    if "error" in r:
+        return {"error": r["error"]}
+    return {"runs": r, "median": {label: {k: statistics.median(v) for k, v in d.items()}
+                                  for label, d in r.items()}}
+
+
+def gguf_lora(manifest, name: str, path: Path) -> Path:
+    """A run-time adapter of an artifact as a llama.cpp LoRA GGUF for the same base GGUF: per
+    matmul `<tensor>.lora_a` [R, in] and `.lora_b` [out, R] (ggml's ne reversed: A's ne[0] is the
+    matmul's input width) with the scaling already in B, so no adapter.lora.alpha (llama.cpp then
+    scales by the request's scale alone)."""
+    import gguf
+    from compile.checkpoints.gguf import ARCHS, matmul_name
+    from runtime import adapters
+    tensors = adapters.read(manifest, name).tensors
+    arch = {family: a for a, family in ARCHS.items()}[manifest.config["family"]]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    for slot in manifest.contract.lora_slots():
+        if slot.a_name in tensors:
+            t = matmul_name(slot.layer, slot.target)
+            w.add_tensor(t + ".lora_a", np.ascontiguousarray(tensors[slot.a_name].T, np.float32))
+            w.add_tensor(t + ".lora_b", np.ascontiguousarray(tensors[slot.b_name].T, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _llama_lora_cases(todo: list[dict], tmp: Path) -> tuple[dict, list[dict]] | None:
+    """llama.cpp's engine and its cases (no adapter, each adapter as a LoRA GGUF) for the
+    adapters of slotted artifact directories exported from the very GGUF it reads."""
+    import runtime
+    llama = next((e for e in todo if e["kind"] == "llama.cpp"), None)
+    if llama is None:
+        return None
+    cases, seen = [{"label": "llama.cpp", "gguf": llama["gguf"]}], set()
+    for a in todo:
+        if a["kind"] != "ours" or not a.get("adapter") or a["adapter"] in seen:
+            continue
+        m = runtime.Manifest.read(a["artifacts"])
+        source = m.data["model"].get("source", {})
+        if source.get("format") != "gguf" or \
+                Path(source["path"]).resolve() != Path(llama["gguf"]).resolve():
+            continue
+        seen.add(a["adapter"])
+        path = gguf_lora(m, a["adapter"], tmp / f"{a['adapter']}.gguf")
+        cases.append({"label": f"llama.cpp + {a['adapter']}", "gguf": llama["gguf"],
+                      "lora_path": str(path)})
+    return (llama, cases) if seen else None
+
+
+def lora_ratios(interleaved: list[dict]) -> list[str]:
+    """Decode speed with each adapter against the same artifact without one and against a plain
+    (slot-free) artifact of the same target and quantization, from the interleaved runs."""
+    lines = []
+    for g in interleaved:
+        if "error" in g:
+            lines.append(f"{g['engine']}: failed: {g['error']}")
+            continue
+        m = g["median"]
+        if "gguf" in g:   # llama.cpp: each adapter against the same GGUF without one
+            for label in m:
+                if label != "llama.cpp":
+                    lines.append(f"{label}: " + ", ".join(
+                        f"{key} {m[label][key]:.1f} tok/s = "
+                        f"{m[label][key] / m['llama.cpp'][key]:.2f}x without"
+                        for key in ("decode_short", "decode_long")))
+            continue
+        for label in m:
+            if label in ("slotted", "plain"):
+                continue
+            parts = []
+            for key in ("decode_short", "decode_long"):
+                for what, base in (("slotted without", "slotted"), ("plain base", "plain")):
+                    if base in m:
+                        parts.append(f"{key} {m[label][key]:.1f} tok/s = "
+                                     f"{m[label][key] / m[base][key]:.2f}x {what}")
+            lines.append(f"{g['engine']} + adapter {label}: " + ", ".join(parts))
     return lines
 
 
@@ -640,8 +802,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(results, args, bandwidth)
-    report["lora_ratios"] = lora_ratios(results)
-    if report["lora_ratios"]:
+    if any(e.get("adapter") for e in todo):
+        report["lora_interleaved"] = measure_lora_interleaved(todo, common, args.reps)
+        report["lora_ratios"] = lora_ratios(report["lora_interleaved"])
+    if report.get("lora_ratios"):
         text += "\n\nLoRA adapters, decode speed:\n" + "\n".join(report["lora_ratios"])
         (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     print(text)

@@ -147,6 +147,70 @@ def test_manifest_and_files(slotted):
     assert m["adapters"]["qvd"]["rank"] == 2
 
 
+def test_benchmark_measures_adapters_interleaved(slotted, tmp_path):
+    """`benchmarks.run --adapter` (speeds are never asserted, only that they are there): the
+    slotted artifact with and without each adapter and a plain artifact, each in its own worker,
+    then interleaved in one process for the ratios; the adapter's quality is against the fp32
+    reference with it merged, so on float artifacts it agrees exactly."""
+    tmp, tokens, want, art = slotted
+    plain = tmp_path / "plain"
+    _export(tmp / "base", plain, targets="xla")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--artifacts", str(art),
+                        "--artifacts", str(plain), "--targets", "xla", "--adapter", "qvd",
+                        "--adapter", "wide", "--peers", "", "--reps", "2", "--prefill", "4,8",
+                        "--short", "4", "--long", "16", "--decode", "4", "--quality-window", "32",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = [e["name"] for e in report["results"]]
+    assert names == ["gemma-aot xla (none, LoRA slots r4)",
+                     "gemma-aot xla (none, LoRA slots r4) + adapter qvd",
+                     "gemma-aot xla (none, LoRA slots r4) + adapter wide", "gemma-aot xla (none)"]
+    for e in report["results"]:
+        assert e["quality"]["top1"] == 1.0 and e["quality"]["mean_kl"] < 1e-6, e["name"]
+    (g,) = report["lora_interleaved"]
+    assert g["plain"] == str(plain) and set(g["runs"]) == {"slotted", "qvd", "wide", "plain"}
+    assert all(len(v) == 2 and min(v) > 0 for d in g["runs"].values() for v in d.values())
+    assert [line.split(":")[0] for line in report["lora_ratios"]] == [
+        "gemma-aot xla (none, LoRA slots r4) + adapter qvd",
+        "gemma-aot xla (none, LoRA slots r4) + adapter wide"]
+    assert "x slotted without" in report["lora_ratios"][0] and "x plain base" in r.stdout
+
+
+def test_adapter_as_llama_cpp_lora_gguf(slotted, tmp_path):
+    """The benchmark's llama.cpp peer reads an artifact's adapter as a LoRA GGUF: llama.cpp adds
+    scale * (lora_b @ lora_a) to each named weight [out, in]. Each such product equals PEFT's own
+    delta weight for that module (rslora scaling, a rank pattern), and nothing else is adapted."""
+    import gguf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    import runtime
+    from benchmarks.run import gguf_lora
+    tmp, tokens, want, art = slotted
+    path = gguf_lora(runtime.Manifest.read(art), "wide", tmp_path / "wide.gguf")
+    r = gguf.GGUFReader(path)
+    fields = {k: bytes(f.parts[f.data[0]]).decode() for k, f in r.fields.items()
+              if k in ("general.architecture", "general.type", "adapter.type")}
+    assert fields == {"general.architecture": "gemma3", "general.type": "adapter",
+                      "adapter.type": "lora"} and "adapter.lora.alpha" not in r.fields
+    got = {t.name: np.asarray(t.data) for t in r.tensors}   # numpy shapes: ggml's ne reversed
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp / "base"), tmp / "wide")
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "o_proj": "attn_output",
+             "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    seen = set()
+    for module_name, module in pm.named_modules():
+        if not hasattr(module, "get_delta_weight") or "default" not in getattr(module, "lora_A", {}):
+            continue
+        layer, proj = int(module_name.split(".layers.")[1].split(".")[0]), module_name.split(".")[-1]
+        t = f"blk.{layer}.{names[proj]}.weight"
+        a, b = got[t + ".lora_a"], got[t + ".lora_b"]
+        assert a.shape == (4, module.in_features) and b.shape == (module.out_features, 4), t
+        np.testing.assert_allclose(b @ a, module.get_delta_weight("default").detach().numpy(),
+                                   atol=1e-6, err_msg=t)
+        seen.add(t)
+    assert seen and {n.rsplit(".", 1)[0] for n in got} == seen
+
+
 def test_litert_lm_engine_runs_the_slotted_bundle(slotted, tmp_path):
     """The .litertlm of a slotted artifact still runs in LiteRT-LM's engine, with no adapter: its
     greedy continuation equals our runtime's base output."""

@@ -44,6 +44,17 @@ _LAYER_TENSORS = {   # GGUF name -> (our name, is a norm, is a linear [out, in] 
     "ffn_down": ("down_proj", False, True),
     "post_ffw_norm": ("post_ffn_norm", True, False),
 }
+
+
+def matmul_name(layer: int, ours: str) -> str:
+    """The GGUF tensor of one of our layer matmuls (`q_proj` -> `blk.N.attn_q.weight`), as
+    llama.cpp names it; a LoRA GGUF names its pairs after it (`...weight.lora_a`)."""
+    for g, (name, _, linear) in _LAYER_TENSORS.items():
+        if name == ours and linear:
+            return f"blk.{layer}.{g}.weight"
+    raise KeyError(f"{ours} is not a layer matmul of a Gemma GGUF")
+
+
 _GEMMA4_LAYER_TENSORS = {   # Gemma 4's additions (norms here are never shifted: x w)
     "inp_gate": ("ple_gate", False, True),
     "proj": ("ple_proj", False, True),
