@@ -478,7 +478,7 @@ def _llama_lora_cases(todo: list[dict], tmp: Path) -> tuple[dict, list[dict]] | 
     llama = next((e for e in todo if e["kind"] == "llama.cpp"), None)
     if llama is None:
         return None
-    cases, seen = [{"label": "llama.cpp", "gguf": llama["gguf"]}], set()
+    cases, seen = [{"label": "base", "gguf": llama["gguf"]}], set()
     for a in todo:
         if a["kind"] != "ours" or not a.get("adapter") or a["adapter"] in seen:
             continue
@@ -489,38 +489,35 @@ def _llama_lora_cases(todo: list[dict], tmp: Path) -> tuple[dict, list[dict]] | 
             continue
         seen.add(a["adapter"])
         path = gguf_lora(m, a["adapter"], tmp / f"{a['adapter']}.gguf")
-        cases.append({"label": f"llama.cpp + {a['adapter']}", "gguf": llama["gguf"],
+        cases.append({"label": a["adapter"], "gguf": llama["gguf"],
                       "lora_path": str(path)})
     return (llama, cases) if seen else None
 
 
-def lora_ratios(interleaved: list[dict]) -> list[str]:
+def lora_ratios(interleaved: list[dict], quality: dict | None = None) -> list[str]:
     """Decode speed with each adapter against the same artifact without one and against a plain
-    (slot-free) artifact of the same target and quantization, from the interleaved runs."""
+    (slot-free) artifact of the same target and quantization (llama.cpp: against its GGUF without
+    the adapter), from the interleaved runs, each with its quality where measured."""
     lines = []
     for g in interleaved:
         if "error" in g:
             lines.append(f"{g['engine']}: failed: {g['error']}")
             continue
         m = g["median"]
-        if "gguf" in g:   # llama.cpp: each adapter against the same GGUF without one
-            for label in m:
-                if label != "llama.cpp":
-                    lines.append(f"{label}: " + ", ".join(
-                        f"{key} {m[label][key]:.1f} tok/s = "
-                        f"{m[label][key] / m['llama.cpp'][key]:.2f}x without"
-                        for key in ("decode_short", "decode_long")))
-            continue
+        bases = (("without", "base"),) if "gguf" in g else \
+            (("slotted without", "slotted"), ("plain base", "plain"))
         for label in m:
-            if label in ("slotted", "plain"):
+            if label in ("base", "slotted", "plain"):
                 continue
-            parts = []
-            for key in ("decode_short", "decode_long"):
-                for what, base in (("slotted without", "slotted"), ("plain base", "plain")):
-                    if base in m:
-                        parts.append(f"{key} {m[label][key]:.1f} tok/s = "
-                                     f"{m[label][key] / m[base][key]:.2f}x {what}")
-            lines.append(f"{g['engine']} + adapter {label}: " + ", ".join(parts))
+            name = f"{g['engine']} + adapter {label}"
+            parts = [f"{key} {m[label][key]:.1f} tok/s = {m[label][key] / m[base][key]:.2f}x "
+                     f"{what}" for key in ("decode_short", "decode_long")
+                     for what, base in bases if base in m]
+            q = (quality or {}).get(name) or {}
+            if "top1" in q:
+                parts.append(f"top-1 {q['top1']:.3f}, KL {q['mean_kl']:.4f} against fp32 with "
+                             f"the adapter merged")
+            lines.append(f"{name}: " + ", ".join(parts))
     return lines
 
 
@@ -541,6 +538,8 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
     for e in todo:
         if e["kind"] == "ours":
             groups.setdefault((e["artifacts"], e.get("adapter")), []).append(e)
+    tmp_dir = tempfile.TemporaryDirectory()   # llama.cpp's LoRA GGUFs (read when it loads)
+    tmp = tmp_dir.name
     for (root, adapter), engines_ in groups.items():
         m = runtime.Manifest.read(root)
         source = m.data["model"].get("source", {})
@@ -561,22 +560,27 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
             gen = runtime.load(root, target=e["target"], num_threads=args.threads,
                                adapter=adapter)
             candidates[e["name"]] = lambda w, gen=gen: gen.iter_logits(w, 0)
-        if adapter is None and llama and llama["name"] not in out and \
-                source.get("format") == "gguf" and \
-                Path(source["path"]).resolve() == Path(llama["gguf"]).resolve():
+        same_gguf = llama and source.get("format") == "gguf" and \
+            Path(source["path"]).resolve() == Path(llama["gguf"]).resolve()
+        if same_gguf and (adapter or llama["name"] not in out):
             from llama_cpp import Llama
+            name, lora = llama["name"], {}
+            if adapter:   # llama.cpp applies the same adapter as a LoRA GGUF
+                name += f" + adapter {adapter}"
+                lora = {"lora_path": str(gguf_lora(m, adapter, Path(tmp) / f"{adapter}.gguf"))}
             llm = Llama(model_path=llama["gguf"], n_ctx=window, n_threads=args.threads,
-                        n_batch=512, logits_all=True, verbose=False)
+                        n_batch=512, logits_all=True, verbose=False, **lora)
 
             def llama_rows(w, llm=llm):
                 llm.reset()
                 llm.eval([int(t) for t in w])
                 return np.asarray(llm.scores[:len(w)], np.float32)
-            candidates[llama["name"]] = llama_rows
+            candidates[name] = llama_rows
         print(f"quality: {len(ids)} tokens of the evaluation text in {len(wins)} windows of <= "
               f"{window} against {root}'s checkpoint: {', '.join(candidates)}", file=sys.stderr)
         out.update(quality.evaluate_many(contract, ck.params, wins, candidates))
         del candidates
+    tmp_dir.cleanup()
     if llama and llama["name"] not in out:
         out[llama["name"]] = {"skipped": "no artifact directory was exported from its GGUF"}
     return out
@@ -784,6 +788,7 @@ def main(argv=None) -> int:
                      f"decode {r['decode_short']:.1f} / {r['decode_long']:.1f} tok/s"),
                   file=sys.stderr)
     results = [{**e, "runs": runs[e["name"]], "median": summarize(runs[e["name"]])} for e in todo]
+    qual = {}
     if args.quality_window:
         qual = measure_quality(todo, args)
         for r in results:
@@ -804,7 +809,9 @@ def main(argv=None) -> int:
     text = table(results, args, bandwidth)
     if any(e.get("adapter") for e in todo):
         report["lora_interleaved"] = measure_lora_interleaved(todo, common, args.reps)
-        report["lora_ratios"] = lora_ratios(report["lora_interleaved"])
+        report["lora_quality"] = {k: v for k, v in qual.items()
+                                  if k not in {e["name"] for e in todo}}   # llama.cpp + adapter
+        report["lora_ratios"] = lora_ratios(report["lora_interleaved"], qual)
     if report.get("lora_ratios"):
         text += "\n\nLoRA adapters, decode speed:\n" + "\n".join(report["lora_ratios"])
         (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
