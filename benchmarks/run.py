@@ -137,9 +137,12 @@ def worker_lora_ab(spec: dict) -> dict:
     case runs spec["reps"] times in rotating order, at each length, so drift falls on all alike. Returns {case label: {"decode_short": [...], "decode_long": [...]}}."""
     gens, timers = {}, {}
     for c in spec["cases"]:
-        if "gguf" in c:   # llama.cpp: one context per case (the adapter is set at load)
+        if "gguf" in c:   # llama.cpp: one context per case (the adapter is set at load).
+            # llama-cpp-python reads the model without mmap whenever it loads an adapter, so
+            # every case here does, or the ratio would also measure the loading mode
             timers[c["label"]] = _llama_timers(_llama({**spec, "gguf": c["gguf"]},
-                                                      c.get("lora_path")), spec)[1]
+                                                      c.get("lora_path"), use_mmap=False),
+                                               spec)[1]
             continue
         import runtime
         if c["artifacts"] not in gens:
@@ -158,10 +161,10 @@ def worker_lora_ab(spec: dict) -> dict:
     return out
 
 
-def _llama(spec: dict, lora_path: str | None = None):
+def _llama(spec: dict, lora_path: str | None = None, use_mmap: bool = True):
     from llama_cpp import Llama
     return Llama(model_path=spec["gguf"], n_ctx=spec["context"], n_threads=spec["threads"],
-                 n_threads_batch=spec["threads"], n_batch=512, verbose=False,
+                 n_threads_batch=spec["threads"], n_batch=512, verbose=False, use_mmap=use_mmap,
                  **({"lora_path": lora_path, "lora_scale": 1.0} if lora_path else {}))
 
 
@@ -261,6 +264,7 @@ def cpu_name() -> str:
 
 def engines(args) -> list[dict]:
     import runtime
+    from runtime import adapters
     from runtime.backends import reasons
     out = []
     wanted = [t for t in (args.targets or "").split(",") if t]
@@ -287,7 +291,7 @@ def engines(args) -> list[dict]:
                             "artifacts": str(m.root), "target": target, "artifact_bytes": size,
                             "bytes_per_token": {"short": step, "long": step},
                             "context": context, "adapter": adapter, "slots": bool(lora),
-                            "quantization": what})
+                            "quantization": what, "base_id": adapters.base_id(m.data)})
             if target == "tflite" and "litert-lm" in args.peers:
                 bundle = m.path(rec["files"]["litertlm"]["path"])
                 out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
@@ -395,10 +399,12 @@ def _with_adapter(ck, manifest, name: str):
 
 
 def _plain_of(e: dict, todo: list[dict]) -> dict | None:
-    """The plain (slot-free) engine of the same target and quantization as a slotted one."""
+    """The plain (slot-free) engine of the same weights (`runtime.adapters.base_id`), target and
+    quantization as a slotted one."""
     what = e["quantization"].split(", LoRA slots")[0]
     return next((b for b in todo if b["kind"] == "ours" and not b.get("slots") and
-                 b["target"] == e["target"] and b["quantization"] == what), None)
+                 b["target"] == e["target"] and b["quantization"] == what and
+                 b["base_id"] == e["base_id"]), None)
 
 
 def measure_lora_interleaved(todo: list[dict], common: dict, reps: int) -> list[dict]:
@@ -426,7 +432,8 @@ def measure_lora_interleaved(todo: list[dict], common: dict, reps: int) -> list[
         r = run_worker({"kind": "lora-ab", **common, "target": e["target"], "reps": reps,
                         "cases": cases})
         out.append({"engine": e["name"], "artifacts": e["artifacts"], "target": e["target"],
-                    "plain": plain["artifacts"] if plain else None, **_medians(r)})
+                    "plain": plain["artifacts"] if plain else None,
+                    "names": {a["adapter"]: a["name"] for a in with_}, **_medians(r)})
     with tempfile.TemporaryDirectory() as tmp:
         peer = _llama_lora_cases(todo, Path(tmp))
         if peer:
@@ -509,7 +516,7 @@ def lora_ratios(interleaved: list[dict], quality: dict | None = None) -> list[st
         for label in m:
             if label in ("base", "slotted", "plain"):
                 continue
-            name = f"{g['engine']} + adapter {label}"
+            name = g.get("names", {}).get(label, f"{g['engine']} + adapter {label}")
             parts = [f"{key} {m[label][key]:.1f} tok/s = {m[label][key] / m[base][key]:.2f}x "
                      f"{what}" for key in ("decode_short", "decode_long")
                      for what, base in bases if base in m]
@@ -538,7 +545,8 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
     for e in todo:
         if e["kind"] == "ours":
             groups.setdefault((e["artifacts"], e.get("adapter")), []).append(e)
-    tmp_dir = tempfile.TemporaryDirectory()   # llama.cpp's LoRA GGUFs (read when it loads)
+    # llama.cpp's LoRA GGUFs (read when it loads); removed at the end, or at exit on an error
+    tmp_dir = tempfile.TemporaryDirectory()
     tmp = tmp_dir.name
     for (root, adapter), engines_ in groups.items():
         m = runtime.Manifest.read(root)

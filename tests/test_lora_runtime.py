@@ -370,3 +370,18 @@ def test_export_refuses_bad_slot_options(tmp_path, args, message):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert re.search(message, r.stderr), r.stderr[-2000:]
     assert not (tmp_path / "art").exists()
+
+
+def test_benchmark_pairs_a_slotted_artifact_with_its_own_plain_base():
+    """The adapter's "against the plain base" ratio takes a slot-free engine of the same weights,
+    target and quantization: never another model's artifact that happens to share the rest."""
+    from benchmarks.run import _plain_of
+    slotted = {"kind": "ours", "slots": True, "target": "onnx",
+               "quantization": "native, LoRA slots r8", "base_id": "a"}
+    other_model = {"kind": "ours", "slots": False, "target": "onnx", "quantization": "native",
+                   "base_id": "b"}
+    other_quant = {**other_model, "quantization": "int4", "base_id": "a"}
+    other_target = {**other_model, "target": "tflite", "base_id": "a"}
+    same = {**other_model, "base_id": "a"}
+    assert _plain_of(slotted, [slotted, other_model, other_quant, other_target]) is None
+    assert _plain_of(slotted, [slotted, other_model, other_quant, other_target, same]) is same
