@@ -478,6 +478,12 @@ def gguf_lora(manifest, name: str, path: Path) -> Path:
     return path
 
 
+def _exported_from(source: dict, gguf: str) -> bool:
+    """Whether an artifact directory's manifest source is that very GGUF (llama.cpp's file)."""
+    return source.get("format") == "gguf" and \
+        Path(source["path"]).resolve() == Path(gguf).resolve()
+
+
 def _llama_lora_cases(todo: list[dict], tmp: Path) -> tuple[dict, list[dict]] | None:
     """llama.cpp's engine and its cases (no adapter, each adapter as a LoRA GGUF) for the
     adapters of slotted artifact directories exported from the very GGUF it reads."""
@@ -490,9 +496,7 @@ def _llama_lora_cases(todo: list[dict], tmp: Path) -> tuple[dict, list[dict]] | 
         if a["kind"] != "ours" or not a.get("adapter") or a["adapter"] in seen:
             continue
         m = runtime.Manifest.read(a["artifacts"])
-        source = m.data["model"].get("source", {})
-        if source.get("format") != "gguf" or \
-                Path(source["path"]).resolve() != Path(llama["gguf"]).resolve():
+        if not _exported_from(m.data["model"].get("source", {}), llama["gguf"]):
             continue
         seen.add(a["adapter"])
         path = gguf_lora(m, a["adapter"], tmp / f"{a['adapter']}.gguf")
@@ -568,9 +572,8 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
             gen = runtime.load(root, target=e["target"], num_threads=args.threads,
                                adapter=adapter)
             candidates[e["name"]] = lambda w, gen=gen: gen.iter_logits(w, 0)
-        same_gguf = llama and source.get("format") == "gguf" and \
-            Path(source["path"]).resolve() == Path(llama["gguf"]).resolve()
-        if same_gguf and (adapter or llama["name"] not in out):
+        if llama and _exported_from(source, llama["gguf"]) and \
+                (adapter or llama["name"] not in out):
             from llama_cpp import Llama
             name, lora = llama["name"], {}
             if adapter:   # llama.cpp applies the same adapter as a LoRA GGUF
