@@ -44,8 +44,7 @@ def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = 
     """Adds the adapter to the artifact directory; returns its manifest record."""
     from runtime.manifest import Manifest, sha256_file
 
-    from . import export as ex
-    from . import lora
+    from . import lora, publish
     from .config import GemmaConfig
     peft_dir, art = Path(peft_dir), Path(art)
     name = name or peft_dir.resolve().name
@@ -53,7 +52,7 @@ def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = 
     if why:
         raise ValueError(f"{why} (choose one with --name)")
     Manifest.read(art)   # a readable artifact before taking its lock
-    with ex._locked(art, log):
+    with publish.locked(art, log):
         manifest = Manifest.read(art)   # again, under the lock: what we replace
         contract = manifest.contract
         R = contract.lora_rank
@@ -92,7 +91,7 @@ def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = 
         path = art / rel
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        undo = ex._undo(lambda: ex._unlink(tmp))
+        undo = publish.undo(lambda: publish.unlink(tmp))
         try:
             from safetensors.numpy import save_file
             save_file(tensors, str(tmp), metadata={rt_adapters.BASE_KEY:
@@ -109,17 +108,13 @@ def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = 
             data = dict(manifest.data)
             data[ct.ADAPTERS] = {**data.get(ct.ADAPTERS, {}), name: record}
             ct.validate(data)
-            key = ex._seal_key()
+            key = publish.seal_key()
             had_seal = ct.SEAL in data
             os.replace(tmp, path)
-            ex._write_json(art / ct.MANIFEST_FILE, ex._sealed(data, key, log))
-            if had_seal and key is None:
-                log(f"{art / ct.MANIFEST_FILE} was sealed; it changed and there is no signing "
-                    f"key here, so it is no longer sealed (`python -m runtime.sign --artifacts "
-                    f"{art}`)")
+            publish.replace_manifest(art, data, key, log, had_seal)
         finally:
-            ex._unlink(tmp)
-            ex._UNDO.remove(undo)
+            publish.unlink(tmp)
+            publish.done(undo)
     return record
 
 

@@ -11,7 +11,6 @@ manifest (replacing the same target's older artifact).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import errno
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from runtime import contract as ct
 
-from . import checkpoints, parity, targets
+from . import checkpoints, parity, publish, targets
 from .checkpoints import Checkpoint, CheckpointError
 from .config import get_variant
 from .model import full_size_params, init_params
@@ -31,8 +30,7 @@ from .weights import Params
 from .tokenizer import tiny_tokenizer
 
 
-class ExportError(RuntimeError):
-    pass
+ExportError = publish.PublishError   # one error for everything that refuses an export
 
 
 def random_checkpoint(variant: str, seed: int = 0) -> Checkpoint:
@@ -90,20 +88,14 @@ def _manifest(ck: Checkpoint, contract: ct.Contract, tokenizer_file: str, tok_sh
                            contract)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: Path,
            options: dict | None = None, progress=None, log=print) -> dict:
     """Writes (or adds to) the artifact directory `out`; returns its manifest. One export per
-    directory at a time (`_locked`)."""
+    directory at a time (`publish.locked`)."""
     import jax  # noqa: F401  (initialised before the targets' converters import it)
 
     options = dict(options or {})
-    seal_key = _seal_key()   # a key file others can read fails now, not after the work
+    seal_key = publish.seal_key()   # a key file others can read fails now, not after the work
     mods = [targets.get(t) for t in target_names]
     for mod in mods:
         if contract.lora_rank and not getattr(mod, "LORA_SIGNATURES", False):
@@ -120,7 +112,7 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
         raise ExportError(f"{out} is a mount point: a new export is published by renaming a "
                           f"finished directory onto --out, which a mount point cannot take; "
                           f"use a directory inside it, e.g. --out {out / ck.config.name}")
-    with _locked(out, log):
+    with publish.locked(out, log):
         return _export(ck, contract, mods, out, options, progress, log, seal_key)
 
 
@@ -138,11 +130,7 @@ def _export(ck, contract, mods, out: Path, options: dict, progress, log, seal_ke
         raise ExportError(f"{out} exists, is not empty and has no {ct.MANIFEST_FILE}; "
                           f"choose another --out or delete it")
 
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    undo = _undo(lambda: shutil.rmtree(stage, ignore_errors=True))
-    stage.mkdir(parents=True)
-    try:
+    with publish.staged(out) as stage:
         (stage / "tokenizer.model").write_bytes(ck.tokenizer_model)
         options.update(tokenizer_path=str(stage / "tokenizer.model"), special_ids=ck.special_ids)
         manifest = _manifest(ck, contract, "tokenizer.model", sha256_file(stage / "tokenizer.model"))
@@ -163,7 +151,7 @@ def _export(ck, contract, mods, out: Path, options: dict, progress, log, seal_ke
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             log(f"wrote {mod.NAME} artifact in {time.perf_counter() - t0:.1f}s")
             parity.release()   # the target's transient buffers, before the next one
-        _write_json(stage / ct.MANIFEST_FILE, manifest)
+        publish.write_json(stage / ct.MANIFEST_FILE, manifest)
         failures = parity.check(ck, contract, stage, manifest,
                                 {m.NAME: "none" if targets.exact(m, options, ck.params)
                                  else targets.quant(m, options) for m in mods}, log)
@@ -180,75 +168,9 @@ def _export(ck, contract, mods, out: Path, options: dict, progress, log, seal_ke
         if failures:
             raise ExportError("artifact quality check failed against the fp32 reference: "
                               + "; ".join(failures))
-        _write_json(stage / ct.MANIFEST_FILE, _sealed(manifest, seal_key, log))
-        return _publish(stage, out, manifest, existing, [m.NAME for m in mods], seal_key, log)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        _UNDO.remove(undo)
-
-
-LOCK_SUFFIX = ".lock"
-
-
-@contextlib.contextmanager
-def _locked(out: Path, log):
-    """Holds `.{out.name}.lock` beside `out` (an flock: released when the process ends, however
-    it ends) for a whole export, so two exports to one directory cannot both do the work or lose
-    each other's manifest entries (the merge reads and writes the manifest under it). A second
-    export fails at once, naming the holder. The file is removed on release; a process that
-    locked a file which was removed meanwhile retries on the new one (the inode check), so
-    removal cannot let two exports in. Under the lock no other export of `out` is running, so
-    every `.{out.name}.partial-*` stage beside it is debris of a killed one: removed."""
-    import fcntl
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f".{out.name}{LOCK_SUFFIX}"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
-            os.close(fd)
-            raise ExportError(f"another export is writing {out} ({holder}); wait for it to "
-                              f"finish or choose another --out") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)   # we locked a file its holder removed on release: take the new one
-    undo = _undo(lambda: _unlink(path))
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {dt.datetime.now().isoformat(timespec='seconds')}"
-                  .encode(), 0)
-        for stale in sorted(out.parent.glob(f".{out.name}.partial-*")) + \
-                sorted(out.glob(".*.old-*") if out.is_dir() else []):
-            if stale.name.endswith(f"-{os.getpid()}"):
-                continue
-            shutil.rmtree(stale, ignore_errors=True)
-            log(f"removed {stale}, left by an export that was killed")
-        yield
-    finally:
-        _unlink(path)
-        os.close(fd)
-        _UNDO.remove(undo)
-
-
-# what a SIGTERM must undo before the process leaves (main's handler runs these)
-_UNDO: list = []
-
-
-def _undo(fn):
-    _UNDO.append(fn)
-    return fn
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+        publish.write_json(stage / ct.MANIFEST_FILE, publish.sealed(manifest, seal_key, log))
+        return publish.publish(stage, out, manifest, existing, [m.NAME for m in mods], seal_key,
+                               log)
 
 
 def _read_existing(path: Path) -> dict:
@@ -263,55 +185,6 @@ def _read_existing(path: Path) -> dict:
 def _trace(contract, params, platforms, progress):
     from . import trace
     return trace.trace(contract, params, tuple(platforms), progress=progress)
-
-
-def _seal_key():
-    """The user's signing key (`runtime.integrity`), or None."""
-    from runtime import integrity
-    try:
-        return integrity.signing_key()
-    except integrity.IntegrityError as e:
-        raise ExportError(f"signing key: {e}") from None
-
-
-def _sealed(manifest: dict, key, log) -> dict:
-    """The manifest as published: sealed with the user's key when there is one (so that its
-    xla-tpu executables load without --trust-executables), else without a seal (a merge would
-    leave an old one that no longer verifies)."""
-    from runtime import integrity
-    manifest.pop(ct.SEAL, None)
-    if key is not None:
-        manifest[ct.SEAL] = integrity.seal(manifest, key[0], ct.SEAL)
-        log(f"sealed the manifest with key {manifest[ct.SEAL]['key_id']} (from {key[1]})")
-    return manifest
-
-
-def _publish(stage: Path, out: Path, manifest: dict, existing: dict | None, names,
-             seal_key=None, log=print) -> dict:
-    if existing is None:
-        if out.exists():
-            out.rmdir()   # empty, checked above
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage, out)
-        return manifest
-    # Merge into an existing directory: move new target dirs in, then replace the manifest last.
-    merged = dict(existing)
-    merged["schema_version"] = manifest["schema_version"]   # the runtime reads older versions too
-    merged["artifacts"] = {**existing.get("artifacts", {}), **manifest["artifacts"]}
-    for name in names:
-        old = out / name
-        trash = out / f".{name}.old-{os.getpid()}"
-        if old.exists():
-            os.replace(old, trash)
-        os.replace(stage / name, old)
-        shutil.rmtree(trash, ignore_errors=True)
-    shutil.copy2(stage / "tokenizer.model", out / "tokenizer.model")
-    had_seal = ct.SEAL in existing
-    _write_json(out / ct.MANIFEST_FILE, _sealed(merged, seal_key, log))
-    if had_seal and seal_key is None:
-        log(f"{out / ct.MANIFEST_FILE} was sealed; it changed and there is no signing key here, "
-            f"so it is no longer sealed (`python -m runtime.sign --artifacts {out}`)")
-    return merged
 
 
 def _parse_targets(text: str) -> tuple[str, ...]:
@@ -333,8 +206,9 @@ def main(argv=None) -> int:
                                 description="Compile a Gemma checkpoint ahead of time.")
     p.add_argument("--target", action="append", default=None,
                    help=f"target to build, repeatable or comma-separated: "
-                        f"{', '.join(targets.AVAILABLE)}, or all (= {', '.join(targets.PORTABLE)}"
-                        f"; default: xla)")
+                        f"{', '.join(targets.AVAILABLE)}, all (= {', '.join(targets.PORTABLE)}"
+                        f") or auto (the one that suits this machine: onnx on a CPU, xla on a "
+                        f"TPU or GPU; default: xla)")
     p.add_argument("--checkpoint", default=None,
                    help="GGUF file or Hugging Face directory (default: the embedded Gemma 3 270M); "
                         "random:VARIANT-tiny makes random weights for testing")
@@ -384,18 +258,7 @@ def main(argv=None) -> int:
                    help="xla-tpu: model=M splits the model over M chips (default: all chips)")
     args = p.parse_args(argv)
 
-    import signal
-
-    def _terminated(signum, frame):
-        # not an exception: one raised while Python runs a gc callback is ignored, and the
-        # export would go on. Remove what is staged, free the lock, and leave at once.
-        for undo in reversed(_UNDO):
-            undo()
-        print("\nerror: terminated (SIGTERM); nothing was published"
-              + (f" ({out} is as it was)" if out else ""), file=sys.stderr, flush=True)
-        os._exit(130)
-    if threading_main():
-        signal.signal(signal.SIGTERM, _terminated)
+    publish.on_sigterm(lambda: out)
     out = None
     try:
         names = []
@@ -405,6 +268,10 @@ def main(argv=None) -> int:
             names.append("tflite")
         if "all" in names:
             names = [n for n in names if n != "all"] + list(targets.PORTABLE)
+        if "auto" in names:
+            chosen, why = targets.for_machine()
+            print(f"target auto: {chosen} ({why})", file=sys.stderr)
+            names = [chosen if n == "auto" else n for n in names]
         names = list(dict.fromkeys(names))
         options = {"quant": args.quant, "float_embedding": args.float_embedding,
                    "activations": args.activations,
@@ -459,11 +326,6 @@ def main(argv=None) -> int:
     if args.android_demo:
         copy_for_android(out, manifest, Path(args.android_demo))
     return 0
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 ANDROID_APP_DIR = "/sdcard/Android/data/dev.gemmaaot.chat/files"   # the app's getExternalFilesDir
