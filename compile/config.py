@@ -107,7 +107,7 @@ class GemmaConfig:
     rope_base_local: float = 10_000.0
     rope_scale_global: float = 1.0   # linear position scaling of global layers (Gemma 3 4B+: 8)
     # Gemma 4 (defaults: off, i.e. Gemma 1-3). Per-layer geometry is `runtime.contract`'s
-    # `attention_layers`; `layer_*` below read it.
+    # `layer_specs`; `attention()` and `layer_*` below read it.
     norm_plus_one: bool = True       # RMSNorm x (1 + w); False: x w
     v_norm: bool = False             # values RMS-normalized (no scale)
     layer_scalar: bool = False       # each layer's output x a loaded scalar
@@ -179,22 +179,23 @@ class GemmaConfig:
                                  f"not a multiple of its {a.kv_heads} KV heads")
 
     def attention(self):
-        """Each layer's KV geometry and the cache it reads (`runtime.contract.attention_layers`)."""
-        from runtime.contract import attention_layers
+        """Each layer's geometry: its KV heads and head dim, the cache it reads, its matmuls'
+        widths (`runtime.contract.layer_specs`, the one statement of these rules)."""
+        from runtime.contract import layer_specs
         try:
-            return attention_layers(self)
+            return layer_specs(self)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
 
     def kv_producer(self, i: int) -> bool:
         """Layer i computes its own K and V (False: a KV-shared layer reading a producer's)."""
-        return i < self.num_layers - self.kv_shared_layers
+        return self.attention()[i].produces_kv
 
     def layer_ffn_dim(self, i: int) -> int:
-        return self.ffn_dim * (2 if self.double_wide_mlp and not self.kv_producer(i) else 1)
+        return self.attention()[i].ffn_dim
 
     def layer_k_eq_v(self, i: int) -> bool:
-        return self.k_eq_v and self.layer_type(i) == GLOBAL
+        return self.attention()[i].k_eq_v
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else GLOBAL

@@ -201,7 +201,7 @@ def _parse_lengths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compile.export",
                                 description="Compile a Gemma checkpoint ahead of time.")
     p.add_argument("--target", action="append", default=None,
@@ -256,23 +256,63 @@ def main(argv=None) -> int:
                    help="with --lora-rank: the matmuls that get slots (default: all seven)")
     p.add_argument("--mesh", default=None,
                    help="xla-tpu: model=M splits the model over M chips (default: all chips)")
-    args = p.parse_args(argv)
+    return p
 
+
+def _target_names(args) -> list[str]:
+    """--target values (repeatable, comma-separated; all, auto) as target names, in order."""
+    names = []
+    for t in args.target or ([] if args.android_demo else ["xla"]):
+        names += [x.strip() for x in t.split(",") if x.strip()]
+    if args.android_demo and "tflite" not in names:
+        names.append("tflite")
+    if "all" in names:
+        names = [n for n in names if n != "all"] + list(targets.PORTABLE)
+    if "auto" in names:
+        chosen, why = targets.for_machine()
+        print(f"target auto: {chosen} ({why})", file=sys.stderr)
+        names = [chosen if n == "auto" else n for n in names]
+    return list(dict.fromkeys(names))
+
+
+def _checkpoint_and_contract(args, progress):
+    """The checkpoint (with a LoRA adapter merged), the contract and the output directory."""
+    t0 = time.perf_counter()
+    ck = load_checkpoint(args.checkpoint, progress=progress)
+    print(f"loaded {ck.config.name} ({ck.config.num_params() / 1e6:.0f}M parameters) from "
+          f"{ck.source.get('path', ck.source.get('format'))} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    if args.lora:
+        from . import lora
+        ck = lora.apply(ck, args.lora, args.lora_scale, log=lambda m: print(m, file=sys.stderr))
+    elif args.lora_scale != 1.0:
+        raise ValueError("--lora-scale needs --lora PEFT_DIR")
+    if args.lora_targets != ct.LORA_TARGETS and not args.lora_rank:
+        raise ValueError("--lora-targets needs --lora-rank R")
+    contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context,
+                           lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    default_out = ck.config.name + (f"-{Path(args.lora).resolve().name}" if args.lora else "")
+    return ck, contract, Path(args.out or f"artifacts/{default_out}")
+
+
+def _report(ck, names, out: Path, manifest: dict, seconds: float) -> None:
+    """What was written and where (stdout)."""
+    total = sum(f["bytes"] for n in names for f in manifest["artifacts"][n]["files"].values())
+    print(f"exported {ck.config.name} [{', '.join(names)}] to {out}/ "
+          f"({total / 1e6:.1f} MB, {seconds:.0f}s): "
+          f"signatures {', '.join(s['name'] for s in manifest['signatures']['entries'])}")
+    for n in names:
+        for f in manifest["artifacts"][n]["files"].values():
+            print(f"  {out / f['path']}  {f['bytes'] / 1e6:.1f} MB")
+    print(f"  {out / ct.MANIFEST_FILE}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     publish.on_sigterm(lambda: out)
     out = None
     try:
-        names = []
-        for t in args.target or ([] if args.android_demo else ["xla"]):
-            names += [x.strip() for x in t.split(",") if x.strip()]
-        if args.android_demo and "tflite" not in names:
-            names.append("tflite")
-        if "all" in names:
-            names = [n for n in names if n != "all"] + list(targets.PORTABLE)
-        if "auto" in names:
-            chosen, why = targets.for_machine()
-            print(f"target auto: {chosen} ({why})", file=sys.stderr)
-            names = [chosen if n == "auto" else n for n in names]
-        names = list(dict.fromkeys(names))
+        names = _target_names(args)
         options = {"quant": args.quant, "float_embedding": args.float_embedding,
                    "activations": args.activations,
                    "accept_quality_loss": args.accept_quality_loss,
@@ -281,22 +321,7 @@ def main(argv=None) -> int:
             targets.check_options(targets.get(n), options)
         from tqdm import tqdm
         t0 = time.perf_counter()
-        ck = load_checkpoint(args.checkpoint, progress=tqdm)
-        print(f"loaded {ck.config.name} ({ck.config.num_params() / 1e6:.0f}M parameters) from "
-              f"{ck.source.get('path', ck.source.get('format'))} in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)
-        if args.lora:
-            from . import lora
-            ck = lora.apply(ck, args.lora, args.lora_scale,
-                            log=lambda m: print(m, file=sys.stderr))
-        elif args.lora_scale != 1.0:
-            raise ValueError("--lora-scale needs --lora PEFT_DIR")
-        if args.lora_targets != ct.LORA_TARGETS and not args.lora_rank:
-            raise ValueError("--lora-targets needs --lora-rank R")
-        contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context,
-                               lora_rank=args.lora_rank, lora_targets=args.lora_targets)
-        default_out = ck.config.name + (f"-{Path(args.lora).resolve().name}" if args.lora else "")
-        out = Path(args.out or f"artifacts/{default_out}")
+        ck, contract, out = _checkpoint_and_contract(args, tqdm)
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:
@@ -315,14 +340,7 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    total = sum(f["bytes"] for n in names for f in manifest["artifacts"][n]["files"].values())
-    print(f"exported {ck.config.name} [{', '.join(names)}] to {out}/ "
-          f"({total / 1e6:.1f} MB, {time.perf_counter() - t0:.0f}s): "
-          f"signatures {', '.join(s['name'] for s in manifest['signatures']['entries'])}")
-    for n in names:
-        for f in manifest["artifacts"][n]["files"].values():
-            print(f"  {out / f['path']}  {f['bytes'] / 1e6:.1f} MB")
-    print(f"  {out / ct.MANIFEST_FILE}")
+    _report(ck, names, out, manifest, time.perf_counter() - t0)
     if args.android_demo:
         copy_for_android(out, manifest, Path(args.android_demo))
     return 0

@@ -15,15 +15,13 @@ A matmul of `runtime.contract.LORA_TARGETS` may carry a run-time low-rank slot b
 (`project`: `<name>_lora_a` [in, R], `<name>_lora_b` [R, out]), which adds (x A) B; a LoRA adapter
 merged at export (`compile.lora`) changes the weight itself instead.
 
-The tied embedding is `embed` [V, D]. A target that quantizes may add `embed_q` (int8 [V, D]) and
-`embed_scale` (float [V], or [V, D / b] per block of b inputs, with an optional `embed_bias` of the
-same shape: row = scale * q + bias per block) for the lookup, keeping `embed` for the output projection only: the two
-then live in separate buffers that its quantizer can treat independently.
+The tied embedding is `embed` [V, D]; Gemma 4's per-layer table is `ple_embed` [V, L*P].
 
-`spelling` picks how attention's matmuls are written for the exporter: "xla" for every target that
-lowers through StableHLO (xla, xla-tpu, and tflite, whose converter reads StableHLO), "onnx" for
-jax2onnx, which lowers jnp.matmul to MatMul but dot_general to its slow generic Einsum. The two are
-the same math; only the graph differs.
+This module is the float reference and knows no target. Where a target stores or computes a part
+of the model otherwise (an int8 lookup table, experts as LiteRT's MoE op or as one ONNX branch
+each, attention's matmuls as jax2onnx wants them), it hands `forward` a `Forms` of its own (a
+subclass, in the target's module), which reads its stored names and returns what the float form
+returns; `Forms()` itself is the reference. The forms change the graph, never the math.
 
 The KV cache is a plain value passed in and returned: a dict under `runtime.contract`'s names, taken
 and returned as `compile.kv` decides. With `cache=None` the model attends over the given tokens
@@ -43,7 +41,7 @@ import numpy as np
 
 from runtime import contract as ct
 
-from . import kv, litert_moe
+from . import kv
 from .config import GemmaConfig, LOCAL
 
 
@@ -70,34 +68,30 @@ def is_experts(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in EXPERTS
 
 
+ATTENTION_MATMULS = ("q_proj", "k_proj", "v_proj", "o_proj")   # those a layer computes
+FFN_MATMULS = ("gate_proj", "up_proj", "down_proj")
+
+
 def param_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    D, N = cfg.d_model, cfg.num_heads
+    D = cfg.d_model
     shapes = {"embed": (cfg.vocab_size, D), "final_norm": (D,)}
     if cfg.ple_dim:
         LP = cfg.num_layers * cfg.ple_dim
         shapes.update({"ple_embed": (cfg.ple_vocab_size, LP), "ple_model_proj": (D, LP),
                        "ple_proj_norm": (cfg.ple_dim,)})
-    for a in cfg.attention():
-        i, K, H, F = a.layer, a.kv_heads, a.head_dim, cfg.layer_ffn_dim(a.layer)
+    for a in cfg.attention():   # the per-layer spec (`runtime.contract.layer_specs`)
+        i, H, matmuls = a.layer, a.head_dim, dict(a.matmuls)
         p = f"layers.{i}."
-        shapes.update({p + "attn_norm": (D,), p + "q_proj": (D, N * H)})
-        if cfg.kv_producer(i):
-            shapes[p + "k_proj"] = (D, K * H)
-            if not cfg.layer_k_eq_v(i):
-                shapes[p + "v_proj"] = (D, K * H)
-        shapes.update({
-            p + "o_proj": (N * H, D),
-            p + "ffn_norm": (D,),
-            p + "gate_proj": (D, F),
-            p + "up_proj": (D, F),
-            p + "down_proj": (F, D),
-        })
+        shapes[p + "attn_norm"] = (D,)
+        shapes.update({p + n: matmuls[n] for n in ATTENTION_MATMULS if n in matmuls})
+        shapes[p + "ffn_norm"] = (D,)
+        shapes.update({p + n: matmuls[n] for n in FFN_MATMULS})
         if cfg.post_norms:
             shapes[p + "post_attn_norm"] = (D,)
             shapes[p + "post_ffn_norm"] = (D,)
         if cfg.qk_norm:
             shapes[p + "q_norm"] = (H,)
-            if cfg.kv_producer(i):
+            if a.produces_kv:
                 shapes[p + "k_norm"] = (H,)
         if cfg.layer_scalar:
             shapes[p + "layer_scalar"] = (1,)
@@ -236,12 +230,59 @@ def project(x, p: dict, name: str):
     return y
 
 
+class Forms:
+    """How the model's parts that a target may store or compute otherwise are written; this base
+    class is the float reference. A target subclasses it in its own module and hands an instance
+    to `forward` (through `trace.signature_fn`); each hook gets the params dict the target's
+    graph takes and returns what the reference does."""
+
+    def attention_matmuls(self, rows: bool):
+        """(scores_of(q [B, K, G*T, H], keys [B, K, S, H]) -> [B, K, G*T, S],
+        mix(probs [B, K, G*T, S], values) -> [B, K, G*T, H]): batched matmuls over (B, K) with no
+        operand transposed in memory. dot_general keeps the (B, K) batch dims, where jnp.matmul
+        would squeeze the size-1 ones (a reshape of the cache) before TFLite's BATCH_MATMUL.
+        Values are [B, K, S, H] in the `rows` cache form, else [B, K, H, S] (`compile.kv`)."""
+        scores_of = lambda q_, k_: jax.lax.dot_general(q_, k_, (((3,), (3,)), ((0, 1), (0, 1))))
+        if rows:
+            mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (2,)), ((0, 1), (0, 1))))
+        else:
+            mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (3,)), ((0, 1), (0, 1))))
+        return scores_of, mix
+
+    def embed_rows(self, params: dict, tokens):
+        """tokens [B, T] -> the tied embedding's rows [B, T, D], before the sqrt(D) scale."""
+        return params["embed"][tokens]
+
+    def ple_rows(self, params: dict, tokens):
+        """tokens [B, T] -> Gemma 4's per-layer table rows [B, T, L*P], before their scale."""
+        return params["ple_embed"][tokens]
+
+    def experts(self, cfg: GemmaConfig, p: dict, h, w, idx, dtype):
+        """Gemma 4's experts on h [B, T, D] (the MoE block's normed input) for the router's
+        renormalised weights w and choices idx [B, T, k], each weight times its expert's scale.
+        For a few tokens (T * k < E: decode) only the chosen experts' weights are gathered and
+        read; for more (prefill) every expert runs densely and a [B, T, E] combine matrix (zero
+        off the chosen k) mixes them, which reads each expert once."""
+        E, k = cfg.num_experts, cfg.top_k_experts
+        T = h.shape[1]
+        w = (w * p["expert_scale"][idx]).astype(dtype)                            # [B, T, k]
+        experts = (p["experts_gate"], p["experts_up"], p["experts_down"])
+        if isinstance(T, int):
+            return (_experts_gathered if T * k < E else _experts_dense)(h, idx, w, *experts)
+        # a symbolic token count (the ONNX graph serves every length): choose at run time
+        return jax.lax.cond(jnp.asarray(T) * k < E, _experts_gathered, _experts_dense,
+                            h, idx, w, *experts)
+
+
+REFERENCE = Forms()
+
+
 def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: bool = False,
-              spelling: str = "xla", shared=None):
+              forms: Forms = REFERENCE, shared=None):
     """One attention block of layer `layer`. x: [B, T, D]. Returns (out [B, T, D], the updated
     caches (k, v) or None, the key segments it attended over): with `rows`, where `cache` is the
     read-only past, the cache output is only this call's new rows (`compile.kv`). A KV-shared
@@ -261,7 +302,7 @@ def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: 
     if shared is None:
         k = project(x, p, "k_proj").reshape(B, T, K, H)                            # [B, T, K, H]
         # k_eq_v: the values are the keys' projection before its norm and RoPE
-        v = k if cfg.layer_k_eq_v(layer) else project(x, p, "v_proj").reshape(B, T, K, H)
+        v = k if a.k_eq_v else project(x, p, "v_proj").reshape(B, T, K, H)
         if cfg.qk_norm:
             k = norm(cfg, k, p["k_norm"])
         if cfg.v_norm:
@@ -272,20 +313,7 @@ def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: 
     else:
         segments, new_cache = shared, None
 
-    # Attention as batched matmuls over (B, K) with no operand transposed in memory. jax2onnx
-    # lowers jnp.matmul to MatMul (ORT fuses the transposed key operand away); for StableHLO,
-    # dot_general keeps the (B, K) batch dims, where jnp.matmul would squeeze the size-1 ones
-    # (a reshape of the cache) before TFLite's BATCH_MATMUL.
-    if spelling == "onnx":
-        assert rows, "the ONNX form keeps values [B, K, S, H] (cache outputs `rows`)"
-        scores_of = lambda q_, k_: jnp.matmul(q_, jnp.swapaxes(k_, -1, -2))
-        mix = jnp.matmul
-    else:
-        scores_of = lambda q_, k_: jax.lax.dot_general(q_, k_, (((3,), (3,)), ((0, 1), (0, 1))))
-        if rows:
-            mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (2,)), ((0, 1), (0, 1))))
-        else:
-            mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (3,)), ((0, 1), (0, 1))))
+    scores_of, mix = forms.attention_matmuls(rows)
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # [B, K, G*T, H]
     scores = []
     for keys, _, key_pos, visible in segments:
@@ -320,55 +348,19 @@ def layer_params(params, i: int) -> dict:
     return {name[len(prefix):]: params[name] for name in params if name.startswith(prefix)}
 
 
-def embed(cfg: GemmaConfig, params: dict, tokens):
+def embed(cfg: GemmaConfig, params: dict, tokens, forms: Forms = REFERENCE):
     """tokens [B, T] -> scaled embeddings [B, T, D]."""
-    if "embed_q" in params:   # an integer lookup table (quantizing targets)
-        q = params["embed_q"][tokens].astype(jnp.float32)                         # [B, T, D]
-        scale = params["embed_scale"][tokens]                       # [B, T] or [B, T, D / b]
-        if scale.ndim == q.ndim - 1:                                # one scale per row
-            x = q * scale[..., None]
-        else:                                                       # per block of b inputs
-            B, T, D = q.shape
-            nb = scale.shape[-1]
-            x = q.reshape(B, T, nb, D // nb) * scale[..., None]
-            if "embed_bias" in params:
-                x = x + params["embed_bias"][tokens][..., None]
-            x = x.reshape(B, T, D)
-    else:
-        x = params["embed"][tokens]                                                # [B, T, D]
+    x = forms.embed_rows(params, tokens)                                          # [B, T, D]
     return x * jnp.asarray(cfg.embed_scale, x.dtype)
 
 
-def ple_table_parts(params) -> list[tuple[str, str]]:
-    """The names (q, scale) of the int8 per-layer table's column parts, in order: one
-    ("ple_embed_q", "ple_embed_scale"), or ple_embed0_q, ple_embed1_q, ... where a target
-    splits it (no name ends in a digit: tflite's tensor names could not be told apart)."""
-    if "ple_embed_q" in params:
-        return [("ple_embed_q", "ple_embed_scale")]
-    out, c = [], 0
-    while f"ple_embed{c}_q" in params:
-        out.append((f"ple_embed{c}_q", f"ple_embed{c}_scale"))
-        c += 1
-    return out
-
-
-def per_layer_inputs(cfg: GemmaConfig, params: dict, tokens, x):
+def per_layer_inputs(cfg: GemmaConfig, params: dict, tokens, x, forms: Forms = REFERENCE):
     """Gemma 4's per-layer embeddings: tokens [B, T] and their scaled embeddings x [B, T, D] ->
     [B, T, L, P], the input of each layer's gated block. The token's row of the per-layer table
     (one gather: a token never needs other rows) mixed with a projection of x."""
     B, T, D = x.shape
     L, P = cfg.num_layers, cfg.ple_dim
-    parts = ple_table_parts(params)
-    if parts:   # an int8 table in blocks (quantizing targets): only T rows read
-        rows = []
-        for q_name, scale_name in parts:   # column parts (tflite: each under 2^31 values)
-            q = params[q_name][tokens].astype(jnp.float32)                         # [B, T, K]
-            scale = params[scale_name][tokens]                                     # [B, T, K/b]
-            nb = scale.shape[-1]
-            rows.append((q.reshape(B, T, nb, -1) * scale[..., None]).reshape(B, T, -1))
-        table_rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows, -1)  # [B, T, L*P]
-    else:
-        table_rows = params["ple_embed"][tokens]                                  # [B, T, L*P]
+    table_rows = forms.ple_rows(params, tokens)                                   # [B, T, L*P]
     rows = table_rows * jnp.asarray(P ** 0.5, x.dtype)                            # [B, T, L*P]
     proj = linear(x, params["ple_model_proj"]) * jnp.asarray(D ** -0.5, x.dtype)  # [B, T, L*P]
     proj = norm(cfg, proj.reshape(B, T, L, P), params["ple_proj_norm"])
@@ -381,55 +373,17 @@ def _top_k(x, k: int):
     return jax.lax.top_k(x, k)
 
 
-def moe(cfg: GemmaConfig, p: dict, x):
+def moe(cfg: GemmaConfig, p: dict, x, forms: Forms = REFERENCE):
     """Gemma 4's mixture of experts on x [B, T, D] (the residual stream before the FFN): router =
-    fp32 softmax over all E experts, top k, renormalised, times each expert's scale. For a few
-    tokens (T * k < E: decode) only the chosen experts' weights are gathered and read; for more
-    (prefill) every expert runs densely and a [B, T, E] combine matrix (zero off the chosen k)
-    mixes them, which reads each expert once. Targets that store the experts otherwise pick their
-    own form by the names in p: ONNX one conditional per expert (`expert<e>.*`), tflite LiteRT's
-    MoE op (`litert_moe`), which reads only the chosen experts in decode and prefill alike."""
-    B, T, D = x.shape
-    E, k = cfg.num_experts, cfg.top_k_experts
+    fp32 softmax over all E experts, top k, renormalised, times each expert's scale; the experts
+    run as `forms.experts` writes them."""
+    D, k = x.shape[-1], cfg.top_k_experts
     r = rms_norm(x, None, cfg.norm_eps) * p["router_scale"] * jnp.asarray(D ** -0.5, x.dtype)
     probs = jax.nn.softmax(linear(r, p["router"]).astype(jnp.float32), axis=-1)   # [B, T, E]
     w, idx = _top_k(probs, k)                                                     # [B, T, k]
     w = w / w.sum(axis=-1, keepdims=True)
     h = norm(cfg, x, p["moe_norm"])                                               # [B, T, D]
-    if "experts_gate" + litert_moe.SUFFIX in p:
-        # the tflite target's stored form: LiteRT's "moe" op (it applies the expert scale)
-        return litert_moe.experts(h, w, idx, p, E, k).astype(x.dtype)
-    w = (w * p["expert_scale"][idx]).astype(x.dtype)                              # [B, T, k]
-    if "expert0.gate_proj" in p:
-        return _experts_branches(h, idx, w, p, E)
-    experts = (p["experts_gate"], p["experts_up"], p["experts_down"])
-    if isinstance(T, int):
-        return (_experts_gathered if T * k < E else _experts_dense)(h, idx, w, *experts)
-    # a symbolic token count (the ONNX graph serves every length): choose at run time
-    return jax.lax.cond(jnp.asarray(T) * k < E, _experts_gathered, _experts_dense,
-                        h, idx, w, *experts)
-
-
-def _experts_branches(h, idx, w, p, E: int):
-    """One conditional branch per expert, over its own matmul weights (`weights.split_experts`:
-    ONNX stores each expert as quantized matmuls, which a gather could not read): an expert no
-    token chose is skipped, so a decode step reads only the chosen k experts' weights; a chosen
-    one runs on every token, weighted by its [B, T] column of the combine matrix (zero where the
-    token did not choose it)."""
-    hot = jax.nn.one_hot(idx, E, dtype=h.dtype)                                # [B, T, k, E]
-    combine = (hot * w[..., None]).sum(axis=2)                                   # [B, T, E]
-    chosen = hot.sum(axis=(0, 1, 2)) > 0                                         # [E]
-
-    def expert(e):
-        def run(h, c):
-            a = (jax.nn.gelu(linear(h, p[f"expert{e}.gate_proj"]), approximate=True)
-                 * linear(h, p[f"expert{e}.up_proj"]))                               # [B, T, I]
-            return linear(a, p[f"expert{e}.down_proj"]) * c[..., None]               # [B, T, D]
-        return run
-
-    outs = [jax.lax.cond(chosen[e], expert(e), lambda h, c: jnp.zeros_like(h), h,
-                         combine[..., e]) for e in range(E)]
-    return functools.reduce(jnp.add, outs)
+    return forms.experts(cfg, p, h, w, idx, x.dtype)
 
 
 def _experts_gathered(h, idx, w, gate, up, down):
@@ -453,12 +407,12 @@ def _experts_dense(h, idx, w, gate, up, down):
 
 
 def block(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache=None, rows: bool = False,
-          spelling: str = "xla", shared=None, ple=None):
+          forms: Forms = REFERENCE, shared=None, ple=None):
     """Decoder layer `layer` (attention + GeGLU FFN with Gemma's norms; Gemma 4: experts beside
     the FFN, the per-layer-embedding block with ple [B, T, P], the layer scalar) on x [B, T, D];
     returns (x, the layer's cache output or None, the key segments it attended over)."""
     h, layer_cache, segments = attention(cfg, p, layer, norm(cfg, x, p["attn_norm"]), positions,
-                                         cache, rows=rows, spelling=spelling, shared=shared)
+                                         cache, rows=rows, forms=forms, shared=shared)
     if cfg.post_norms:
         h = norm(cfg, h, p["post_attn_norm"])
     x = x + h
@@ -467,7 +421,8 @@ def block(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache=None, rows:
     h = gate * project(h, p, "up_proj")
     h = project(h, p, "down_proj")
     if cfg.num_experts:
-        h = norm(cfg, h, p["post_mlp_norm"]) + norm(cfg, moe(cfg, p, x), p["post_moe_norm"])
+        h = norm(cfg, h, p["post_mlp_norm"]) + norm(cfg, moe(cfg, p, x, forms),
+                                                    p["post_moe_norm"])
     if cfg.post_norms:
         h = norm(cfg, h, p["post_ffn_norm"])
     x = x + h
@@ -487,7 +442,7 @@ def head(cfg: GemmaConfig, final_norm, table, x):
 
 
 def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | None = None,
-            logits: str | int = "all", cache_outputs: str = "full", spelling: str = "xla"):
+            logits: str | int = "all", cache_outputs: str = "full", forms: Forms = REFERENCE):
     """tokens: [B, T] int32; positions: [T] int32 (contiguous); cache: the signature's KV dict.
     new_cache holds the updated caches, or for cache_outputs="rows" only this call's new rows,
     under the same names (`runtime.contract`).
@@ -495,19 +450,18 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
     int k (the last k positions), None for "none".
     """
-    if cache_outputs not in ct.CACHE_OUTPUTS or spelling not in ("xla", "onnx"):
-        raise ValueError(f"cache_outputs {cache_outputs!r} / spelling {spelling!r}: expected one "
-                         f"of {ct.CACHE_OUTPUTS} / ('xla', 'onnx')")
+    if cache_outputs not in ct.CACHE_OUTPUTS:
+        raise ValueError(f"cache_outputs {cache_outputs!r}: expected one of {ct.CACHE_OUTPUTS}")
     layout = ct.KVLayout.of(cfg)
-    x = embed(cfg, params, tokens)
-    ple = per_layer_inputs(cfg, params, tokens, x) if cfg.ple_dim else None
+    x = embed(cfg, params, tokens, forms)
+    ple = per_layer_inputs(cfg, params, tokens, x, forms) if cfg.ple_dim else None
     new_cache = {} if cache is not None else None
     segments = {}                 # producer layer -> the key segments it attended over
     for a in cfg.attention():
         i = a.layer
         x, layer_cache, segments[i] = block(
             cfg, layer_params(params, i), i, x, positions, kv.layer_input(cache, layout, i),
-            rows=cache_outputs == "rows", spelling=spelling,
+            rows=cache_outputs == "rows", forms=forms,
             shared=None if a.owner == i else segments[a.owner],
             ple=None if ple is None else ple[:, :, i])
         if cache is not None:

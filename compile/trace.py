@@ -34,7 +34,10 @@ class Traced:
     exported: jax.export.Exported | None   # None when no target asked for StableHLO
 
 
-def signature_fn(contract: ct.Contract, signature: ct.Signature) -> Callable:
+def signature_fn(contract: ct.Contract, signature: ct.Signature,
+                 forms: model.Forms = model.REFERENCE) -> Callable:
+    """The signature's function; `forms`: how the target's graph stores and computes the parts
+    it writes otherwise (`model.Forms`; the reference by default)."""
     cfg = contract.config
     kv_names = contract.kv.names
     decode = signature.kind == ct.DECODE
@@ -46,7 +49,7 @@ def signature_fn(contract: ct.Contract, signature: ct.Signature) -> Callable:
         if slots:   # the run-time LoRA inputs, beside the matmuls they update (`model.project`)
             weights = {**weights, **lora_params(slots, inputs)}
         logits, cache = model.forward(cfg, weights, inputs[ct.TOKENS], inputs[ct.INPUT_POS],
-                                      cache, logits="last" if decode else "none")
+                                      cache, logits="last" if decode else "none", forms=forms)
         out = dict(cache)
         if decode:
             out[ct.LOGITS] = logits.astype(jnp.float32)    # [B, 1, V]

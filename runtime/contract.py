@@ -43,7 +43,7 @@ manifest entry (`cache_outputs`; absent means `full`):
 KV layout per layer (`LayerCache`): each cache-owning layer has its own KV-head count, head dim and
 window, so layers of different head sizes fit (Gemma 4: 256 on local layers, 512 on global ones);
 a layer that owns no cache (Gemma 4's KV-shared layers read a producer's) simply has no entry, so
-cache names may have gaps, and `KVLayout.owner(i)` says whose cache it reads. `attention_layers`
+cache names may have gaps, and `KVLayout.owner(i)` says whose cache it reads. `layer_specs`
 states these rules once for the compiler and every backend.
 
 LoRA slots (`lora_slots`): the q/k/v/o/gate/up/down matmuls a model computes, each with its input
@@ -198,29 +198,46 @@ def _get(config, key: str, default=None):
 
 
 @dataclass(frozen=True)
-class LayerAttention:
-    """What one layer's attention looks like from the cache's side."""
+class LayerSpec:
+    """One layer's geometry, derived once from the model config (`layer_specs`): its attention
+    from the cache's side, and the width of every matmul it computes."""
     layer: int
     kind: str                # LOCAL or GLOBAL
     kv_heads: int
     head_dim: int
     window: int | None       # sliding window of a local layer; None for a global one
     owner: int               # the layer whose cache it reads: itself, or (KV sharing) a producer
+    ffn_dim: int = 0         # its FFN's width (Gemma 4's double-wide FFN on KV-shared layers)
+    k_eq_v: bool = False     # its values are its keys' projection (no v_proj)
+    matmuls: tuple[tuple[str, tuple[int, int]], ...] = ()   # (name, (in, out)) it computes
+
+    @property
+    def produces_kv(self) -> bool:
+        """It computes its own K and V (False: a KV-shared layer reading its owner's)."""
+        return self.owner == self.layer
 
 
-def attention_layers(config) -> tuple[LayerAttention, ...]:
-    """Each layer's KV geometry and the cache it reads, from a model config (compile's GemmaConfig
-    or the manifest's config dict; fields absent in older manifests mean Gemma 1-3 behaviour).
-    The one statement of these rules, which the model and every backend share:
+LayerAttention = LayerSpec   # the name the KV layout's readers knew it by
+
+
+def layer_specs(config) -> tuple[LayerSpec, ...]:
+    """Each layer's geometry from a model config (compile's GemmaConfig or the manifest's config
+    dict; fields absent in older manifests mean Gemma 1-3 behaviour). The one statement of these
+    rules, which the model's parameter shapes, the KV layout, the LoRA slots and every backend
+    share:
     - global layers use `global_head_dim` / `global_kv_heads` where set (Gemma 4: 512 and, with
       k_eq_v, fewer KV heads);
     - with `kv_shared_layers` = n > 0 (Gemma 4), the last n layers compute no K/V: each reads the
       cache of the last earlier layer of its own type, as transformers' `kv_sharing_modes` does;
-      they own no cache tensors."""
+      they own no cache tensors, and under `double_wide_mlp` their FFN is twice as wide;
+    - with `k_eq_v`, a global layer's values are its keys' projection: it has no v_proj."""
     L = int(_get(config, "num_layers"))
     types = tuple(_get(config, "layer_types") or ()) or (GLOBAL,) * L
     window = _get(config, "sliding_window")
     shared = int(_get(config, "kv_shared_layers", 0) or 0)
+    D, N = int(_get(config, "d_model")), int(_get(config, "num_heads"))
+    F = int(_get(config, "ffn_dim"))
+    wide, k_eq_v = bool(_get(config, "double_wide_mlp", False)), bool(_get(config, "k_eq_v", False))
     first_shared = L - shared
     if shared and not 0 < first_shared:
         raise ValueError(f"kv_shared_layers {shared} leaves no layer to produce a cache "
@@ -239,8 +256,21 @@ def attention_layers(config) -> tuple[LayerAttention, ...]:
                 raise ValueError(f"layer {i} ({kind}) shares the KV cache of an earlier {kind} "
                                  f"layer, and there is none")
             owner = producers[-1]
-        out.append(LayerAttention(i, kind, kv, hd, int(window) if kind == LOCAL else None, owner))
+        f = F * (2 if wide and owner != i else 1)
+        same_kv = k_eq_v and kind == GLOBAL
+        dims = {"q_proj": (D, N * hd)}
+        if owner == i:
+            dims["k_proj"] = (D, kv * hd)
+            if not same_kv:
+                dims["v_proj"] = (D, kv * hd)
+        dims.update({"o_proj": (N * hd, D), "gate_proj": (D, f), "up_proj": (D, f),
+                     "down_proj": (f, D)})
+        out.append(LayerSpec(i, kind, kv, hd, int(window) if kind == LOCAL else None, owner,
+                             f, same_kv, tuple(dims.items())))
     return tuple(out)
+
+
+attention_layers = layer_specs   # the name the KV layout's readers knew it by
 
 
 # -- LoRA slots ---------------------------------------------------------------------------------
@@ -281,25 +311,15 @@ def lora_targets(text: str) -> tuple[str, ...]:
 
 def lora_slots(config, targets=LORA_TARGETS) -> tuple[LoraSlot, ...]:
     """The matmuls of `targets` that the model computes, layer by layer, with their widths (from
-    `attention_layers`): a KV-shared layer computes no k/v projection, a k_eq_v global layer no
+    `layer_specs`): a KV-shared layer computes no k/v projection, a k_eq_v global layer no
     v projection, and a KV-shared layer's FFN is twice as wide under `double_wide_mlp`."""
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(LORA_TARGETS)}")
-    D, N = int(_get(config, "d_model")), int(_get(config, "num_heads"))
-    F = int(_get(config, "ffn_dim"))
-    wide, k_eq_v = bool(_get(config, "double_wide_mlp", False)), bool(_get(config, "k_eq_v", False))
     out = []
-    for a in attention_layers(config):
-        producer = a.owner == a.layer
-        f = F * (2 if wide and not producer else 1)
-        dims = {"q_proj": (D, N * a.head_dim), "o_proj": (N * a.head_dim, D),
-                "gate_proj": (D, f), "up_proj": (D, f), "down_proj": (f, D)}
-        if producer:
-            dims["k_proj"] = (D, a.kv_heads * a.head_dim)
-            if not (k_eq_v and a.kind == GLOBAL):
-                dims["v_proj"] = (D, a.kv_heads * a.head_dim)
+    for a in layer_specs(config):
+        dims = dict(a.matmuls)
         out += [LoraSlot(a.layer, t, *dims[t]) for t in LORA_TARGETS if t in targets and t in dims]
     return tuple(out)
 
@@ -547,6 +567,16 @@ def validate(data) -> dict:
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ManifestError(f"schema version {version!r}, this runtime reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+    config = _check_model(data)
+    _check_tokenizer(data)
+    sigs = _check_signatures(data, config)
+    _check_seal(data)
+    _check_adapters(data, sigs)
+    _check_artifacts(data)
+    return data
+
+
+def _check_model(data) -> dict:
     model = _need(data, "model", dict, "", "an object")
     _need(model, "variant", str, "model.", "a string")
     config = _need(model, "config", dict, "model.", "an object")
@@ -554,6 +584,10 @@ def validate(data) -> dict:
         n = _need(config, key, int, "model.config.", "an integer")
         if n < 1:
             raise ManifestError(f"field 'model.config.{key}' must be positive, got {n}")
+    return config
+
+
+def _check_tokenizer(data) -> None:
     tok = _need(data, "tokenizer", dict, "", "an object")
     _need(tok, "file", str, "tokenizer.", "a string")
     _need(tok, "sha256", str, "tokenizer.", "a string")
@@ -561,6 +595,9 @@ def validate(data) -> dict:
         _need(tok, key, int, "tokenizer.", "an integer token id")
     if "chat_template" in tok:
         _need(tok, "chat_template", str, "tokenizer.", "a string")
+
+
+def _check_signatures(data, config: dict) -> dict:
     sigs = _need(data, "signatures", dict, "", "an object")
     _need(sigs, "max_context", int, "signatures.", "an integer")
     lengths = _need(sigs, "prefill_lengths", list, "signatures.", "a list of integers")
@@ -594,10 +631,17 @@ def validate(data) -> dict:
         if entries[i] != w:
             raise ManifestError(f"field 'signatures.entries[{i}]' is not the {w['name']!r} "
                                 f"signature this model's contract defines")
+    return sigs
+
+
+def _check_seal(data) -> None:
     if SEAL in data:
         seal = _need(data, SEAL, dict, "", "an object")
         for key in ("alg", "key_id", "value"):
             _need(seal, key, str, f"{SEAL}.", "a string")
+
+
+def _check_adapters(data, sigs: dict) -> None:
     adapters = data.get(ADAPTERS, {})
     if not isinstance(adapters, dict):
         raise ManifestError(f"field '{ADAPTERS}' must be an object, got {_short(adapters)}")
@@ -618,6 +662,9 @@ def validate(data) -> dict:
                 any(t not in lora.get("targets", ()) for t in targets):
             raise ManifestError(f"field '{ADAPTERS}.{name}': rank {r} and targets {targets} do "
                                 f"not fit the artifact's LoRA slots ({_short(lora or None)})")
+
+
+def _check_artifacts(data) -> None:
     arts = _need(data, "artifacts", dict, "", "an object")
     for target, rec in arts.items():
         where = f"artifacts.{target}."
@@ -636,4 +683,3 @@ def validate(data) -> dict:
         if form not in CACHE_OUTPUTS:
             raise ManifestError(f"field '{where}cache_outputs' must be one of "
                                 f"{', '.join(CACHE_OUTPUTS)}, got {_short(form)}")
-    return data

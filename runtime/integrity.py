@@ -12,7 +12,7 @@ writing it at once lose at most an entry (written whole by rename, never half).
 
 What this does not protect against: someone who can write the manifest itself can record the
 hashes of the files they wrote. The manifest is trusted as much as the directory it lives in
-(README, "Trust model"); `runtime.load(..., verify=False)` (`--no-verify`) skips the hashes, not
+(docs/trust.md); `runtime.load(..., verify=False)` (`--no-verify`) skips the hashes, not
 the size checks.
 """
 

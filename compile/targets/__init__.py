@@ -37,6 +37,19 @@ AVAILABLE = ("xla", "tflite", "onnx", "xla-tpu")
 PORTABLE = ("xla", "tflite", "onnx")   # `--target all`: the ones that need no target options
 
 
+def for_machine(machine=None) -> tuple[str, str]:
+    """`--target auto`: (target, why) for the machine this runs on. A TPU or GPU that JAX sees
+    runs the xla artifact (StableHLO compiled for it at load); on a CPU the onnx artifact keeps
+    the checkpoint's quantized blocks and decodes fastest at llama.cpp's quality or better."""
+    from runtime import devices
+    machine = machine or devices.query()
+    if machine.platform in ("tpu", "cuda", "rocm"):
+        return "xla", f"JAX sees {machine.describe()}"
+    if "CUDAExecutionProvider" in machine.ort_providers:
+        return "onnx", "onnxruntime offers CUDA"
+    return "onnx", "a CPU: onnx keeps the checkpoint's quantized blocks"
+
+
 def get(name: str):
     if name not in AVAILABLE:
         raise ValueError(f"unknown target {name!r}; available: {', '.join(AVAILABLE)}")

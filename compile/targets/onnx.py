@@ -30,7 +30,9 @@ quantized like the dense FFN's, inside one If per expert that runs only when a t
 a decode step reads the chosen k experts' MatMulNBits blocks and no other expert's (ORT has no
 dequantizing matmul for a gathered weight, and its QMoE op has no gated GELU). Its per-layer
 embedding table is an int8 lookup (`ple_embed_q`, blocks of 32), read a row per token. The
-router stays float32 (`model.keeps_float`).
+router stays float32 (`model.keeps_float`). These stored forms, and attention written as
+jnp.matmul, reach the model through this module's `Forms` (`model.Forms`), which `lower` hands
+to `model.forward`.
 
 Before the weights are attached, `onnx_graph.simplify` turns the run-time shape arithmetic that
 jax2onnx writes for symbolic dimensions into constants, fuses the RMS norms and computes repeated
@@ -44,10 +46,13 @@ special because no weight is inside the protobuf.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import tempfile
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from runtime import contract as ct
@@ -60,6 +65,7 @@ from ..weights import gguf_blocks
 from ..weights import onnx as container
 from ..weights import quant as wq
 from . import onnx_graph
+from .forms import Lookups
 
 NAME = "onnx"
 QUANTS = ("none", "native", "int8", "int4", "mixed")
@@ -196,6 +202,43 @@ def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:
     return specs
 
 
+class Forms(Lookups):
+    """What this target hands `model.forward`: the int8 lookups among its weight names; attention
+    as jnp.matmul (jax2onnx lowers it to MatMul, but dot_general to its slow generic Einsum; ORT
+    fuses the transposed key operand away); each expert as its own matmul weights in a branch
+    (`weights.split_experts`). The same math as the reference, another graph."""
+
+    def attention_matmuls(self, rows: bool):
+        assert rows, "the ONNX form keeps values [B, K, S, H] (cache outputs `rows`)"
+        return (lambda q_, k_: jnp.matmul(q_, jnp.swapaxes(k_, -1, -2))), jnp.matmul
+
+    def experts(self, cfg, p, h, w, idx, dtype):
+        w = (w * p["expert_scale"][idx]).astype(dtype)                            # [B, T, k]
+        return experts_branches(h, idx, w, p, cfg.num_experts)
+
+
+def experts_branches(h, idx, w, p, E: int):
+    """One conditional branch per expert, over its own matmul weights (`weights.split_experts`:
+    ONNX stores each expert as quantized matmuls, which a gather could not read): an expert no
+    token chose is skipped, so a decode step reads only the chosen k experts' weights; a chosen
+    one runs on every token, weighted by its [B, T] column of the combine matrix (zero where the
+    token did not choose it)."""
+    hot = jax.nn.one_hot(idx, E, dtype=h.dtype)                                # [B, T, k, E]
+    combine = (hot * w[..., None]).sum(axis=2)                                   # [B, T, E]
+    chosen = hot.sum(axis=(0, 1, 2)) > 0                                         # [E]
+
+    def expert(e):
+        def run(h, c):
+            a = (jax.nn.gelu(gemma.linear(h, p[f"expert{e}.gate_proj"]), approximate=True)
+                 * gemma.linear(h, p[f"expert{e}.up_proj"]))                         # [B, T, I]
+            return gemma.linear(a, p[f"expert{e}.down_proj"]) * c[..., None]         # [B, T, D]
+        return run
+
+    outs = [jax.lax.cond(chosen[e], expert(e), lambda h, c: jnp.zeros_like(h), h,
+                         combine[..., e]) for e in range(E)]
+    return functools.reduce(jnp.add, outs)
+
+
 def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     """jax2onnx with the token and past dimensions symbolic and every weight an input named as
     in `wspecs`; writes path."""
@@ -210,13 +253,14 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     wnames = sorted(wspecs)
     slots, lora = contract.lora_slots(), contract.lora_specs()
     nw = len(names_kv) + len(wnames)
+    forms = Forms(wnames)
 
     def fn(tokens, input_pos, *rest):
         cache, weights = rest[:len(names_kv)], dict(zip(wnames, rest[len(names_kv):nw]))
         if slots:   # the run-time LoRA inputs (zeros: the base model)
             weights.update(lora_params(slots, dict(zip([t.name for t in lora], rest[nw:]))))
         logits, new = gemma.forward(cfg, weights, tokens, input_pos, dict(zip(names_kv, cache)),
-                                    logits="last", cache_outputs=ct.ROWS, spelling="onnx")
+                                    logits="last", cache_outputs=ct.ROWS, forms=forms)
         return (logits.astype(jnp.float32),) + tuple(new[n] for n in names_kv)
 
     S = contract.max_context

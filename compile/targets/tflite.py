@@ -27,6 +27,8 @@ Weight forms (`weight_forms`, filled one tensor at a time from the lazy checkpoi
                   a time from the source; the graph passes them to the op untouched
   norms           float32
 So memory holds the weights once, in their stored (quantized) form, plus the converter's copy.
+The graph reads those forms through this module's `Forms` (`model.Forms`: the int8 lookups,
+the MoE op), which `convert` hands to each signature's `model.forward`.
 
 Inputs and outputs keep the contract's names (`runtime.contract`), which are LiteRT-LM's. The V
 cache is stored transposed ([1, K, H, S]) so both attention matmuls read the caches as they are: no
@@ -36,6 +38,7 @@ case: every file is written with buffer offsets, which LiteRT loads.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,12 +48,13 @@ import numpy as np
 from runtime import chat
 from runtime import contract as ct
 
-from .. import litert_moe
+from .. import litert_moe, trace
 from .. import model as gemma
 from ..weights import FLOAT_FORMATS, format_of, nbytes_of
 from ..weights.sources import Params, specs_of
 from ..weights import quant as wq
 from ..weights import tflite as container
+from .forms import Lookups
 
 NAME = "tflite"
 QUANTS = ("none", "native", "int8", "int4")
@@ -187,6 +191,21 @@ def graph_fn(fn, packed=frozenset()):
     return f
 
 
+class Forms(Lookups):
+    """What this target hands `model.forward`: the int8 lookups among its constants, and Gemma
+    4's experts as LiteRT's MoE op (`litert_moe`, which applies the expert scale itself) where
+    the constants hold the op's stored form."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.moe_op = any(n.endswith("experts_gate" + litert_moe.SUFFIX) for n in names)
+
+    def experts(self, cfg, p, h, w, idx, dtype):
+        if not self.moe_op:
+            return super().experts(cfg, p, h, w, idx, dtype)
+        return litert_moe.experts(h, w, idx, p, cfg.num_experts, cfg.top_k_experts).astype(dtype)
+
+
 def convert(traced, consts: dict, path: Path, progress=None, quantized=None) -> None:
     """Writes the converter's flatbuffer (one signature per traced signature) to `path`. A
     constant shared by several names (the int8 embedding: lookup and projection) is named after
@@ -297,6 +316,11 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
                                          bar.update if bar else None)
         if bar:
             bar.close()
+        # each signature over the stored forms (`Forms`: the int8 lookups, the MoE op)
+        forms = Forms(consts)
+        traced = {name: dataclasses.replace(t, fn=trace.signature_fn(t.contract, t.signature,
+                                                                     forms))
+                  for name, t in traced.items()}
         convert(traced, consts, work / "converted.tflite", progress, quantized)
         del consts
         counts = container.finish(work / "converted.tflite", out_dir / "model.tflite", quantized)

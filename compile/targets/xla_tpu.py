@@ -120,6 +120,9 @@ def topology_devices(name: str) -> list:
                              f"{shape} before starting Python)")
         return devs
     from jax.experimental import topologies
+    # deviceless compilation opens no chip, so another process may hold libtpu at the same time
+    # (a second export, a test worker); its multi-process lockfile would refuse this one
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     dims = [int(x) for x in shape.split("x")] + [1] * (3 - len(shape.split("x")))
     try:
         topo = topologies.get_topology_desc(topology_name=f"{chip}:{shape}", platform="tpu",

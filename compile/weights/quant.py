@@ -14,7 +14,7 @@ kernels read it):
   pack_int4    two int4 values per byte, the even element in the low nibble
 
 The tied embedding is both a lookup table and the output projection. A quantizing target gives
-the lookup an int8 table (`embed_q` with `embed_scale`, read by `model.embed`): per row on tflite
+the lookup an int8 table (`embed_q` with `embed_scale`, read by `targets.forms.Lookups`): per row on tflite
 (`int8_rows`, one table shared with its int8 projection), int8 blocks of 32 on onnx (the
 projection's own when it is int8), and quantizes `embed` as the projection.
 """
