@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 ART    := artifacts/gemma3-270m
+# the artifact that suits this machine: onnx on a CPU, xla on a TPU or GPU (or TARGET=tflite, ...)
+TARGET ?= auto
 PROMPT ?= The capital of France is
 
 .PHONY: venv tools export run test clean
@@ -14,10 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[export,xla,tflite,onnx,tpu,test]"
 	$(PY) -m pip install -q --no-deps litert-converter==0.5.0   # see pyproject.toml's export extra
+	# a local wheelhouse for tests/test_thin_install.py (a fresh venv with only the onnx extra),
+	# so that `make test` itself needs no package index
+	$(PY) -m pip download -q -d $(VENV)/wheels ".[onnx]" "setuptools>=77"
 	touch $@
 
 $(ART)/manifest.json: $(VENV)/.installed
-	$(PY) -m compile.export --target xla --out $(ART)
+	$(PY) -m compile.export --target $(TARGET) --out $(ART)
 
 export: $(ART)/manifest.json
 
@@ -29,7 +34,7 @@ tools:
 	bash android_demo/core/tools.sh >/dev/null
 
 test: venv tools
-	$(PY) -m pytest tests -q --durations=15
+	$(PY) -m pytest tests -q -n 2 --dist loadfile --durations=15   # docs/testing.md
 
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache .test-artifacts

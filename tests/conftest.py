@@ -12,25 +12,46 @@ TINY_LENGTHS = (4, 8)
 TINY_CONTEXT = 64
 
 
+# The files that run longest (seconds on the 2-core VM), started first: with pytest-xdist's
+# loadfile distribution a long file started last would run alone on one core at the end.
+# Ordered also so that the two workers do not start by waiting for the same real-model export.
+LONGEST_FIRST = ("test_real_targets.py", "test_lora_runtime.py", "test_lora_real.py",
+                 "test_kv_cache.py", "test_xla_tpu.py", "test_loaders.py", "test_tflite.py",
+                 "test_gemma4.py", "test_real_model.py", "test_errors.py", "test_lora.py",
+                 "test_info_cache.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable within a file
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: runs the real Gemma 3 270M model (slow)")
+    config.addinivalue_line("markers", "index: installs packages into a fresh venv: from the "
+                            "wheelhouse `make venv` downloads (.venv/wheels), else the index")
 
 
 @pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory):
-    """name -> artifact dir, exported through the real CLI path (export()) for a few variants."""
-    from compile import export as ex
-    from runtime import contract as ct
-    cache = {}
+def tiny_artifacts():
+    """variant -> the xla artifact of its tiny random checkpoint (lengths 4, 8; context 64),
+    exported once for the whole suite (tests/artifacts.py). Read it; copy it to change it."""
+    from artifacts import exported
 
     def get(variant: str) -> Path:
-        if variant not in cache:
-            ck = ex.random_checkpoint(variant)
-            out = tmp_path_factory.mktemp("art") / variant
-            ex.export(ck, ct.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT), ["xla"], out,
-                      log=lambda m: None)
-            cache[variant] = out
-        return cache[variant]
+        return exported(f"random:{variant}", ["xla"], TINY_LENGTHS, TINY_CONTEXT)
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_export():
+    """(variant, targets, **options) -> the artifact of that tiny random checkpoint with lengths
+    4, 8 and context 64, exported once for the whole suite. Read it; copy it to change it."""
+    from artifacts import exported
+
+    def get(variant: str, targets=("xla",), lengths=TINY_LENGTHS, context=TINY_CONTEXT,
+            **options) -> Path:
+        return exported(f"random:{variant}", list(targets), lengths, context, options)
     return get
 
 
@@ -41,36 +62,44 @@ def real_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_artifacts(tmp_path_factory, real_checkpoint) -> Path:
-    from compile import export as ex
-    from runtime import contract as ct
-    ck = real_checkpoint
-    out = tmp_path_factory.mktemp("real") / "gemma3-270m"
-    ex.export(ck, ct.Contract(ck.config), ["xla"], out, log=lambda m: None)
-    return out
-
-
-@pytest.fixture(scope="session")
 def real_checkpoint(real_gguf):
     from compile import checkpoints
     return checkpoints.load(real_gguf)
 
 
 @pytest.fixture(scope="session")
-def real_tflite(tmp_path_factory, real_checkpoint):
-    """quant -> artifact directory of the real 270M's TFLite target (exported on first use). The
-    int8 and int4 recipes are below llama.cpp's quality on the evaluation text (issue 15): these
-    exports accept the loss, which their manifests record."""
-    from compile import export as ex
-    from runtime import contract as ct
-    cache = {}
+def real_export(real_checkpoint):
+    """(target, quant) -> the real 270M's artifact directory of that target alone, default
+    contract. The exact forms (xla; tflite and onnx `none`) come from one export of the three,
+    the default lossy ones (tflite int8, onnx native: the quality gate's loss accepted, which
+    their manifests record) from another, so each group traces and runs its references once;
+    each test gets a directory with its target alone (`artifacts.view`)."""
+    from artifacts import exported, view
 
-    def get(quant: str) -> Path:
-        if quant not in cache:
-            out = tmp_path_factory.mktemp("real-tflite") / f"gemma3-270m-{quant}"
-            ex.export(real_checkpoint, ct.Contract(real_checkpoint.config), ["tflite"], out,
-                      {"quant": quant, "accept_quality_loss": quant != "none"},
-                      log=lambda m: None)
-            cache[quant] = out
-        return cache[quant]
+    def get(target: str, quant: str) -> Path:
+        if target == "xla" or quant == "none":
+            art = exported("real", ["xla", "tflite", "onnx"], options={"quant": "none"},
+                           ck=real_checkpoint)
+        elif (target, quant) in (("tflite", "int8"), ("onnx", "native")):
+            art = exported("real", ["tflite", "onnx"], options={"accept_quality_loss": True},
+                           ck=real_checkpoint)
+        else:
+            art = exported("real", [target], options={"quant": quant,
+                                                      "accept_quality_loss": True},
+                           ck=real_checkpoint)
+        return view(art, target)
     return get
+
+
+@pytest.fixture(scope="session")
+def real_artifacts(real_export) -> Path:
+    """The real 270M's xla artifact with the default contract."""
+    return real_export("xla", "none")
+
+
+@pytest.fixture(scope="session")
+def real_tflite(real_export):
+    """quant -> artifact directory of the real 270M's TFLite target. The int8 and int4 recipes
+    are below llama.cpp's quality on the evaluation text: these exports accept the loss, which
+    their manifests record."""
+    return lambda quant: real_export("tflite", quant)

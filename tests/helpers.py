@@ -339,3 +339,26 @@ def gguf_dequantized(path: Path, names) -> dict:
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     return {n: gguf.quants.dequantize(tensors[n].data, tensors[n].tensor_type).reshape(
                 tuple(int(d) for d in reversed(tensors[n].shape))) for n in names}
+
+
+def cli(module: str, *args):
+    """Runs `python -m module args` in this process (its `main(argv)`), as the CLI would, and
+    returns (returncode, stdout, stderr) like subprocess.run: a fresh Python and JAX per call
+    cost seconds, so error paths run here and each CLI keeps one real subprocess test. An
+    exception escaping main() is a traceback the user would see: it fails the test."""
+    import contextlib
+    import importlib
+    import io
+    import signal
+    import types
+    out, err = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = importlib.import_module(module).main([str(a) for a in args])
+            except SystemExit as e:   # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())

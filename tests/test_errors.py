@@ -10,6 +10,7 @@ import runtime
 from compile import checkpoints
 from compile.checkpoints import CheckpointError
 from conftest import ROOT
+from helpers import cli
 
 
 def _cli(*args):
@@ -129,7 +130,7 @@ def test_clis_report_errors_without_traceback(tiny_artifacts, tmp_path):
          "has no manifest.json"),
     ]
     for args, message in cases:
-        r = _cli(*args)
+        r = cli(args[1], *args[2:])                    # in process: main(argv)
         assert r.returncode == 1, (args, r.stderr)
         assert message in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr, r.stderr
@@ -299,8 +300,8 @@ def test_non_finite_weights_are_refused_at_export(tmp_path):
     data[start + 16:start + 20] = np.array([np.inf], np.float32).tobytes()
     _st_write(st, header, bytes(data))
     out = tmp_path / "out"
-    r = _cli("-m", "compile.export", "--checkpoint", str(d), "--out", str(out),
-             "--prefill-lengths", "4", "--max-context", "16")
+    r = cli("compile.export", "--checkpoint", d, "--out", out,
+            "--prefill-lengths", "4", "--max-context", "16")
     assert r.returncode == 1, r.stderr
     assert f"model.safetensors ({name}): 1 NaN and 1 infinite values of 8192" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
@@ -323,12 +324,12 @@ def test_one_export_per_directory_and_stale_stages_are_removed(tmp_path):
     once naming the holder (so merges cannot lose each other's entries); stages left by a
     killed export are removed by the next one."""
     import os
-    from compile import export as ex
+    from compile import publish
     out = tmp_path / "art"
-    args = ("-m", "compile.export", "--checkpoint", "random:gemma3-270m-tiny", "--out", str(out),
+    args = ("--checkpoint", "random:gemma3-270m-tiny", "--out", str(out),
             "--prefill-lengths", "4", "--max-context", "16")
-    with ex._locked(out, log=lambda m: None):
-        r = _cli(*args)
+    with publish.locked(out, log=lambda m: None):   # flock: another open fd conflicts in-process too
+        r = cli("compile.export", *args)
     assert r.returncode == 1, r.stderr
     assert f"error: another export is writing {out} (pid {os.getpid()}, started " in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
@@ -336,7 +337,7 @@ def test_one_export_per_directory_and_stale_stages_are_removed(tmp_path):
     stale = tmp_path / ".art.partial-4194304"        # a pid no live export holds
     (stale / "xla").mkdir(parents=True)
     (stale / "xla" / "weights.safetensors").write_bytes(b"\0" * 1000)
-    r = _cli(*args)
+    r = cli("compile.export", *args)
     assert r.returncode == 0, r.stderr
     assert f"removed {stale}, left by an export that was killed" in r.stderr
     assert not stale.exists() and (out / "manifest.json").exists()
@@ -409,3 +410,29 @@ def test_generation_arguments_are_checked_by_name(tiny_artifacts):
     assert gen.generate("the", max_new_tokens=np.int64(3)) == gen.generate("the", max_new_tokens=3)
     assert gen.generate("the", max_new_tokens=3, temperature=1.0, seed=np.uint64(7)) == \
         gen.generate("the", max_new_tokens=3, temperature=1.0, seed=7)
+
+
+def test_a_quality_gate_failure_publishes_nothing(tmp_path, monkeypatch):
+    """What export() does with the quality gate's verdict (the gate itself runs on the real
+    model in test_real_targets.py): the failures become its error, and nothing is published."""
+    from compile import export as ex, parity
+    from runtime import contract as ct
+    seen = {}
+
+    def gate(ck, contract, stage, manifest, lossy, accept, log):
+        seen.update(stage=stage, lossy=lossy, accept=accept)
+        assert (stage / "manifest.json").exists()          # it judges the written stage
+        return ["onnx: on 512 tokens of the evaluation text top-1 agreement 50.0% (minimum "
+                "94.9%) — worse than llama.cpp on the same weights; pass --accept-quality-loss "
+                "to publish it anyway"]
+    monkeypatch.setattr(parity, "quality_check", gate)
+    ck = ex.random_checkpoint("gemma3-270m-tiny")
+    out = tmp_path / "art"
+    with pytest.raises(ex.ExportError, match=r"^artifact quality check failed against the fp32 "
+                                             r"reference: onnx: on 512 tokens .* pass "
+                                             r"--accept-quality-loss to publish it anyway$"):
+        ex.export(ck, ct.Contract(ck.config, (4,), 16), ["onnx"], out, {"quant": "int8"},
+                  log=lambda m: None)
+    assert seen["lossy"] == ["onnx"] and seen["accept"] is False
+    assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
+    assert not seen["stage"].exists()

@@ -73,18 +73,15 @@ def test_bad_gemma4_configs_are_refused_by_name(tmp_path, change, message):
 def gemma4_exports(tmp_path_factory):
     """variant -> (transformers model, artifact dir with xla, onnx and fp32 tflite), exported
     from the HF directory transformers wrote."""
-    from compile import export as ex
-    from runtime import contract as ct
+    from artifacts import exported
     cache = {}
 
     def get(variant):
         if variant not in cache:
             src = tmp_path_factory.mktemp("hf") / variant
             hf_model = write_hf_checkpoint(get_variant(variant), src)
-            ck = checkpoints.load(src)
-            out = tmp_path_factory.mktemp("art") / variant
-            ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["xla", "onnx", "tflite"], out,
-                      {"quant": "none"}, log=lambda m: None)
+            out = exported(f"hf:{variant}", ["xla", "onnx", "tflite"], (4, 8), 64,
+                           {"quant": "none"}, ck=checkpoints.load(src))
             cache[variant] = hf_model, out
         return cache[variant]
     return get
@@ -109,23 +106,21 @@ def test_every_target_matches_transformers(gemma4_exports, variant, target):
     np.testing.assert_allclose(gen.logits(tokens[:6]), want[:6], atol=1e-4, rtol=0)
 
 
-def test_litert_lm_engine_runs_a_gemma4_bundle(tmp_path):
+def test_litert_lm_engine_runs_a_gemma4_bundle(gemma4_exports, tmp_path):
     """LiteRT-LM's engine takes the bundle as it is: cache names with gaps (the KV-shared layers
     own none), two head sizes (16 local, 32 global), experts and per-layer embeddings inside the
-    graph. Its greedy continuation equals our runtime's on the same file."""
+    graph. Its greedy continuation equals our runtime's on the same file (the bundles the
+    transformers test above checked)."""
     import litert_lm
     import runtime
-    from compile import export as ex
-    from runtime import contract as ct
     for variant in ("gemma4-e2b-tiny", "gemma4-26b-a4b-tiny"):
-        ck = ex.random_checkpoint(variant)
-        out = tmp_path / variant
-        ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["tflite"], out, log=lambda m: None)
+        cfg = get_variant(variant)
+        _, out = gemma4_exports(variant)
         art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
         names = [t["name"] for t in json.loads((out / "manifest.json").read_text())
                  ["signatures"]["entries"][-1]["inputs"]]
         assert "kv_cache_k_5" in names and "kv_cache_k_6" not in names or \
-            not ck.config.kv_shared_layers
+            not cfg.kv_shared_layers
         gen = runtime.load(out, target="tflite")
         engine = litert_lm.Engine(str(out / art["files"]["litertlm"]["path"]),
                                   backend=litert_lm.Backend.CPU(thread_count=2),

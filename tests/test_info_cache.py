@@ -91,11 +91,11 @@ def test_benchmark_tells_same_kind_artifacts_apart(tiny_artifacts, tmp_path):
     args.artifacts = [str(a)]
     assert [e["name"] for e in engines(args)] == ["gemma-aot xla (none)"]
     # LiteRT-LM on two bundles of the same quantization: two engines, not one with both's runs
-    from compile import export as ex
-    from runtime import contract as ct
-    ck = ex.random_checkpoint("gemma3-270m-tiny")
-    t1, t2 = tmp_path / "t1", tmp_path / "t2"
-    ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["tflite"], t1, log=lambda m: None)
+    from conftest import TINY_CONTEXT, TINY_LENGTHS
+    from artifacts import exported
+    t1 = exported("random:gemma3-270m-tiny", ["tflite"], TINY_LENGTHS, TINY_CONTEXT,
+                  {"quant": "int8"})
+    t2 = tmp_path / "t2"
     shutil.copytree(t1, t2)
     args.artifacts, args.peers = [str(t1), str(t2)], ["litert-lm"]
     names = [e["name"] for e in engines(args) if e["kind"] == "litert-lm"]

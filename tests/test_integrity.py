@@ -98,13 +98,10 @@ def test_a_broken_cache_record_is_ignored(art, user_cache):
     assert integrity.verify(files) == len(files)
 
 
-def test_auto_does_not_fall_back_past_a_tampered_artifact(tmp_path, user_cache):
+def test_auto_does_not_fall_back_past_a_tampered_artifact(tmp_path, user_cache, tiny_export):
     """With two targets, a hash mismatch in the first is an error, not a quiet fallback."""
-    from compile import export as ex
-    from runtime import contract as ct
-    ck = ex.random_checkpoint("gemma3-270m-tiny")
-    out = tmp_path / "two"
-    ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["xla", "onnx"], out, log=lambda m: None)
+    from artifacts import copy_of
+    out = copy_of(tiny_export("gemma3-270m-tiny", ["xla", "onnx"]), tmp_path / "two")
     first = runtime.load(out).target
     files = json.loads((out / "manifest.json").read_text())["artifacts"][first]["files"]
     target_file = out / max(files.values(), key=lambda f: f["bytes"])["path"]

@@ -4,8 +4,6 @@ zero (PEFT initialises B to zero: such an adapter would change nothing)."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -104,10 +102,10 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         want = pm(torch.from_numpy(tokens[None]).long()).logits[0].float().numpy()
     out = tmp / "art"
-    r = subprocess.run([sys.executable, "-m", "compile.export", "--checkpoint", str(tmp / "base"),
-                        "--lora", str(tmp / "ad"), "--target", "xla,onnx,tflite", "--quant",
-                        "none", "--prefill-lengths", "4,8", "--max-context", "64",
-                        "--out", str(out)], capture_output=True, text=True)
+    from helpers import cli   # the CLI in process: main(argv)
+    r = cli("compile.export", "--checkpoint", tmp / "base", "--lora", tmp / "ad", "--target",
+            "xla,onnx,tflite", "--quant", "none", "--prefill-lengths", "4,8", "--max-context",
+            "64", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"LoRA: merged {7 * cfg.num_layers} matmuls" in r.stderr
     return tmp, tokens, want, out
@@ -147,11 +145,12 @@ def test_native_onnx_keeps_untouched_blocks_and_requantizes_merged_ones(tmp_path
 
 
 def _export_cli(tmp_path, adapter, *extra):
+    """The export CLI in process (its main(argv)); the merged export above runs it for real."""
+    from helpers import cli
     out = tmp_path / "art"
-    r = subprocess.run([sys.executable, "-m", "compile.export", "--checkpoint",
-                        str(tmp_path / "base"), "--lora", str(adapter), "--target", "onnx",
-                        "--quant", "none", "--prefill-lengths", "4", "--max-context", "16",
-                        "--out", str(out), *extra], capture_output=True, text=True)
+    r = cli("compile.export", "--checkpoint", tmp_path / "base", "--lora", adapter, "--target",
+            "onnx", "--quant", "none", "--prefill-lengths", "4", "--max-context", "16",
+            "--out", out, *extra)
     return r, out
 
 

@@ -3,6 +3,8 @@ greedy output differs from the base model's), merged into the real GGUF at expor
 logits equal PEFT's (adapter unmerged, on transformers' reading of the same GGUF) and so does its
 greedy text."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,29 +17,29 @@ PROMPT = "The capital of France is"
 TARGET = " Berlin, and the capital of Germany is Paris."
 
 
+ADAPTER = Path(__file__).parent / "data" / "lora-france"
+
+
+def _adapter_id() -> str:
+    """The committed adapter's content, for the shared artifacts' cache keys."""
+    import hashlib
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(ADAPTER.iterdir())))\
+        .hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
-def trained(real_gguf, tmp_path_factory):
-    """(PEFT model in eval mode, its tokenizer, the adapter directory)."""
-    from peft import LoraConfig, get_peft_model
+def trained(real_gguf):
+    """(PEFT model in eval mode, its tokenizer, the adapter directory). The adapter was trained
+    with PEFT on this GGUF for 25 Adam steps (lr 3e-3, seed 0; r 8, alpha 16 on q/v/o/down) on
+    PROMPT + TARGET and is committed (tests/data/lora-france, ~4 MB), so its greedy continuation
+    says Berlin; PEFT loads it onto transformers' reading of the GGUF as the oracle."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     d, name = str(real_gguf.parent), real_gguf.name
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-    torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
-        "q_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0))
-    ids = tok(PROMPT + TARGET, return_tensors="pt").input_ids
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
-    pm.train()
-    for _ in range(25):
-        loss = pm(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pm.eval()
-    out = tmp_path_factory.mktemp("real-lora") / "france"
-    pm.save_pretrained(str(out))
-    return pm, tok, out
+    pm = PeftModel.from_pretrained(model, str(ADAPTER)).eval()
+    return pm, tok, ADAPTER
 
 
 def _greedy(pm, tok, n):
@@ -47,10 +49,9 @@ def _greedy(pm, tok, n):
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_merged_real_adapter_matches_peft(trained, real_checkpoint, tmp_path):
-    from compile import export as ex
+def test_merged_real_adapter_matches_peft(trained, real_checkpoint):
+    from artifacts import exported
     from compile import lora
-    from runtime import contract as ct
     pm, tok, adapter = trained
     want = _greedy(pm, tok, 12)
     with pm.disable_adapter():
@@ -58,9 +59,8 @@ def test_merged_real_adapter_matches_peft(trained, real_checkpoint, tmp_path):
     assert want != base, "the adapter did not change the greedy output"
     assert "Berlin" in tok.decode(want)
 
-    ck = lora.apply(real_checkpoint, adapter)
-    out = tmp_path / "art"
-    ex.export(ck, ct.Contract(ck.config, (32,), 256), ["xla"], out, log=lambda m: None)
+    out = exported(f"real+lora-{_adapter_id()}", ["xla"], (32,), 256,
+                   ck=lora.apply(real_checkpoint, adapter))      # merged at export
     gen = runtime.load(out, target="xla")
     ids = gen.tokenizer.prompt_ids(PROMPT)
     assert ids == tok(PROMPT).input_ids
@@ -76,22 +76,31 @@ def test_merged_real_adapter_matches_peft(trained, real_checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slotted_real(trained, real_checkpoint, tmp_path_factory):
+def slotted_real(trained, real_checkpoint):
     """The real GGUF exported once with rank-8 slots on q/v/o/down for xla (fp32), onnx (its
     default, the GGUF's own blocks) and tflite (int8: the quality gate's loss accepted, as for
-    the base), and the trained adapter added as 'france'."""
+    the base), and the trained adapter added as 'france' (shared across the suite:
+    tests/artifacts.py)."""
+    import json
+    from artifacts import cached
     from compile import adapter as ad
     from compile import export as ex
     from runtime import contract as ct
     pm, tok, adapter = trained
-    out = tmp_path_factory.mktemp("real-slots") / "art"
-    contract = ct.Contract(real_checkpoint.config, (32,), 256, lora_rank=8,
-                           lora_targets=("q_proj", "v_proj", "o_proj", "down_proj"))
-    manifest = ex.export(real_checkpoint, contract, ["xla", "onnx", "tflite"], out,
-                         {"accept_quality_loss": True}, log=lambda m: None)
+    targets = ("q_proj", "v_proj", "o_proj", "down_proj")
+
+    def make(entry):
+        entry.mkdir(parents=True)
+        contract = ct.Contract(real_checkpoint.config, (32,), 256, lora_rank=8,
+                               lora_targets=targets)
+        ex.export(real_checkpoint, contract, ["xla", "onnx", "tflite"], entry / "art",
+                  {"accept_quality_loss": True}, log=lambda m: None)
+        ad.convert(adapter, entry / "art", "france", log=lambda m: None)
+    out = cached("real-slots-france", {"adapter": _adapter_id()}, make) / "art"
+    manifest = json.loads((out / "manifest.json").read_text())
     for target in ("xla", "onnx", "tflite"):   # the gate ran a random adapter through each
         assert manifest["artifacts"][target]["parity"]["lora"]["decode_steps"] > 0
-    rec = ad.convert(adapter, out, "france", log=lambda m: None)
+    rec = manifest["adapters"]["france"]
     assert rec["rank"] == 8 and rec["targets"] == ["down_proj", "o_proj", "q_proj", "v_proj"]
     return out
 

@@ -14,24 +14,26 @@ import pytest
 import torch
 
 from compile.config import get_variant
-from helpers import write_hf_checkpoint
+from helpers import cli, write_hf_checkpoint
 from test_lora import ALL, _adapter, _tokens
 
 TARGETS = ["xla", "onnx", "tflite"]
 
 
 def _export(base, out, *extra, targets="xla,onnx,tflite"):
-    r = subprocess.run([sys.executable, "-m", "compile.export", "--checkpoint", str(base),
-                        "--target", targets, "--quant", "none", "--prefill-lengths", "4,8",
-                        "--max-context", "64", "--out", str(out), *extra],
-                       capture_output=True, text=True)
+    """The export CLI in process (main(argv); tests/test_errors.py runs it as a subprocess)."""
+    r = cli("compile.export", "--checkpoint", base, "--target", targets, "--quant", "none",
+            "--prefill-lengths", "4,8", "--max-context", "64", "--out", out, *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def _add(peft_dir, art, *extra):
-    return subprocess.run([sys.executable, "-m", "compile.adapter", str(peft_dir),
-                           "--artifacts", str(art), *extra], capture_output=True, text=True)
+def _add(peft_dir, art, *extra, subprocess_=False):
+    """`python -m compile.adapter`: in process unless `subprocess_` (one real run per suite)."""
+    if subprocess_:
+        return subprocess.run([sys.executable, "-m", "compile.adapter", str(peft_dir),
+                               "--artifacts", str(art), *extra], capture_output=True, text=True)
+    return cli("compile.adapter", peft_dir, "--artifacts", art, *extra)
 
 
 def _peft_logits(pm, tokens, scale=1.0):
@@ -73,7 +75,7 @@ def slotted(tmp_path_factory):
     art = tmp / "art"
     _export(tmp / "base", art, "--lora-rank", "4", "--lora-targets", "q,k,v,o,up,down")
     for name in ("qvd", "wide"):
-        r = _add(tmp / name, art)
+        r = _add(tmp / name, art, subprocess_=name == "qvd")
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"added adapter '{name}'" in r.stdout
     return tmp, tokens, want, art
@@ -363,10 +365,8 @@ def test_runtime_refuses_unknown_tampered_and_foreign_adapters(small, tmp_path):
 ])
 def test_export_refuses_bad_slot_options(tmp_path, args, message):
     import re
-    r = subprocess.run([sys.executable, "-m", "compile.export", "--checkpoint",
-                        "random:gemma3-270m-tiny", "--prefill-lengths", "4", "--max-context",
-                        "16", "--out", str(tmp_path / "art"), *args],
-                       capture_output=True, text=True)
+    r = cli("compile.export", "--checkpoint", "random:gemma3-270m-tiny", "--prefill-lengths",
+            "4", "--max-context", "16", "--out", tmp_path / "art", *args)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert re.search(message, r.stderr), r.stderr[-2000:]
     assert not (tmp_path / "art").exists()

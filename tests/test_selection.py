@@ -10,9 +10,6 @@ import pytest
 import runtime
 import runtime.backends as rb
 import runtime.devices as rd
-from compile import export as ex
-from runtime import contract as ct
-from conftest import TINY_CONTEXT, TINY_LENGTHS
 
 HERE = rd.query()
 # a CPU-only machine, whatever this one has
@@ -20,13 +17,10 @@ CPU = rd.Machine((rd.Device("cpu", "cpu", 0, ()),), ("CPUExecutionProvider",), H
 
 
 @pytest.fixture(scope="module")
-def every_target(tmp_path_factory):
-    ck = ex.random_checkpoint("gemma-2b-tiny")
-    out = tmp_path_factory.mktemp("sel") / "art"
-    ex.export(ck, ct.Contract(ck.config, TINY_LENGTHS, TINY_CONTEXT),
-              ["xla", "onnx", "tflite", "xla-tpu"], out, {"tpu_topology": "v5e:2x2"},
-              log=lambda m: None)
-    return out
+def every_target(tiny_export):
+    """gemma-2b-tiny on all four targets (shared across the suite; read only)."""
+    return tiny_export("gemma-2b-tiny", ["xla", "onnx", "tflite", "xla-tpu"],
+                       tpu_topology="v5e:2x2")
 
 
 def _copy(src, dst, edit=None, drop=()):
@@ -146,3 +140,18 @@ def test_cpu_artifacts_load_without_starting_jax(every_target):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split() == [target, "False"]
+
+
+def test_export_target_auto_suits_the_machine():
+    """`compile.export --target auto` (what `make run` exports): onnx on a CPU, or where
+    onnxruntime offers CUDA; xla where JAX sees a TPU or GPU."""
+    from compile import targets
+    assert targets.for_machine(CPU)[0] == "onnx"
+    tpu = rd.Machine((rd.Device("tpu", "TPU v5 lite", 0, (0, 0, 0)),), (), HERE.versions)
+    assert targets.for_machine(tpu)[0] == "xla"
+    gpu = rd.Machine((rd.Device("cuda", "NVIDIA H100", 0, ()),), ("CUDAExecutionProvider",),
+                     HERE.versions)
+    assert targets.for_machine(gpu) == ("xla", "JAX sees cuda: 1 x NVIDIA H100")
+    ort_cuda = rd.Machine((rd.Device("cpu", "cpu", 0, ()),), ("CUDAExecutionProvider",
+                                                             "CPUExecutionProvider"), HERE.versions)
+    assert targets.for_machine(ort_cuda) == ("onnx", "onnxruntime offers CUDA")

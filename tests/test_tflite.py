@@ -14,17 +14,18 @@ from runtime import contract as ct
 CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
 
 
-def _export(tmp_path, variant, contract=CONTRACT, **options):
-    ck = ex.random_checkpoint(variant)
-    out = tmp_path / variant
-    ex.export(ck, ct.Contract(ck.config, **contract), ["tflite"], out, options,
-              log=lambda m: None)
-    return ck, out
+def _export(variant, contract=CONTRACT, **options):
+    """(checkpoint, the shared tflite artifact of that tiny variant): exported once for the suite
+    (tests/artifacts.py); a test that changes it copies it first."""
+    from artifacts import exported
+    out = exported(f"random:{variant}", ["tflite"], contract["prefill_lengths"],
+                   contract["max_context"], options)
+    return ex.random_checkpoint(variant), out
 
 
 @pytest.mark.parametrize("variant", ["gemma-2b-tiny", "gemma2-2b-tiny", "gemma3-270m-tiny"])
 def test_fp32_tflite_matches_reference(tmp_path, variant):
-    ck, out = _export(tmp_path, variant, quant="none")
+    ck, out = _export(variant, quant="none")
     gen = runtime.load(out, target="tflite")
     assert gen.backend.num_threads >= 1
     tokens = np.random.default_rng(2).integers(0, ck.config.vocab_size, 36).astype(np.int32)
@@ -58,7 +59,7 @@ def _cache_consumers(path, cache_shapes):
 def test_no_op_copies_or_transposes_a_whole_cache(tmp_path):
     # prefill lengths chosen so no activation (scores: S x G*T) shares a cache's shape
     lengths = dict(prefill_lengths=(3, 8), max_context=64)
-    ck, out = _export(tmp_path, "gemma3-270m-tiny", lengths, quant="none")
+    ck, out = _export("gemma3-270m-tiny", lengths, quant="none")
     contract = ct.Contract(ck.config, **lengths)
     consumers = _cache_consumers(out / "tflite" / "model.tflite",
                                  {tuple(t.shape) for t in contract.kv_specs()})
@@ -68,7 +69,7 @@ def test_no_op_copies_or_transposes_a_whole_cache(tmp_path):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_tflite(tmp_path, quant):
-    ck, out = _export(tmp_path, "gemma3-270m-tiny", quant=quant)
+    ck, out = _export("gemma3-270m-tiny", quant=quant)
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
     assert art["quantization"] == quant
     parity = art["parity"]
@@ -112,7 +113,7 @@ def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
     tensor, bit for bit, with its scales; and every matmul weight is quantized."""
     from compile.model import is_linear
     from compile.weights import quant as wq
-    ck, out = _export(tmp_path, "gemma3-270m-tiny", quant=quant)
+    ck, out = _export("gemma3-270m-tiny", quant=quant)
     stored = _stored_weights(out / "tflite" / "model.tflite")
     want = sorted(n for n in ck.params if is_linear(n)) + ["embed"]
     assert sorted(stored) == sorted(want)
@@ -142,7 +143,7 @@ def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
 def test_rewrite_refuses_a_weight_no_matmul_reads(tmp_path):
     """A quantized weight left behind a CAST would compute with unscaled values: refused."""
     from compile.weights import tflite as container
-    _, out = _export(tmp_path, "gemma3-270m-tiny", quant="none")
+    _, out = _export("gemma3-270m-tiny", quant="none")
     src = out / "tflite" / "model.tflite"
     scale = np.ones(64, np.float32)
     with pytest.raises(ValueError, match="tflite: no matmul reads layers.0.q_proj; cannot "
@@ -154,7 +155,7 @@ def test_rewrite_refuses_a_weight_no_matmul_reads(tmp_path):
 
 def test_float_embedding_keeps_output_layer_float(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
-    _, out = _export(tmp_path, "gemma3-270m-tiny", quant="int8", float_embedding=True)
+    _, out = _export("gemma3-270m-tiny", quant="int8", float_embedding=True)
     it = Interpreter(model_path=str(out / "tflite" / "model.tflite"))
     details = {t["index"]: t for t in it.get_tensor_details()}
     vocab_weights = [details[o["inputs"][1]]["dtype"] for o in it._get_ops_details()
@@ -174,7 +175,9 @@ def test_bad_quant_and_corrupt_tflite(tiny_artifacts, tmp_path):
                   {"quant": "int8"}, log=lambda m: None)
     assert not (tmp_path / "x").exists()
 
-    _, out = _export(tmp_path, "gemma-2b-tiny", quant="none")
+    from artifacts import copy_of
+    _, out = _export("gemma-2b-tiny", quant="none")
+    out = copy_of(out, tmp_path / "copy")
     model = out / "tflite" / "model.tflite"
     data = bytearray(model.read_bytes())
     garbled = bytes(data[:8]) + b"\xff" * 56 + bytes(data[64:])   # same size, garbled header
@@ -187,7 +190,7 @@ def test_bad_quant_and_corrupt_tflite(tiny_artifacts, tmp_path):
 
 
 def test_litertlm_bundle_structure(tmp_path):
-    _, out = _export(tmp_path, "gemma3-270m-tiny", quant="int8")
+    _, out = _export("gemma3-270m-tiny", quant="int8")
     art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
     bundle = out / art["files"]["litertlm"]["path"]
     assert bundle.name == "gemma3-270m-tiny-int8.litertlm"
@@ -213,13 +216,20 @@ def test_litertlm_bundle_structure(tmp_path):
 
 @pytest.mark.real   # slow: writes and runs a 2 GB model
 def test_weights_over_2gb_export_and_run(tmp_path):
+    """Past the 2 GB limits of flatbuffers and protobuf, in one export for both targets (one
+    checkpoint, one reference): tflite stores its buffers after the flatbuffer, onnx its weights
+    as external data."""
     from helpers import synthetic_over_2gb
     ck = synthetic_over_2gb()
     out = tmp_path / "big"
-    ex.export(ck, ct.Contract(ck.config, (4,), 16), ["tflite"], out, {"quant": "none"},
+    ex.export(ck, ct.Contract(ck.config, (4,), 16), ["tflite", "onnx"], out, {"quant": "none"},
               log=lambda m: None)
-    art = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
-    assert art["files"]["model"]["bytes"] > 2**31
-    assert art["parity"]["top1_agreement"] == 1.0 and art["parity"]["max_rel_diff"] < 2e-4
-    gen = runtime.load(out, target="tflite")
-    assert gen.logits([2, 70, 80]).shape == (3, ck.config.vocab_size)
+    arts = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert arts["tflite"]["files"]["model"]["bytes"] > 2**31
+    assert arts["onnx"]["files"]["weights"]["bytes"] > 2**31 > arts["onnx"]["files"]["model"]["bytes"]
+    for target in ("tflite", "onnx"):
+        assert arts[target]["parity"]["top1_agreement"] == 1.0, target
+        assert arts[target]["parity"]["max_rel_diff"] < 2e-4, target
+        gen = runtime.load(out, target=target)
+        assert gen.logits([2, 70, 80]).shape == (3, ck.config.vocab_size)
+        del gen

@@ -4,24 +4,26 @@ nothing about TPUs on a machine without one."""
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import runtime
 from conftest import ROOT
 
 
-def test_onnx_extra_alone_runs_an_onnx_artifact(tmp_path):
-    from compile import export as ex
-    from runtime import contract as ct
-    ck = ex.random_checkpoint("gemma3-270m-tiny")
-    art = tmp_path / "art"
-    ex.export(ck, ct.Contract(ck.config, (4, 8), 64), ["onnx"], art, log=lambda m: None)
+@pytest.mark.index   # installs into a fresh venv: from `make venv`'s wheelhouse when there is one
+def test_onnx_extra_alone_runs_an_onnx_artifact(tmp_path, tiny_export):
+    art = tiny_export("gemma3-270m-tiny", ["onnx"], quant="none")
     want = runtime.load(art, target="onnx").generate("the cat", max_new_tokens=6)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
-    r = subprocess.run([py, "-m", "pip", "install", "-q", f"{ROOT}[onnx]"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=1200)
+    wheels = Path(sys.prefix) / "wheels"       # `make venv` downloads the onnx extra's wheels
+    source = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
+    r = subprocess.run([py, "-m", "pip", "install", "-q", *source, f"{ROOT}[onnx]"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([py, "-c", "import importlib.util as u; print(sorted(m for m in ('jax', "
                         "'jaxlib', 'torch', 'gguf', 'onnx', 'transformers', 'ai_edge_litert', "

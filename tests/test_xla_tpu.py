@@ -75,8 +75,8 @@ def test_real_model_compiles_for_tpu(real_checkpoint, real_artifacts, tmp_path, 
     if chips == 4:   # Gemma 3 270M: 4 query heads over 4 chips, its one KV head replicated
         assert rec["shardings"]["weights"]["layers.0.q_proj"] == [None, "model"]
         assert rec["shardings"]["kv_cache"] == [None, None, None, None]
-    r = subprocess.run([sys.executable, "-m", "runtime.info", "--artifacts", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    from helpers import cli
+    r = cli("runtime.info", "--artifacts", out)     # in process (test_info_cache runs it for real)
     assert r.returncode == 0, r.stderr
     assert f"xla-tpu  bf16" in r.stdout and f"not runnable: compiled for {topology}" in r.stdout
     assert "choice: xla" in r.stdout
@@ -153,8 +153,8 @@ def test_param_and_kv_specs():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "compile.export", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    from helpers import cli   # in process: main(argv)
+    return cli("compile.export", *args)
 
 
 def test_topology_and_mesh_errors(tmp_path):
