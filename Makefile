@@ -21,13 +21,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip download -q -d $(VENV)/wheels ".[onnx]" "setuptools>=77"
 	touch $@
 
-$(ART)/manifest.json: $(VENV)/.installed
+# one stamp per target asked for: `make run TARGET=xla` adds xla to the same directory
+artifacts/.made-gemma3-270m-$(TARGET): $(VENV)/.installed
 	$(PY) -m compile.export --target $(TARGET) --out $(ART)
+	touch $@
 
-export: $(ART)/manifest.json
+export: artifacts/.made-gemma3-270m-$(TARGET)
 
 run: export
-	$(PY) -m runtime.generate --artifacts $(ART) --prompt "$(PROMPT)" --max-new-tokens 48
+	$(PY) -m runtime.generate --artifacts $(ART) --target $(if $(filter all,$(TARGET)),auto,$(TARGET)) \
+		--prompt "$(PROMPT)" --max-new-tokens 48
 
 # the Kotlin compiler (npm) and JUnit (Debian) for the Android core's unit tests
 tools:
