@@ -4,8 +4,8 @@ once, by the real `compile.export.export`, and cached on disk.
 The cache lives in the checkout (`.test-artifacts/`, ignored by git), so a fresh clone starts
 empty and CI measures real exports. An entry's key is the export's inputs (checkpoint, targets,
 contract, options) plus a hash of the sources and versions that decide what an export writes
-(compile/, runtime/, the eval text, the exporting packages); a change to any of them makes new
-entries. Each entry is made under a file lock, so pytest-xdist workers (and two `make test` runs)
+(compile/, runtime/, the eval text, the exporting packages); a change to any of them makes a new
+generation of entries, and the old one is removed. Each entry is made under a file lock, so pytest-xdist workers (and two `make test` runs)
 that ask for the same artifact export it once and share it.
 
 A test that changes an artifact (flips bytes, edits the manifest) copies it first (`copy_of`).
@@ -66,11 +66,31 @@ def locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def generation() -> Path:
+    """This source tree's directory of entries, `CACHE/<sources hash>`. Entries of other
+    generations (older sources) are removed the first time a process asks, so the cache holds
+    one tree's exports (a few GB), not one per change."""
+    global _GENERATION
+    if _GENERATION is None:
+        key_of({})
+        _GENERATION = CACHE / _SOURCES[:12]
+        with locked(CACHE / ".prune-lock"):
+            for old in CACHE.iterdir():
+                if old.is_dir() and old != _GENERATION:
+                    shutil.rmtree(old, ignore_errors=True)
+            _GENERATION.mkdir(parents=True, exist_ok=True)
+    return _GENERATION
+
+
+_GENERATION = None
+
+
 def cached(label: str, fields: dict, make) -> Path:
     """The cache entry `label-<key>`: made by `make(path)` (which must create `path` completely or
     raise) under the entry's lock, unless it is there already."""
-    out = CACHE / f"{label}-{key_of({'label': label, **fields})}"
-    with locked(CACHE / f".{out.name}.make-lock"):
+    gen = generation()
+    out = gen / f"{label}-{key_of({'label': label, **fields})}"
+    with locked(gen / f".{out.name}.make-lock"):
         if not (out / ".complete").exists():
             shutil.rmtree(out, ignore_errors=True)
             make(out)
