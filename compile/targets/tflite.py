@@ -28,7 +28,7 @@ Weight forms (`weight_forms`, filled one tensor at a time from the lazy checkpoi
   norms           float32
 So memory holds the weights once, in their stored (quantized) form, plus the converter's copy.
 The graph reads those forms through this module's `Forms` (`model.Forms`: the int8 lookups,
-the MoE op), which `convert` hands to each signature's `model.forward`.
+the MoE op), which `write` hands to each signature's `model.forward`.
 
 Inputs and outputs keep the contract's names (`runtime.contract`), which are LiteRT-LM's. The V
 cache is stored transposed ([1, K, H, S]) so both attention matmuls read the caches as they are: no
