@@ -41,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -197,6 +198,10 @@ def model_id(gen, adapter) -> str:
     return gen.manifest.variant + (f":{adapter}" if isinstance(adapter, str) else "")
 
 
+def _model_object(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "gemma-aot"}
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG   # socketserver's default of 5 reset bursts of clients
@@ -256,6 +261,9 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.read_timeout   # per socket operation: slowloris loses
         super().setup()
+        # small responses and stream events go out at once: with Nagle's algorithm a reused
+        # (keep-alive) connection waited ~40 ms for the client's delayed ACK on every request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, fmt, *args):   # one line per request on stderr
         sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -286,8 +294,10 @@ class Handler(BaseHTTPRequestHandler):
         key = self.server.api_key
         if not key:
             return True
-        got = self.headers.get("Authorization", "")
-        if got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key.encode()):
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme name is case-insensitive (RFC 7235 section 2.1)
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              key.encode()):
             return True
         self._error(RequestError("missing or wrong API key (send 'Authorization: Bearer KEY')",
                                  401, code="invalid_api_key"))
@@ -305,11 +315,27 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, state)
         elif self.path == "/v1/models":
             if self._authorized():
-                self._json(200, {"object": "list", "data": [{
-                    "id": name, "object": "model", "created": 0, "owned_by": "gemma-aot"}
-                    for name in self.server.served]})
+                self._json(200, {"object": "list", "data": [
+                    _model_object(name) for name in self.server.served]})
+        elif self.path.startswith("/v1/models/"):
+            if self._authorized():
+                name = urllib.parse.unquote(self.path[len("/v1/models/"):])
+                if name in self.server.served:
+                    self._json(200, _model_object(name))
+                else:
+                    self._error(RequestError(
+                        f"model {name[:200]!r} is not served here; served: "
+                        f"{', '.join(self.server.served)}", 404, code="model_not_found"))
         else:
             self._error(RequestError(f"no route GET {self.path[:200]}", 404))
+
+    def _not_allowed(self):
+        """PUT, DELETE, PATCH: an OpenAI-style 405 (the standard handler answers HTML 501)."""
+        self.close_connection = True   # its body, if any, is not read
+        self._error(RequestError(f"method {self.command} is not allowed on {self.path[:200]}; "
+                                 f"use GET or POST", 405), {"Allow": "GET, POST"})
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     def do_POST(self):
         routes = {"/v1/completions": False, "/v1/chat/completions": True}
@@ -319,6 +345,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             self.close_connection = True
+            return
+        if self.headers.get("Transfer-Encoding") is not None and \
+                self.headers.get("Content-Length") is not None:
+            # two framings: a proxy may read the body by one and this server by the other
+            # (request smuggling, RFC 9112 section 6.1)
+            self.close_connection = True
+            self._error(RequestError("a request with both Content-Length and Transfer-Encoding "
+                                     "is refused; send the body with Content-Length only", 400))
             return
         try:
             length = int(self.headers.get("Content-Length") or -1)

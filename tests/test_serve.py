@@ -403,3 +403,76 @@ def test_a_backend_failure_is_an_error_not_a_dropped_connection(server, monkeypa
         "generation failed: RuntimeError: device lost"
     monkeypatch.setattr(gen.backend, "decode", real)
     assert _post(url + "/v1/completions", {"prompt": "the", "max_tokens": 2})[0] == 200
+
+
+def _raw(srv, request: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one raw HTTP/1.1 request on a fresh connection."""
+    import http.client
+    import socket
+    s = socket.create_connection(srv.server_address[:2], timeout=30)
+    try:
+        s.sendall(request)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        s.close()
+
+
+def test_protocol_edges(tiny_artifacts):
+    """Reliability cases (issue 36): the Authorization scheme is case-insensitive; a request with
+    both Content-Length and Transfer-Encoding is refused (smuggling); PUT/DELETE/PATCH get an
+    OpenAI-style 405, not HTML; GET /v1/models/{id} answers for a served model and 404s others;
+    accepted sockets have TCP_NODELAY (no Nagle delay on keep-alive connections)."""
+    import socket
+    gen = runtime.load(tiny_artifacts("gemma3-270m-tiny"))
+    srv = make_server(gen, port=0, api_key="sekret")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    body = b'{"prompt": "the", "max_tokens": 2}'
+    try:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            status, _, _ = _raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                     b"Authorization: " + scheme.encode() + b" sekret\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert status == 200, scheme
+        status, _, out = _raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                   b"Authorization: Basic sekret\r\n"
+                                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert status == 401
+        status, _, out = _raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                   b"Authorization: Bearer sekret\r\nTransfer-Encoding: chunked\r\n"
+                                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert status == 400 and json.loads(out)["error"]["message"] == (
+            "a request with both Content-Length and Transfer-Encoding is refused; send the body "
+            "with Content-Length only")
+        for method in ("PUT", "DELETE", "PATCH"):
+            status, headers, out = _raw(srv, method.encode() + b" /v1/completions HTTP/1.1\r\n"
+                                                              b"Host: x\r\nContent-Length: 0\r\n\r\n")
+            assert status == 405 and headers["allow"] == "GET, POST", method
+            assert headers["content-type"] == "application/json"
+            assert json.loads(out)["error"]["message"] == \
+                f"method {method} is not allowed on /v1/completions; use GET or POST"
+        auth = b"Authorization: Bearer sekret\r\n"
+        status, _, out = _raw(srv, b"GET /v1/models/gemma3-270m-tiny HTTP/1.1\r\nHost: x\r\n"
+                                   + auth + b"\r\n")
+        assert status == 200 and json.loads(out)["id"] == "gemma3-270m-tiny"
+        status, _, out = _raw(srv, b"GET /v1/models/other HTTP/1.1\r\nHost: x\r\n" + auth +
+                                   b"\r\n")
+        assert status == 404 and json.loads(out)["error"]["message"] == \
+            "model 'other' is not served here; served: gemma3-270m-tiny"
+        s = socket.create_connection(srv.server_address[:2], timeout=30)
+        try:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.recv(1 << 16)
+            # the server's end of this connection: among the live sockets, the accepted ones
+            import gc
+            handlers = [o for o in gc.get_objects() if isinstance(o, socket.socket)
+                        and o.fileno() != -1 and o.getsockname() == srv.server_address[:2]
+                        and o is not srv.socket]
+            assert handlers and all(h.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                                    for h in handlers)
+        finally:
+            s.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
