@@ -33,17 +33,6 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def tiny_artifacts():
-    """variant -> the xla artifact of its tiny random checkpoint (lengths 4, 8; context 64),
-    exported once for the whole suite (tests/artifacts.py). Read it; copy it to change it."""
-    from artifacts import exported
-
-    def get(variant: str) -> Path:
-        return exported(f"random:{variant}", ["xla"], TINY_LENGTHS, TINY_CONTEXT)
-    return get
-
-
-@pytest.fixture(scope="session")
 def tiny_export():
     """(variant, targets, **options) -> the artifact of that tiny random checkpoint with lengths
     4, 8 and context 64, exported once for the whole suite. Read it; copy it to change it."""
@@ -53,6 +42,12 @@ def tiny_export():
             **options) -> Path:
         return exported(f"random:{variant}", list(targets), lengths, context, options)
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_export):
+    """variant -> the xla artifact of its tiny random checkpoint (`tiny_export`'s defaults)."""
+    return lambda variant: tiny_export(variant)
 
 
 @pytest.fixture(scope="session")
