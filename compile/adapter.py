@@ -42,7 +42,7 @@ class _SlotShapes:
 def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = False,
             log=print) -> dict:
     """Adds the adapter to the artifact directory; returns its manifest record."""
-    from runtime.manifest import Manifest, sha256_file
+    from runtime.manifest import Manifest
 
     from . import lora, publish
     from .config import GemmaConfig
@@ -55,8 +55,7 @@ def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = 
     with publish.locked(art, log):
         manifest = Manifest.read(art)   # again, under the lock: what we replace
         contract = manifest.contract
-        R = contract.lora_rank
-        if not R:
+        if not contract.lora_rank:
             raise ValueError(f"{art} was exported without LoRA slots: export it again with "
                              f"--lora-rank R (or merge this adapter at export with --lora "
                              f"{peft_dir})")
@@ -65,56 +64,80 @@ def convert(peft_dir: Path, art: Path, name: str | None = None, replace: bool = 
                              f"--name or pass --replace")
         cfg = GemmaConfig.from_dict(manifest.config)
         adapter = lora.read(peft_dir, cfg, _SlotShapes(manifest.config))
-        for m in adapter.modules.values():
-            target = m.name.rsplit(".", 1)[-1]
-            if target not in contract.lora_targets:
-                raise lora.AdapterError(
-                    f"module {m.peft_name} adapts {target}, which {art} has no LoRA slot for "
-                    f"(slots: {', '.join(contract.lora_targets)}); export with --lora-targets "
-                    f"including it, or merge the adapter at export with --lora")
-            if m.rank > R:
-                raise lora.AdapterError(
-                    f"module {m.peft_name} has rank {m.rank}, above the artifact's LoRA rank "
-                    f"{R}; export with --lora-rank {m.rank} or more, or merge the adapter at "
-                    f"export with --lora")
-        slots = {f"layers.{s.layer}.{s.target}": s for s in contract.lora_slots()}
-        tensors = {}
-        for m in adapter.modules.values():
-            s = slots[m.name]
-            a = np.zeros((s.n_in, R), np.float32)
-            b = np.zeros((R, s.n_out), np.float32)
-            a[:, :m.rank] = m.a.T
-            b[:m.rank] = (np.float32(m.scaling) * m.b).T
-            tensors[s.a_name], tensors[s.b_name] = a, b
+        _check_fits(adapter, contract, art)
+        tensors = _slot_tensors(adapter, contract)
         rt_adapters.Adapter(name, tensors).check(contract)
-        rel = f"{ct.ADAPTER_DIR}/{name}.safetensors"
-        path = art / rel
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        undo = publish.undo(lambda: publish.unlink(tmp))
-        try:
-            from safetensors.numpy import save_file
-            save_file(tensors, str(tmp), metadata={rt_adapters.BASE_KEY:
-                                                   rt_adapters.base_id(manifest.data),
-                                                   rt_adapters.NAME_KEY: name})
-            record = {"path": rel, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
-                      "rank": adapter.rank, "targets": list(adapter.targets),
-                      "modules": len(adapter.modules),
-                      "source": {"path": str(peft_dir.resolve()),
-                                 "sha256": sha256_file(peft_dir / lora.WEIGHTS_FILE),
-                                 "config_sha256": sha256_file(peft_dir / lora.CONFIG_FILE)},
-                      "skipped": list(adapter.skipped),
-                      "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-            data = dict(manifest.data)
-            data[ct.ADAPTERS] = {**data.get(ct.ADAPTERS, {}), name: record}
-            ct.validate(data)
-            key = publish.seal_key()
-            had_seal = ct.SEAL in data
-            os.replace(tmp, path)
-            publish.replace_manifest(art, data, key, log, had_seal)
-        finally:
-            publish.unlink(tmp)
-            publish.done(undo)
+        return _publish(art, manifest, name, tensors, adapter, peft_dir, log)
+
+
+def _check_fits(adapter, contract, art: Path) -> None:
+    """Every module has a slot in the artifact, of at least its rank."""
+    from . import lora
+    for m in adapter.modules.values():
+        target = m.name.rsplit(".", 1)[-1]
+        if target not in contract.lora_targets:
+            raise lora.AdapterError(
+                f"module {m.peft_name} adapts {target}, which {art} has no LoRA slot for "
+                f"(slots: {', '.join(contract.lora_targets)}); export with --lora-targets "
+                f"including it, or merge the adapter at export with --lora")
+        if m.rank > contract.lora_rank:
+            raise lora.AdapterError(
+                f"module {m.peft_name} has rank {m.rank}, above the artifact's LoRA rank "
+                f"{contract.lora_rank}; export with --lora-rank {m.rank} or more, or merge the "
+                f"adapter at export with --lora")
+
+
+def _slot_tensors(adapter, contract) -> dict[str, np.ndarray]:
+    """The adapter as the artifact's slot inputs: A [in, R] and B [R, out] per slot, zero-padded
+    to the artifact's rank R, the scaling folded into B."""
+    R = contract.lora_rank
+    slots = {f"layers.{s.layer}.{s.target}": s for s in contract.lora_slots()}
+    tensors = {}
+    for m in adapter.modules.values():
+        s = slots[m.name]
+        a = np.zeros((s.n_in, R), np.float32)
+        b = np.zeros((R, s.n_out), np.float32)
+        a[:, :m.rank] = m.a.T
+        b[:m.rank] = (np.float32(m.scaling) * m.b).T
+        tensors[s.a_name], tensors[s.b_name] = a, b
+    return tensors
+
+
+def _publish(art: Path, manifest, name: str, tensors: dict, adapter, peft_dir: Path,
+             log) -> dict:
+    """Writes the adapter's file and its manifest record (the caller holds the lock); a
+    failure or SIGTERM leaves the artifact as it was."""
+    from runtime.manifest import sha256_file
+
+    from . import lora, publish
+    rel = f"{ct.ADAPTER_DIR}/{name}.safetensors"
+    path = art / rel
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    undo = publish.undo(lambda: publish.unlink(tmp))
+    try:
+        from safetensors.numpy import save_file
+        save_file(tensors, str(tmp), metadata={rt_adapters.BASE_KEY:
+                                               rt_adapters.base_id(manifest.data),
+                                               rt_adapters.NAME_KEY: name})
+        record = {"path": rel, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
+                  "rank": adapter.rank, "targets": list(adapter.targets),
+                  "modules": len(adapter.modules),
+                  "source": {"path": str(peft_dir.resolve()),
+                             "sha256": sha256_file(peft_dir / lora.WEIGHTS_FILE),
+                             "config_sha256": sha256_file(peft_dir / lora.CONFIG_FILE)},
+                  "skipped": list(adapter.skipped),
+                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        data = dict(manifest.data)
+        data[ct.ADAPTERS] = {**data.get(ct.ADAPTERS, {}), name: record}
+        ct.validate(data)
+        key = publish.seal_key()
+        had_seal = ct.SEAL in data
+        os.replace(tmp, path)
+        publish.replace_manifest(art, data, key, log, had_seal)
+    finally:
+        publish.unlink(tmp)
+        publish.done(undo)
     return record
 
 

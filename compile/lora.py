@@ -182,17 +182,43 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
     """The adapter at `path`, checked against the base (`cfg`, `base`'s names and shapes)."""
-    from .checkpoints import hf
-    from .weights import safetensors
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: not a directory (a PEFT adapter is the directory "
                            f"save_pretrained writes)")
     conf = read_config(path)
     wfile = path / WEIGHTS_FILE
+    pairs = _ab_pairs(wfile)
+    specs = base.specs()
+    # the matmuls the model computes (runtime.contract states which, e.g. none for k/v on
+    # Gemma 4's KV-shared layers): a module outside them changes nothing and is skipped
+    computed = {f"layers.{s.layer}.{s.target}" for s in ct.lora_slots(cfg)}
+    layers = conf.get("layers_to_transform")
+    layers = {layers} if isinstance(layers, int) else set(layers) if layers else None
+    modules, skipped = {}, []
+    for peft_name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{wfile}: module {peft_name} has lora_{''.join(ab)} only")
+        module = peft_name[len(PREFIX):] if peft_name.startswith(PREFIX) else peft_name
+        ours = _base_weight(wfile, module, cfg, layers)
+        if ours is not None and ours not in specs and ours in computed:
+            raise AdapterError(f"{wfile}: module {module} has no weight in the base "
+                               f"({cfg.name}): an adapter for another model?")
+        if ours is None or ours not in specs:   # not text, or a matmul the model never runs
+            skipped.append(module)
+            continue
+        modules[ours] = _module(wfile, module, ours, ab, specs[ours][0], conf)
+    if not modules:
+        raise AdapterError(f"{wfile}: no LoRA module applies to {cfg.name}")
+    return Adapter(path, modules, tuple(skipped))
+
+
+def _ab_pairs(wfile: Path) -> dict[str, dict[str, object]]:
+    """PEFT module name -> {"A": entry, "B": entry} of the adapter's safetensors file."""
+    from .weights import safetensors
     if not wfile.exists():
-        raise AdapterError(f"{path}: no {WEIGHTS_FILE} (PEFT's .bin adapters are not read: "
-                           f"save with safe_serialization=True)")
+        raise AdapterError(f"{wfile.parent}: no {WEIGHTS_FILE} (PEFT's .bin adapters are not "
+                           f"read: save with safe_serialization=True)")
     try:
         entries = safetensors.read(wfile)
     except safetensors.SafetensorsError as e:
@@ -210,58 +236,49 @@ def read(path: str | Path, cfg: GemmaConfig, base: Params) -> Adapter:
             raise AdapterError(f"{wfile}: module {m.group(1)} has more than one lora_{m.group(2)} "
                                f"(several adapters in one file); save one adapter per directory")
         ab[m.group(2)] = entry
-    specs = base.specs()
-    # the matmuls the model computes (runtime.contract states which, e.g. none for k/v on
-    # Gemma 4's KV-shared layers): a module outside them changes nothing and is skipped
-    computed = {f"layers.{s.layer}.{s.target}" for s in ct.lora_slots(cfg)}
-    layers = conf.get("layers_to_transform")
-    layers = {layers} if isinstance(layers, int) else set(layers) if layers else None
-    modules, skipped = {}, []
-    for peft_name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{wfile}: module {peft_name} has lora_{''.join(ab)} only")
-        module = peft_name[len(PREFIX):] if peft_name.startswith(PREFIX) else peft_name
-        if any(part in module + "." for part in _NOT_TEXT):
-            skipped.append(module)
-            continue
-        if module.split(".")[-1] in ("embed_tokens", "lm_head"):
-            raise AdapterError(f"{wfile}: module {module}: LoRA on the embedding/output layer "
-                               f"is not supported")
-        mapped = hf._hf_to_ours(cfg, module + ".weight")
-        if mapped is None or mapped[1] != "linear":
-            raise AdapterError(f"{wfile}: module {module} is not a linear layer of a "
-                               f"{cfg.name} model")
-        ours = mapped[0]
-        layer = int(ours.split(".")[1]) if ours.startswith("layers.") else None
-        if layers is not None and layer is not None and layer not in layers:
-            raise AdapterError(f"{wfile}: module {module} is in layer {layer}, which "
-                               f"layers_to_transform {sorted(layers)} leaves out")
-        if ours not in specs:
-            if ours not in computed:
-                skipped.append(module)
-                continue
-            raise AdapterError(f"{wfile}: module {module} has no weight in the base "
-                               f"({cfg.name}): an adapter for another model?")
-        n_in, n_out = specs[ours][0]
-        a, b = ab["A"], ab["B"]
-        r = a.shape[0] if len(a.shape) == 2 else None
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != n_in or \
-                b.shape != (n_out, r):
-            raise AdapterError(
-                f"{wfile}: module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
-                f"do not fit the base's {ours} ({n_in} inputs, {n_out} outputs; A must be "
-                f"[r, {n_in}], B [{n_out}, r]): an adapter for another model?")
-        want_r = _pattern_value(conf.get("rank_pattern"), module, conf.get("r", 8))
-        if want_r != r:
-            raise AdapterError(f"{wfile}: module {module} has rank {r}, but "
-                               f"{CONFIG_FILE} says {want_r}")
-        alpha = _pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", 8))
-        scaling = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
-        modules[ours] = Module(ours, module, _load(a, wfile, module, "A"),
-                               _load(b, wfile, module, "B"), float(scaling))
-    if not modules:
-        raise AdapterError(f"{wfile}: no LoRA module applies to {cfg.name}")
-    return Adapter(path, modules, tuple(skipped))
+    return pairs
+
+
+def _base_weight(wfile: Path, module: str, cfg: GemmaConfig, layers: set | None) -> str | None:
+    """Our name of the linear weight a PEFT module adapts; None for a module outside the text
+    model (vision tower, ...)."""
+    from .checkpoints import hf
+    if any(part in module + "." for part in _NOT_TEXT):
+        return None
+    if module.split(".")[-1] in ("embed_tokens", "lm_head"):
+        raise AdapterError(f"{wfile}: module {module}: LoRA on the embedding/output layer "
+                           f"is not supported")
+    mapped = hf._hf_to_ours(cfg, module + ".weight")
+    if mapped is None or mapped[1] != "linear":
+        raise AdapterError(f"{wfile}: module {module} is not a linear layer of a "
+                           f"{cfg.name} model")
+    ours = mapped[0]
+    layer = int(ours.split(".")[1]) if ours.startswith("layers.") else None
+    if layers is not None and layer is not None and layer not in layers:
+        raise AdapterError(f"{wfile}: module {module} is in layer {layer}, which "
+                           f"layers_to_transform {sorted(layers)} leaves out")
+    return ours
+
+
+def _module(wfile: Path, module: str, ours: str, ab: dict, shape: tuple, conf: dict) -> Module:
+    """The checked A, B and scaling of one module (`shape`: the base weight's (in, out))."""
+    n_in, n_out = shape
+    a, b = ab["A"], ab["B"]
+    r = a.shape[0] if len(a.shape) == 2 else None
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != n_in or \
+            b.shape != (n_out, r):
+        raise AdapterError(
+            f"{wfile}: module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+            f"do not fit the base's {ours} ({n_in} inputs, {n_out} outputs; A must be "
+            f"[r, {n_in}], B [{n_out}, r]): an adapter for another model?")
+    want_r = _pattern_value(conf.get("rank_pattern"), module, conf.get("r", 8))
+    if want_r != r:
+        raise AdapterError(f"{wfile}: module {module} has rank {r}, but "
+                           f"{CONFIG_FILE} says {want_r}")
+    alpha = _pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", 8))
+    scaling = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
+    return Module(ours, module, _load(a, wfile, module, "A"), _load(b, wfile, module, "B"),
+                  float(scaling))
 
 
 def _load(entry, wfile: Path, module: str, which: str) -> np.ndarray:

@@ -109,7 +109,8 @@ def _number(req: dict, name: str, default):
     return f
 
 
-def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) -> dict:
+def _json_object(body: bytes) -> dict:
+    """The body as a JSON object whose known fields have their types."""
     try:
         req = json.loads(body or b"")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -122,12 +123,17 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
                 raise RequestError(f"'{name}' must be {what}, got {json.dumps(value)[:60]}",
                                    param=name)
+    return req
+
+
+def _adapter(req: dict, gen, served: tuple[str, ...]):
+    """(adapter, lora_scale) of the request's model: "<base>:<adapter>" names a run-time LoRA
+    adapter, "<base>" the base model; no model: the server's default (its --adapter, else the
+    base)."""
     model = req.get("model")
     if served and model is not None and model not in served:
         raise RequestError(f"model {model[:100]!r} is not served here; this server serves: "
                            f"{', '.join(served)}", 404, param="model", code="model_not_found")
-    # "<base>:<adapter>" names a run-time LoRA adapter, "<base>" the base model; no model: the
-    # server's default (its --adapter, else the base)
     adapter = ADAPTER_DEFAULT
     if model is not None and served:
         adapter = model.split(":", 1)[1] if ":" in model else None
@@ -136,12 +142,10 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
                                               adapter is ADAPTER_DEFAULT and gen.adapter is None):
         raise RequestError("'lora_scale' applies to an adapter; name one as model "
                            "'<base>:<adapter>'", param="lora_scale")
-    key = "messages" if chat else "prompt"
-    if req.get(key) is None:
-        raise RequestError(f"'{key}' is required", param=key)
-    _text_ok(req[key], key)
-    if req.get("n") not in (None, 1):
-        raise RequestError("only n=1 is supported", param="n")
+    return adapter, lora_scale
+
+
+def _stop_strings(req: dict) -> list[str]:
     stop = req.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
@@ -151,14 +155,22 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
                            param="stop")
     for s_ in stop:
         _text_ok(s_, "stop")
+    return stop
+
+
+def _max_tokens(req: dict) -> int:
     # max_completion_tokens is OpenAI's current name; it wins over the deprecated max_tokens
     name = "max_completion_tokens" if req.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = req.get(name)
     if max_tokens is None:
-        max_tokens = 16
-    elif max_tokens < 1:
+        return 16
+    if max_tokens < 1:
         raise RequestError(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    return max_tokens
+
+
+def _sampling(req: dict) -> dict:
     temperature = _number(req, "temperature", 1.0)
     top_p = _number(req, "top_p", None)
     try:
@@ -169,6 +181,22 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
         seed = sampling.check_seed(req.get("seed"))
     except ValueError as e:
         raise RequestError(str(e), param="seed") from None
+    return {"temperature": temperature, "top_p": top_p, "top_k": req.get("top_k"), "seed": seed}
+
+
+def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) -> dict:
+    """The generation a completion request asks for, every field checked (RequestError)."""
+    req = _json_object(body)
+    adapter, lora_scale = _adapter(req, gen, served)
+    key = "messages" if chat else "prompt"
+    if req.get(key) is None:
+        raise RequestError(f"'{key}' is required", param=key)
+    _text_ok(req[key], key)
+    if req.get("n") not in (None, 1):
+        raise RequestError("only n=1 is supported", param="n")
+    stop = _stop_strings(req)
+    max_tokens = _max_tokens(req)
+    sampled = _sampling(req)
     options = req.get("stream_options") or {}
     if not isinstance(options.get("include_usage", False), bool):
         raise RequestError("'stream_options.include_usage' must be a boolean",
@@ -181,8 +209,8 @@ def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) ->
         raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the "
                            f"model's context of {gen.max_context} tokens",
                            param=key, code="context_length_exceeded")
-    return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-            "top_k": req.get("top_k"), "seed": seed, "stop": stop,
+    model = req.get("model")
+    return {"ids": ids, "max_tokens": max_tokens, **sampled, "stop": stop,
             "stream": bool(req.get("stream")),
             "include_usage": bool(options.get("include_usage")),
             "adapter": adapter, "lora_scale": lora_scale,
@@ -337,6 +365,66 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = _not_allowed
 
+    def _body(self) -> bytes | None:
+        """The request body by its Content-Length, or None after answering (or dropping) a
+        request whose body cannot be read."""
+        if self.headers.get("Transfer-Encoding") is not None and \
+                self.headers.get("Content-Length") is not None:
+            # two framings: a proxy may read the body by one and this server by the other
+            # (request smuggling, RFC 9112 section 6.1)
+            self.close_connection = True
+            self._error(RequestError("a request with both Content-Length and Transfer-Encoding "
+                                     "is refused; send the body with Content-Length only", 400))
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._error(RequestError("missing or invalid Content-Length", 411))
+            return None
+        if length > MAX_BODY:
+            # read (and drop) a body up to 16x the limit first: closing on a client that is still
+            # sending resets the connection, and it would see that instead of the 413
+            if length <= 16 * MAX_BODY:
+                self._drop(length)
+            self._error(RequestError(f"request body of {length} bytes is over the limit of "
+                                     f"{MAX_BODY}", 413))
+            return None
+        try:
+            body = self.rfile.read(length)
+        except (TimeoutError, socket.timeout):
+            body = b""
+        if len(body) < length:   # the client stalled or went away mid-body
+            self.close_connection = True
+            return None
+        return body
+
+    def _drop(self, length: int) -> None:
+        try:
+            while length > 0:
+                got = self.rfile.read(min(length, 1 << 16))
+                if not got:
+                    return
+                length -= len(got)
+        except (TimeoutError, socket.timeout, OSError):
+            pass
+
+    def _admit(self) -> bool:
+        """Counts the request in, or answers 503 (draining) / 429 (full) and returns False."""
+        srv = self.server
+        with srv.lock:
+            if srv.draining:
+                self._error(RequestError("the server is shutting down; retry on another "
+                                         "instance", 503), {"Retry-After": "5"})
+                return False
+            if srv.admitted >= srv.max_waiting:
+                self._error(RequestError("too many requests in flight; retry later", 429),
+                            {"Retry-After": "1"})
+                return False
+            srv.admitted += 1
+            return True
+
     def do_POST(self):
         routes = {"/v1/completions": False, "/v1/chat/completions": True}
         if self.path not in routes:
@@ -346,44 +434,8 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             self.close_connection = True
             return
-        if self.headers.get("Transfer-Encoding") is not None and \
-                self.headers.get("Content-Length") is not None:
-            # two framings: a proxy may read the body by one and this server by the other
-            # (request smuggling, RFC 9112 section 6.1)
-            self.close_connection = True
-            self._error(RequestError("a request with both Content-Length and Transfer-Encoding "
-                                     "is refused; send the body with Content-Length only", 400))
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or -1)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._error(RequestError("missing or invalid Content-Length", 411))
-            return
-        if length > MAX_BODY:
-            # read (and drop) a body up to 16x the limit first: closing on a client that is still
-            # sending resets the connection, and it would see that instead of the 413
-            if length <= 16 * MAX_BODY:
-                try:
-                    left = length
-                    while left > 0:
-                        got = self.rfile.read(min(left, 1 << 16))
-                        if not got:
-                            break
-                        left -= len(got)
-                except (TimeoutError, socket.timeout, OSError):
-                    pass
-            self._error(RequestError(f"request body of {length} bytes is over the limit of "
-                                     f"{MAX_BODY}", 413))
-            return
-        try:
-            body = self.rfile.read(length)
-        except (TimeoutError, socket.timeout):
-            self.close_connection = True
-            return
-        if len(body) < length:   # the client went away mid-body
-            self.close_connection = True
+        body = self._body()
+        if body is None:
             return
         chat = routes[self.path]
         srv = self.server
@@ -392,23 +444,15 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self._error(e)
             return
-        with srv.lock:
-            if srv.draining:
-                self._error(RequestError("the server is shutting down; retry on another "
-                                         "instance", 503), {"Retry-After": "5"})
-                return
-            if srv.admitted >= srv.max_waiting:
-                self._error(RequestError("too many requests in flight; retry later", 429),
-                            {"Retry-After": "1"})
-                return
-            srv.admitted += 1
+        if not self._admit():
+            return
         try:
             with srv.slots:
                 if client_gone(self.connection):   # left while it waited for a slot
                     srv.count_cancelled()
                     self.close_connection = True
                     return
-                self._respond(r, chat)
+                self._respond(r, _Reply(r, chat))
         except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
             self.close_connection = True
         finally:
@@ -416,28 +460,8 @@ class Handler(BaseHTTPRequestHandler):
                 srv.admitted -= 1
                 srv.idle.notify_all()
 
-    def _respond(self, r: dict, chat: bool):
+    def _respond(self, r: dict, reply: "_Reply"):
         gen = self.server.gen
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        model = r["model"]
-        obj = "chat.completion" if chat else "text_completion"
-
-        def choice(text, finish, stream=False):
-            """One choice object; in a chat stream, text None means the closing delta."""
-            if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            if not stream:
-                return {"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish}
-            return {"index": 0, "delta": {} if text is None else {"content": text},
-                    "finish_reason": finish}
-
-        def usage(run):
-            n = run.stats["generated_tokens"]
-            return {"prompt_tokens": len(r["ids"]), "completion_tokens": n,
-                    "total_tokens": len(r["ids"]) + n}
-
         adapter = {} if r["adapter"] is ADAPTER_DEFAULT and r["lora_scale"] == 1.0 else \
             {"adapter": gen.adapter if r["adapter"] is ADAPTER_DEFAULT else r["adapter"],
              "adapter_scale": r["lora_scale"]}
@@ -447,46 +471,48 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as e:
             self._error(RequestError(str(e)))
             return
-        if not r["stream"]:
-            pieces = []
-            try:
-                for i, piece in enumerate(run):
-                    pieces.append(piece)
-                    if i % 4 == 3 and client_gone(self.connection):   # nobody to answer
-                        self.server.count_cancelled()
-                        self.close_connection = True
-                        return
-            except Exception as e:   # the backend failed: a 500 in OpenAI's shape, not a drop
-                sys.stderr.write(f"generation failed: {type(e).__name__}: {e}\n")
-                self._error(RequestError(f"generation failed: {type(e).__name__}: {e}", 500))
-                return
-            finally:
-                run.close()
-            self._json(200, {"id": rid, "object": obj, "created": created, "model": model,
-                             "choices": [choice("".join(pieces), run.stats["finish_reason"])],
-                             "usage": usage(run)})
+        if r["stream"]:
+            self._stream(run, reply)
+        else:
+            self._whole(run, reply)
+
+    def _whole(self, run, reply: "_Reply"):
+        """The completion in one JSON response, once generated."""
+        pieces = []
+        try:
+            for i, piece in enumerate(run):
+                pieces.append(piece)
+                if i % 4 == 3 and client_gone(self.connection):   # nobody to answer
+                    self.server.count_cancelled()
+                    self.close_connection = True
+                    return
+        except Exception as e:   # the backend failed: a 500 in OpenAI's shape, not a drop
+            sys.stderr.write(f"generation failed: {type(e).__name__}: {e}\n")
+            self._error(RequestError(f"generation failed: {type(e).__name__}: {e}", 500))
             return
+        finally:
+            run.close()
+        self._json(200, reply.whole("".join(pieces), run))
+
+    def _stream(self, run, reply: "_Reply"):
+        """The completion as server-sent events, a chunk per piece of text, then [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def send(payload):
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
-        def chunk(choices, **extra):
-            return {"id": rid, "object": chunk_obj, "created": created, "model": model,
-                    "choices": choices, **extra}
-
-        if chat:
-            send(chunk([{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]))
+        if reply.chat:
+            send(reply.chunk([{"index": 0, "delta": {"role": "assistant"},
+                               "finish_reason": None}]))
         try:
             for piece in run:
-                send(chunk([choice(piece, None, stream=True)]))
+                send(reply.chunk([reply.choice(piece, None, stream=True)]))
         except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
             self.server.count_cancelled()
             raise
@@ -499,11 +525,48 @@ class Handler(BaseHTTPRequestHandler):
             return
         finally:   # a client that went away stops the generation
             run.close()
-        send(chunk([choice(None, run.stats["finish_reason"], stream=True)]))
-        if r["include_usage"]:   # OpenAI's usage chunk: no choices
-            send(chunk([], usage=usage(run)))
+        send(reply.chunk([reply.choice(None, run.stats["finish_reason"], stream=True)]))
+        if reply.include_usage:   # OpenAI's usage chunk: no choices
+            send(reply.chunk([], usage=reply.usage(run)))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+class _Reply:
+    """The OpenAI response objects of one completion request (plain or chat, whole or
+    streamed)."""
+
+    def __init__(self, r: dict, chat: bool):
+        self.chat, self.model, self.include_usage = chat, r["model"], r["include_usage"]
+        self.prompt_tokens = len(r["ids"])
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def choice(self, text, finish, stream=False) -> dict:
+        """One choice object; in a chat stream, text None means the closing delta."""
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if not stream:
+            return {"index": 0, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish}
+        return {"index": 0, "delta": {} if text is None else {"content": text},
+                "finish_reason": finish}
+
+    def usage(self, run) -> dict:
+        n = run.stats["generated_tokens"]
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                "total_tokens": self.prompt_tokens + n}
+
+    def whole(self, text: str, run) -> dict:
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model,
+                "choices": [self.choice(text, run.stats["finish_reason"])],
+                "usage": self.usage(run)}
+
+    def chunk(self, choices, **extra) -> dict:
+        return {"id": self.id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, **extra}
 
 
 def make_server(gen, host="127.0.0.1", port=8000, max_concurrent=4, max_queue=16,

@@ -125,37 +125,43 @@ def _gemma4_fields(d: dict, stated: dict, path: Path) -> dict:
         glob["num_key_value_heads"] = d["num_global_key_value_heads"]
     per_layer = d.get("per_layer_config")
     if per_layer is not None:
-        if not isinstance(per_layer, dict):
-            raise CheckpointError(f"{path}: per_layer_config must be an object")
-        seen = {}
-        for key, over in per_layer.items():
-            try:
-                i = int(key)
-            except ValueError:
-                raise CheckpointError(f"{path}: per_layer_config key {key!r} is not a layer "
-                                      f"index") from None
-            if not 0 <= i < L or not isinstance(over, dict):
-                raise CheckpointError(f"{path}: per_layer_config entry {key!r} is not a layer "
-                                      f"override")
-            if set(over) - {"head_dim", "num_key_value_heads"}:
-                raise CheckpointError(f"{path}: per_layer_config of layer {i} overrides "
-                                      f"{sorted(set(over) - {'head_dim', 'num_key_value_heads'})}"
-                                      f", which this compiler does not support")
-            if types[i] != GLOBAL:
-                raise CheckpointError(f"{path}: per_layer_config overrides layer {i}, a "
-                                      f"sliding layer; only global layers may differ")
-            seen[i] = (over.get("head_dim", head_dim), over.get("num_key_value_heads", kv))
-        want = {i for i, t in enumerate(types) if t == GLOBAL}
-        values = {seen.get(i, (head_dim, kv)) for i in want}
-        if len(values) > 1:
-            raise CheckpointError(f"{path}: per_layer_config gives global layers different "
-                                  f"geometries {sorted(values)}; this compiler needs one")
-        gh, gkv = values.pop() if values else (head_dim, kv)
+        gh, gkv = _per_layer_config(per_layer, types, head_dim, kv, path)
     else:
         gh, gkv = glob["head_dim"], glob.get("num_key_value_heads", kv)
     out["global_head_dim"] = None if gh == head_dim else int(gh)
     out["global_kv_heads"] = None if gkv == kv else int(gkv)
     return out
+
+
+def _per_layer_config(per_layer, types: tuple, head_dim: int, kv: int, path: Path):
+    """(head_dim, KV heads) of the global layers from per_layer_config's overrides, which may
+    touch global layers only and must give them all one geometry."""
+    if not isinstance(per_layer, dict):
+        raise CheckpointError(f"{path}: per_layer_config must be an object")
+    seen = {}
+    for key, over in per_layer.items():
+        try:
+            i = int(key)
+        except ValueError:
+            raise CheckpointError(f"{path}: per_layer_config key {key!r} is not a layer "
+                                  f"index") from None
+        if not 0 <= i < len(types) or not isinstance(over, dict):
+            raise CheckpointError(f"{path}: per_layer_config entry {key!r} is not a layer "
+                                  f"override")
+        if set(over) - {"head_dim", "num_key_value_heads"}:
+            raise CheckpointError(f"{path}: per_layer_config of layer {i} overrides "
+                                  f"{sorted(set(over) - {'head_dim', 'num_key_value_heads'})}"
+                                  f", which this compiler does not support")
+        if types[i] != GLOBAL:
+            raise CheckpointError(f"{path}: per_layer_config overrides layer {i}, a "
+                                  f"sliding layer; only global layers may differ")
+        seen[i] = (over.get("head_dim", head_dim), over.get("num_key_value_heads", kv))
+    want = {i for i, t in enumerate(types) if t == GLOBAL}
+    values = {seen.get(i, (head_dim, kv)) for i in want}
+    if len(values) > 1:
+        raise CheckpointError(f"{path}: per_layer_config gives global layers different "
+                              f"geometries {sorted(values)}; this compiler needs one")
+    return values.pop() if values else (head_dim, kv)
 
 
 def _rope(d: dict, family: int, path: Path) -> dict:

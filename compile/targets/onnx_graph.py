@@ -246,66 +246,50 @@ def _scalar(graph, name, consts):
     return None
 
 
-def _fuse_rms_norms(graph, shapes, consts, helper) -> int:
-    """Mul(x,x) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Div(1, .) -> Mul(x, .) -> Mul(., s)
-    => SimplifiedLayerNormalization(x, s) over the last axis (s of the last axis' length, read
-    through any Reshape/Expand that only broadcast it)."""
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for i in _reads(node):
-            consumers[i].append(node)
+class _Uses:
+    """Who produces and who reads each value of a graph."""
 
-    def only_user(value, op):
-        users = consumers[value]
+    def __init__(self, graph):
+        self.graph = graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers = defaultdict(list)
+        for node in graph.node:
+            for i in _reads(node):
+                self.consumers[i].append(node)
+
+    def only_user(self, value, op):
+        """The one node reading `value`, when there is one and it is an `op`."""
+        users = self.consumers[value]
         return users[0] if len(users) == 1 and users[0].op_type == op else None
 
-    def axes_last(node):
+    def reduces_last_axis(self, node, shapes) -> bool:
+        """A ReduceMean over the last axis alone, keeping it."""
         ax = None
         for a in node.attribute:
             if a.name == "axes":
                 ax = list(a.ints)
         if ax is None and len(node.input) > 1:
             from onnx import numpy_helper
-            for init in graph.initializer:
+            for init in self.graph.initializer:
                 if init.name == node.input[1]:
                     ax = numpy_helper.to_array(init).reshape(-1).tolist()
         keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
         rank = len(shapes.get(node.input[0]) or [])
         return keep == 1 and ax is not None and len(ax) == 1 and ax[0] in (-1, rank - 1)
 
+
+def _fuse_rms_norms(graph, shapes, consts, helper) -> int:
+    """Mul(x,x) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Div(1, .) -> Mul(x, .) -> Mul(., s)
+    => SimplifiedLayerNormalization(x, s) over the last axis (s of the last axis' length, read
+    through any Reshape/Expand that only broadcast it)."""
+    uses = _Uses(graph)
     fused, drop, new = 0, set(), {}
     for sq in graph.node:
-        if sq.op_type != "Mul" or sq.input[0] != sq.input[1]:
+        m = _rms_norm_at(sq, uses, shapes, consts)
+        if m is None:
             continue
-        x = sq.input[0]
-        mean = only_user(sq.output[0], "ReduceMean")
-        add = mean and only_user(mean.output[0], "Add")
-        if not (mean and add and axes_last(mean)):
-            continue
-        eps = _scalar(graph, add.input[1] if add.input[0] == mean.output[0] else add.input[0],
-                      consts)
-        sqrt = only_user(add.output[0], "Sqrt")
-        div = sqrt and only_user(sqrt.output[0], "Div")
-        if eps is None or not div or div.input[1] != sqrt.output[0] \
-                or _scalar(graph, div.input[0], consts) != 1.0:
-            continue
-        norm = only_user(div.output[0], "Mul")
-        if not norm or set(norm.input) != {x, div.output[0]}:
-            continue
-        scale_mul = only_user(norm.output[0], "Mul")
-        if not scale_mul:
-            continue
-        s = scale_mul.input[1] if scale_mul.input[0] == norm.output[0] else scale_mul.input[0]
-        while s in producer and producer[s].op_type in ("Reshape", "Expand") \
-                and len(consumers[s]) == 1:
-            s = producer[s].input[0]
-        xs, ss, ys = shapes.get(x), shapes.get(s), shapes.get(scale_mul.output[0])
-        if not (xs and ss and ys == xs and len(ss) == 1 and ss[0] == xs[-1]
-                and isinstance(ss[0], int)):
-            continue
-        for n in (sq, mean, add, sqrt, div, norm):
-            drop.add(id(n))
+        chain, x, s, eps, scale_mul = m
+        drop.update(id(n) for n in chain)
         new[id(scale_mul)] = helper.make_node(
             "SimplifiedLayerNormalization", [x, s], [scale_mul.output[0]],
             name=f"{scale_mul.output[0]}__rms", axis=-1, epsilon=eps, stash_type=1)
@@ -315,6 +299,41 @@ def _fuse_rms_norms(graph, shapes, consts, helper) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return fused
+
+
+def _rms_norm_at(sq, uses: _Uses, shapes, consts):
+    """(the nodes before the scale's Mul, x, scale, eps, the scale's Mul) of an RMSNorm that
+    starts at the Mul(x, x) `sq`, or None."""
+    graph = uses.graph
+    if sq.op_type != "Mul" or sq.input[0] != sq.input[1]:
+        return None
+    x = sq.input[0]
+    mean = uses.only_user(sq.output[0], "ReduceMean")
+    add = mean and uses.only_user(mean.output[0], "Add")
+    if not (mean and add and uses.reduces_last_axis(mean, shapes)):
+        return None
+    eps = _scalar(graph, add.input[1] if add.input[0] == mean.output[0] else add.input[0],
+                  consts)
+    sqrt = uses.only_user(add.output[0], "Sqrt")
+    div = sqrt and uses.only_user(sqrt.output[0], "Div")
+    if eps is None or not div or div.input[1] != sqrt.output[0] \
+            or _scalar(graph, div.input[0], consts) != 1.0:
+        return None
+    norm = uses.only_user(div.output[0], "Mul")
+    if not norm or set(norm.input) != {x, div.output[0]}:
+        return None
+    scale_mul = uses.only_user(norm.output[0], "Mul")
+    if not scale_mul:
+        return None
+    s = scale_mul.input[1] if scale_mul.input[0] == norm.output[0] else scale_mul.input[0]
+    while s in uses.producer and uses.producer[s].op_type in ("Reshape", "Expand") \
+            and len(uses.consumers[s]) == 1:
+        s = uses.producer[s].input[0]
+    xs, ss, ys = shapes.get(x), shapes.get(s), shapes.get(scale_mul.output[0])
+    if not (xs and ss and ys == xs and len(ss) == 1 and ss[0] == xs[-1]
+            and isinstance(ss[0], int)):
+        return None
+    return (sq, mean, add, sqrt, div, norm), x, s, eps, scale_mul
 
 
 def _remove_dead(graph) -> int:

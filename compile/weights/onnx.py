@@ -214,14 +214,23 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
     MatMul(MatMul(x, S), bias^T) with S [K, K / block] the 0/1 block indicator, a matmul 1/block
     the size of the weight's (ORT's float zero points, the direct form, run its unpacked path:
     50x slower)."""
-    import onnx
-    N, K = w.q.shape
+    targets = _matmuls_reading(name, consumers, drop)
+    terms = parts(w, float_activations)
+    bias = _add_initializers(g, name, w, terms, data)
+    for n in targets:
+        nodes = _nbits_nodes(n, name, w, terms, bias is not None, float_activations)
+        n.CopyFrom(nodes[0])
+        after[id(n)] = nodes[1:]
+    return len(targets)
+
+
+def _matmuls_reading(name: str, consumers, drop: set) -> list:
+    """The MatMuls that read `name`, directly or through a Transpose (which goes in `drop`);
+    any other reader is an error."""
     targets = []
-    readers = list(consumers.get(name, []))
-    for n in readers:
+    for n in list(consumers.get(name, [])):
         if n.op_type == "MatMul" and n.input[1] == name:
             targets.append(n)
-
         elif n.op_type == "Transpose" and all(c.op_type == "MatMul" and c.input[1] == n.output[0]
                                              for c in consumers.get(n.output[0], [])):
             targets += consumers.get(n.output[0], [])
@@ -233,7 +242,13 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
                              f"MatMuls can read a quantized weight")
     if not targets:
         raise ValueError(f"onnx: no MatMul reads {name}; cannot quantize it")
-    terms = parts(w, float_activations)
+    return targets
+
+
+def _add_initializers(g, name: str, w: Blocks, terms, data: DataFile):
+    """Each term's packed blocks and scales, and the bias term's tables; returns the summed
+    bias [N, K / block] (None when no term has one)."""
+    K = w.q.shape[1]
     bias = None
     for suffix, b in terms:
         g.initializer.append(data.add(name + suffix + ".B", packed(b)))
@@ -247,29 +262,34 @@ def _to_matmul_nbits(g, name: str, w: Blocks, consumers, data: DataFile, drop: s
         indicator[np.arange(K), np.arange(K) // w.block] = 1.0
         g.initializer.append(data.add(name + ".block_sum", indicator))
         g.initializer.append(data.add(name + ".bias_t", np.ascontiguousarray(bias.T, np.float32)))
+    return bias
+
+
+def _nbits_nodes(n, name: str, w: Blocks, terms, has_bias: bool, float_activations: bool):
+    """The nodes that replace the MatMul `n`: its output is the sum of the terms (and the bias
+    term)."""
+    import onnx
     make = onnx.helper.make_node
-    for n in targets:
-        x, (y,) = n.input[0], list(n.output)
-        single = len(terms) == 1 and bias is None
-        nodes, addends = [], []
-        for suffix, b in terms:
-            out = y if single else f"{y}/q{suffix}"
-            nodes.append(make("MatMulNBits", [x, name + suffix + ".B", name + suffix + ".scales"],
-                              [out], name=f"{n.name}{suffix}", domain=MS_DOMAIN, K=K, N=N,
-                              bits=container_bits(b), block_size=w.block,
-                              accuracy_level=1 if float_activations else 4))
-            addends.append(out)
-        if bias is not None:
-            nodes += [make("MatMul", [x, name + ".block_sum"], [f"{y}/block_sums"],
-                           name=f"{n.name}/block_sums"),
-                      make("MatMul", [f"{y}/block_sums", name + ".bias_t"], [f"{y}/bias"],
-                           name=f"{n.name}/bias")]
-            addends.append(f"{y}/bias")
-        total = addends[0]
-        for k, term in enumerate(addends[1:], 1):   # y = the addends' sum
-            out = y if k == len(addends) - 1 else f"{y}/sum{k}"
-            nodes.append(make("Add", [total, term], [out], name=f"{n.name}/add{k}"))
-            total = out
-        n.CopyFrom(nodes[0])
-        after[id(n)] = nodes[1:]
-    return len(targets)
+    N, K = w.q.shape
+    x, (y,) = n.input[0], list(n.output)
+    single = len(terms) == 1 and not has_bias
+    nodes, addends = [], []
+    for suffix, b in terms:
+        out = y if single else f"{y}/q{suffix}"
+        nodes.append(make("MatMulNBits", [x, name + suffix + ".B", name + suffix + ".scales"],
+                          [out], name=f"{n.name}{suffix}", domain=MS_DOMAIN, K=K, N=N,
+                          bits=container_bits(b), block_size=w.block,
+                          accuracy_level=1 if float_activations else 4))
+        addends.append(out)
+    if has_bias:
+        nodes += [make("MatMul", [x, name + ".block_sum"], [f"{y}/block_sums"],
+                       name=f"{n.name}/block_sums"),
+                  make("MatMul", [f"{y}/block_sums", name + ".bias_t"], [f"{y}/bias"],
+                       name=f"{n.name}/bias")]
+        addends.append(f"{y}/bias")
+    total = addends[0]
+    for k, term in enumerate(addends[1:], 1):   # y = the addends' sum
+        out = y if k == len(addends) - 1 else f"{y}/sum{k}"
+        nodes.append(make("Add", [total, term], [out], name=f"{n.name}/add{k}"))
+        total = out
+    return nodes

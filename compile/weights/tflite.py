@@ -169,54 +169,68 @@ def _rewrite(S, model, quantized, sources, new_data) -> dict:
             name = _param_of(w)
             if name not in quantized or sources[w.buffer] is None:
                 continue
-            q = quantized[name]
             N, K = (int(d) for d in sg.tensors[op.inputs[1]].shape)
-            if w.type != S.TensorType.INT8:
-                raise ValueError(f"tflite: {name}: constant of type {w.type}, expected int8")
-            if q.kind == "int8":
-                w.quantization = S.QuantizationParametersT(
-                    scale=np.asarray(q.scale, np.float32),
-                    zeroPoint=np.zeros(N, np.int64), quantizedDimension=0)
-            elif q.kind == "int4":
-                if tuple(int(d) for d in w.shape) == (N, K // 2):
-                    w.shape = np.asarray([N, K], np.int32)        # packed: two values a byte
-                if name not in scale_buffers:
-                    model.buffers.append(S.BufferT())
-                    scale_buffers[name] = len(model.buffers) - 1
-                    sources.append(None)
-                    new_data[scale_buffers[name]] = np.ascontiguousarray(q.scale, np.float16)
-                st = S.TensorT(shape=np.asarray(q.scale.shape, np.int32), type=S.TensorType.FLOAT16,
-                               buffer=scale_buffers[name], name=(w.name + b"_scales"))
-                sg.tensors.append(st)
-                details = S.BlockwiseQuantizationT()
-                details.scales, details.zeroPoints, details.blockSize = \
-                    len(sg.tensors) - 1, -1, q.block
-                w.type = S.TensorType.INT4
-                w.quantization = S.QuantizationParametersT(
-                    detailsType=S.QuantizationDetails.BlockwiseQuantization, details=details,
-                    quantizedDimension=0)
-            else:
-                raise ValueError(f"tflite: {name}: unknown quantization {q.kind!r}")
-            if tuple(int(d) for d in w.shape) != (N, K):
-                raise ValueError(f"tflite: {name}: stored {list(w.shape)}, the matmul reads "
-                                 f"[{N}, {K}]")
+            _quantize_tensor(S, model, sg, w, name, quantized[name], (N, K), scale_buffers,
+                             sources, new_data)
             op.inputs = np.array(op.inputs)    # a read-only view into the map
             op.inputs[1] = root
             drop.update(id(c) for c in chain)
             rewritten[name] = rewritten.get(name, 0) + 1
         sg.operators = [op for op in sg.operators if id(op) not in drop]
-        for op in sg.operators:   # nothing but a matmul (or the lookup) may read a quantized weight
-            for i in op.inputs:
-                name = _param_of(sg.tensors[i]) if i >= 0 else None
-                if name in quantized and _opcode(model, op) not in (fc, S.BuiltinOperator.GATHER,
-                                                                    S.BuiltinOperator.GATHER_ND):
-                    raise ValueError(f"tflite: {name} is read by an op other than a matmul; "
-                                     f"cannot quantize it")
+        _check_readers(S, model, sg, quantized)
     missing = sorted(set(quantized) - set(rewritten))
     if missing:
         raise ValueError(f"tflite: no matmul reads {', '.join(missing[:5])}"
                          f"{' …' if len(missing) > 5 else ''}; cannot quantize them")
     return {"quantized_matmuls": sum(rewritten.values()), "quantized_weights": len(rewritten)}
+
+
+def _quantize_tensor(S, model, sg, w, name, q, shape, scale_buffers, sources, new_data) -> None:
+    """Gives the int8 constant `w` (a matmul's [N, K] weight) the quantization of `q`: int8
+    per-channel scales, or int4 blockwise with its fp16 scales in a tensor of their own (one
+    buffer per weight, shared by the signatures that read it)."""
+    N, K = shape
+    if w.type != S.TensorType.INT8:
+        raise ValueError(f"tflite: {name}: constant of type {w.type}, expected int8")
+    if q.kind == "int8":
+        w.quantization = S.QuantizationParametersT(
+            scale=np.asarray(q.scale, np.float32),
+            zeroPoint=np.zeros(N, np.int64), quantizedDimension=0)
+    elif q.kind == "int4":
+        if tuple(int(d) for d in w.shape) == (N, K // 2):
+            w.shape = np.asarray([N, K], np.int32)        # packed: two values a byte
+        if name not in scale_buffers:
+            model.buffers.append(S.BufferT())
+            scale_buffers[name] = len(model.buffers) - 1
+            sources.append(None)
+            new_data[scale_buffers[name]] = np.ascontiguousarray(q.scale, np.float16)
+        st = S.TensorT(shape=np.asarray(q.scale.shape, np.int32), type=S.TensorType.FLOAT16,
+                       buffer=scale_buffers[name], name=(w.name + b"_scales"))
+        sg.tensors.append(st)
+        details = S.BlockwiseQuantizationT()
+        details.scales, details.zeroPoints, details.blockSize = \
+            len(sg.tensors) - 1, -1, q.block
+        w.type = S.TensorType.INT4
+        w.quantization = S.QuantizationParametersT(
+            detailsType=S.QuantizationDetails.BlockwiseQuantization, details=details,
+            quantizedDimension=0)
+    else:
+        raise ValueError(f"tflite: {name}: unknown quantization {q.kind!r}")
+    if tuple(int(d) for d in w.shape) != (N, K):
+        raise ValueError(f"tflite: {name}: stored {list(w.shape)}, the matmul reads "
+                         f"[{N}, {K}]")
+
+
+def _check_readers(S, model, sg, quantized) -> None:
+    """Nothing but a matmul (or the embedding lookup) may read a quantized weight."""
+    allowed = (S.BuiltinOperator.FULLY_CONNECTED, S.BuiltinOperator.GATHER,
+               S.BuiltinOperator.GATHER_ND)
+    for op in sg.operators:
+        for i in op.inputs:
+            name = _param_of(sg.tensors[i]) if i >= 0 else None
+            if name in quantized and _opcode(model, op) not in allowed:
+                raise ValueError(f"tflite: {name} is read by an op other than a matmul; "
+                                 f"cannot quantize it")
 
 
 def _write(S, model, mm, sources, new_data, dst: Path) -> None:
