@@ -334,9 +334,11 @@ def assert_stores_gguf_values(art_dir: Path, gguf_path: Path, pairs: dict) -> No
 
 def gguf_dequantized(path: Path, names) -> dict:
     """GGUF tensor name -> float32 [out, in] as `gguf` itself dequantizes it (the oracle for kept
-    blocks)."""
+    blocks). The tensor table is read by the loader's reader (test_loaders holds it to gguf's
+    own, which takes 10 s over the real model's vocabulary)."""
     import gguf
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    from compile.checkpoints.gguf import _open
+    tensors = {t.name: t for t in _open(Path(path)).tensors}
     return {n: gguf.quants.dequantize(tensors[n].data, tensors[n].tensor_type).reshape(
                 tuple(int(d) for d in reversed(tensors[n].shape))) for n in names}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from compile import checkpoints
-from compile.checkpoints.gguf import config_from_gguf
+from compile.checkpoints.gguf import _open as open_gguf, config_from_gguf
 from compile.checkpoints.hf import config_from_hf
 from compile.config import FAMILIES, VARIANTS, get_variant
 from helpers import (GEMMA4_TINY, TINY_VARIANTS, hf_config, write_gguf_from_hf, write_gguf_metadata,
@@ -37,7 +37,7 @@ def test_registry_variant_from_either_format(variant, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from_gguf = config_from_gguf(gguf.GGUFReader(str(path)), path)
+    from_gguf = config_from_gguf(open_gguf(path), path)
     assert from_hf == cfg
     assert from_gguf == cfg
 
@@ -107,7 +107,7 @@ def test_gemma4_gguf_with_a_scaled_rope_is_refused_by_name(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(checkpoints.CheckpointError, match="rope_freqs holds factors other than 1"):
-        config_from_gguf(gguf.GGUFReader(str(path)), path)
+        config_from_gguf(open_gguf(path), path)
 
 
 def test_gguf_with_a_bpe_vocabulary_is_refused_not_mistokenized(tmp_path):
@@ -119,3 +119,31 @@ def test_gguf_with_a_bpe_vocabulary_is_refused_not_mistokenized(tmp_path):
     write_gguf_from_hf(hf_model, cfg, tmp_path / "m.gguf", vocab_kind="gemma4")
     with pytest.raises(checkpoints.CheckpointError, match="tokenizer.ggml.model is 'gemma4'"):
         checkpoints.load(tmp_path / "m.gguf")
+
+
+def test_checked_reader_reads_what_ggufs_own_reader_reads(tmp_path):
+    """The loader's reader (one pass per array, plain views of the mapped file) gives gguf's
+    reader's fields, part for part, and its tensors: on a Gemma 4 file (strings, float and int
+    token arrays, per-layer int and bool arrays, a chat template)."""
+    import gguf
+    from compile.checkpoints.gguf import _reader_class
+    cfg = get_variant("gemma4-26b-a4b-tiny")
+    hf_model = write_hf_checkpoint(cfg, tmp_path / "hf")
+    write_gguf_from_hf(hf_model, cfg, tmp_path / "m.gguf", chat_template="{{ messages }}")
+    ours, theirs = _reader_class()(tmp_path / "m.gguf"), gguf.GGUFReader(tmp_path / "m.gguf")
+    assert list(ours.fields) == list(theirs.fields)
+    kinds = set()
+    for name, a in ours.fields.items():
+        b = theirs.fields[name]
+        assert (a.offset, a.name, a.types, a.data) == (b.offset, b.name, b.types, b.data), name
+        assert len(a.parts) == len(b.parts), name
+        for x, y in zip(a.parts, b.parts):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+        assert a.contents() == b.contents(), name
+        kinds.add(tuple(a.types))
+    assert {(gguf.GGUFValueType.ARRAY, t) for t in (gguf.GGUFValueType.STRING,
+            gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.INT32)} <= kinds
+    assert [(t.name, t.tensor_type) for t in ours.tensors] == \
+        [(t.name, t.tensor_type) for t in theirs.tensors]
+    for x, y in zip(ours.tensors, theirs.tensors):
+        np.testing.assert_array_equal(x.data, y.data)
