@@ -8,6 +8,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _share_jax_compilations() -> None:
+    """One persistent JAX compilation cache for the session's processes (both pytest-xdist
+    workers and every CLI they start), in this source tree's generation of the artifact cache:
+    the same program (a tiny variant's reference forward, a signature the runtime loads) is
+    compiled once, not once per test, process and worker (12% of the suite's CPU time). XLA
+    keys each entry by the program, the compile options and the versions, so a hit is the
+    executable a compile would have given. Set before JAX is imported; the runtime uses a
+    configured cache instead of the artifact's own `xla/jax_cache/` (test_info_cache.py checks
+    that default in a process without it)."""
+    from artifacts import generation
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(generation() / "jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_share_jax_compilations()
+
 TINY_LENGTHS = (4, 8)
 TINY_CONTEXT = 64
 
@@ -54,6 +72,41 @@ def tiny_artifacts(tiny_export):
 def real_gguf() -> Path:
     from compile.checkpoints import default_checkpoint
     return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def transformers_gguf(real_gguf):
+    """() -> (tokenizer, model in eval mode): the oracle, transformers' own reading of the real
+    GGUF (its dequantization, its tokenizer conversion), a fresh fp32 model at each call (PEFT
+    wraps the one it is given). transformers reads the GGUF once for the suite (~50 s); what it
+    read (its state dict, its config without the GGUF origin, its tokenizer's own files) is kept
+    in the artifact cache and read back from there (~4 s)."""
+    from artifacts import cached
+    import transformers
+
+    def make(out: Path):
+        import json
+        import torch
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        d, name = str(real_gguf.parent), real_gguf.name
+        out.mkdir(parents=True)
+        AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+        save_model(model, str(out / "model.safetensors"))   # save_pretrained refuses a GGUF's
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config))
+        model.generation_config.save_pretrained(out)
+    saved = cached("transformers-gguf", {"gguf": str(real_gguf), "bytes": real_gguf.stat().st_size,
+                                         "transformers": transformers.__version__}, make)
+
+    def get():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return (AutoTokenizer.from_pretrained(saved),
+                AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval())
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -6,24 +6,28 @@ import sys
 from conftest import ROOT
 
 
-def _py(*args):
+def _py(*args, env=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_second_start_compiles_nothing(tiny_artifacts, tmp_path):
+    """The runtime's own cache, as a user's process has it: the suite's shared compilation
+    cache (conftest) is not set in this one."""
+    import os
     import shutil
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     art = tmp_path / "art"
     shutil.copytree(tiny_artifacts("gemma-2b-tiny"), art)
     code = ("import sys, runtime; g = runtime.load(sys.argv[1], target='xla');"
             "print(g.backend.cache_dir); print(g.generate('the cat', max_new_tokens=3))")
-    first = _py("-c", code, str(art))
+    first = _py("-c", code, str(art), env=env)
     assert first.returncode == 0, first.stderr
     cache = art / "xla" / "jax_cache"
     assert first.stdout.splitlines()[0] == str(cache)
     entries = sorted(p.name for p in cache.iterdir())
     assert len(entries) >= 3                       # prefill_4, decode and the cache zeros
-    second = _py("-c", code, str(art))
+    second = _py("-c", code, str(art), env=env)
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in cache.iterdir()) == entries    # every executable was a hit
     assert second.stdout == first.stdout

@@ -28,16 +28,13 @@ def _adapter_id() -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(real_gguf):
+def trained(transformers_gguf):
     """(PEFT model in eval mode, its tokenizer, the adapter directory). The adapter was trained
     with PEFT on this GGUF for 25 Adam steps (lr 3e-3, seed 0; r 8, alpha 16 on q/v/o/down) on
     PROMPT + TARGET and is committed (tests/data/lora-france, ~4 MB), so its greedy continuation
     says Berlin; PEFT loads it onto transformers' reading of the GGUF as the oracle."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, name = str(real_gguf.parent), real_gguf.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    tok, model = transformers_gguf()
     pm = PeftModel.from_pretrained(model, str(ADAPTER)).eval()
     return pm, tok, ADAPTER
 

@@ -25,13 +25,8 @@ MIXED_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def hf(real_gguf):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, name = str(real_gguf.parent), real_gguf.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
+def hf(transformers_gguf):
+    return transformers_gguf()
 
 
 def test_tokenizer_matches_gguf_vocabulary(real_artifacts, hf):
