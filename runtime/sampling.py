@@ -33,8 +33,21 @@ def check_seed(seed):
     return int(seed)
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model gave NaN or infinite logits: no token can be chosen from them (argmax would
+    pick token 0, sampling fails on NaN probabilities)."""
+
+
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+    finite = np.isfinite(logits)
+    if not finite.all():
+        nan = int(np.isnan(logits).sum())
+        inf = int(finite.size - finite.sum()) - nan
+        raise NonFiniteLogits(
+            f"the model produced non-finite logits ({nan} NaN and {inf} infinite of "
+            f"{finite.size}): its weights, or an adapter at this scale, overflow float32; no "
+            f"token was chosen from them")
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature

@@ -80,6 +80,28 @@ _FIELDS = {   # field -> (accepted types, description for the error)
 }
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing (sent by
+# clients that fill in every default). Any other value is refused by name: answering as if the
+# field were absent would give the client something other than what it asked for.
+_UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+    "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _refuse_unsupported(req: dict) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        value = req.get(name)
+        if not any(value == v and type(value) is not bool or value is v for v in neutral):
+            raise RequestError(f"'{name}' is not supported by this server (got "
+                               f"{json.dumps(value)[:60]}); omit it: an answer that ignored it "
+                               f"would not be what was asked for", param=name,
+                               code="unsupported_parameter")
+
+
 def _text_ok(value, name: str) -> None:
     """Strings the tokenizer can take: valid Unicode (JSON can carry lone surrogates)."""
     texts = [value] if isinstance(value, str) else []
@@ -187,6 +209,7 @@ def _sampling(req: dict) -> dict:
 def parse_request(body: bytes, chat: bool, gen, served: tuple[str, ...] = ()) -> dict:
     """The generation a completion request asks for, every field checked (RequestError)."""
     req = _json_object(body)
+    _refuse_unsupported(req)
     adapter, lora_scale = _adapter(req, gen, served)
     key = "messages" if chat else "prompt"
     if req.get(key) is None:
@@ -610,14 +633,21 @@ def _seconds(text: str) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.serve",
                                 description="OpenAI-compatible HTTP server for a gemma-aot artifact.")
-    p.add_argument("--artifacts", required=True)
-    p.add_argument("--target", default="auto")
+    p.add_argument("--artifacts", required=True,
+                   help="the artifact directory (what compile.export wrote: manifest.json and "
+                        "one folder per target)")
+    p.add_argument("--target", default="auto",
+                   help="which of its targets to serve (xla, xla-tpu, tflite, onnx); default: "
+                        "auto, the one that suits this machine (runtime.info shows the choice)")
     p.add_argument("--adapter", default=None,
                    help="the run-time LoRA adapter for requests that name no model (default: "
                         "the base); every adapter of the artifact is served as "
                         "'<variant>:<adapter>' either way")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; any other "
+                        "address requires --api-key)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000,
+                   help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--max-concurrent", type=_int_in(1), default=4,
                    help="generations running at once (default 4)")
     p.add_argument("--max-queue", type=_int_in(0), default=16,

@@ -385,3 +385,19 @@ def test_benchmark_pairs_a_slotted_artifact_with_its_own_plain_base():
     same = {**other_model, "base_id": "a"}
     assert _plain_of(slotted, [slotted, other_model, other_quant, other_target]) is None
     assert _plain_of(slotted, [slotted, other_model, other_quant, other_target, same]) is same
+
+
+def test_an_adapter_scale_that_overflows_is_an_error_not_token_0(slotted):
+    """An adapter scaled until float32 overflows gives NaN or infinite logits: generating from
+    them fails saying so, greedy or sampled (argmax would emit token 0 as if it were text)."""
+    import runtime
+    from runtime.sampling import NonFiniteLogits
+    _, tokens, _, art = slotted
+    gen = runtime.load(art, target="xla")
+    ids = [int(t) for t in tokens[:5]]
+    assert len(list(gen.stream_ids(ids, max_new_tokens=2, adapter="wide"))) == 2
+    for temperature in (0.0, 1.0):
+        with pytest.raises(NonFiniteLogits, match=r"non-finite logits \(\d+ NaN and \d+ infinite "
+                                                  r"of 512\).*no token was chosen"):
+            list(gen.stream_ids(ids, max_new_tokens=2, temperature=temperature, adapter="wide",
+                                adapter_scale=1e30))

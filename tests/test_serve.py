@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, over real HTTP on loopback."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -157,6 +158,29 @@ def test_concurrent_clients(server):
      "'stream_options.include_usage' must be a boolean"),
     ("/v1/completions", None, b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413,
      "over the limit of 1048576"),
+    # OpenAI fields not implemented here: refused by name, never answered as if absent
+    ("/v1/completions", {"prompt": "x", "logprobs": 5}, None, 400,
+     "'logprobs' is not supported by this server (got 5); omit it"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 2}, None, 400, "'logprobs' is not supported"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, None, 400, "'echo' is not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, None, 400, "'best_of' is not supported"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, None, 400, "'suffix' is not supported"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, None, 400,
+     "'presence_penalty' is not supported"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -1}, None, 400,
+     "'frequency_penalty' is not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, None, 400,
+     "'logit_bias' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]},
+     None, 400, "'tools' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tool_choice": "required"}, None, 400,
+     "'tool_choice' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, None, 400,
+     "'response_format' is not supported"),
 ])
 def test_bad_requests_get_4xx_and_server_survives(server, path, payload, raw, status, message):
     _, url, _ = server
@@ -279,6 +303,33 @@ def test_bursts_slowloris_and_api_key(tiny_artifacts):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_unsupported_fields_at_their_neutral_values_are_answered(server):
+    """Clients that send every OpenAI field with its default value are served as without them."""
+    _, url, _ = server
+    neutral = {"logprobs": None, "echo": False, "best_of": 1, "suffix": "",
+               "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    plain = {"prompt": "the cat", "max_tokens": 3, "temperature": 0}
+    got, body = _post(url + "/v1/completions", {**plain, **neutral})
+    assert got == 200, body
+    _, want = _post(url + "/v1/completions", plain)
+    assert json.loads(body)["choices"] == json.loads(want)["choices"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
+            "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+    got, body = _post(url + "/v1/chat/completions", chat)
+    assert got == 200, body
+
+
+def test_serve_help_explains_every_flag():
+    from helpers import cli
+    r = cli("runtime.serve", "--help")
+    assert r.returncode == 0
+    flags = re.findall(r"^  (--[a-z-]+)", r.stdout, re.M)
+    assert {"--artifacts", "--target", "--host", "--port"} <= set(flags)
+    # every flag's entry has a text after its name (argparse puts it on the same or next line)
+    entries = re.split(r"\n  (?=-)", r.stdout.split("options:", 1)[1])
+    assert all(len(e.split()) > 2 for e in entries if e.strip()), entries
 
 
 def test_serve_cli_reports_bad_artifacts(tmp_path):

@@ -228,3 +228,12 @@ def test_int_blocks_scale_search_finds_a_coarser_grid_and_never_loses():
            for k in (False, True)}
     assert (err[True] <= err[False]).all() and err[True].sum() < 0.9 * err[False].sum()
     assert np.abs(int_blocks(w, 8, 32, search=True)[0]).max() <= 127   # nothing clipped
+
+
+def test_sampling_refuses_non_finite_logits():
+    for bad, counts in (([0.0, np.nan, 1.0], "1 NaN and 0 infinite of 3"),
+                        ([np.inf, 0.0, -np.inf, np.nan], "1 NaN and 2 infinite of 4")):
+        for temperature in (0.0, 0.7):
+            with pytest.raises(sampling.NonFiniteLogits, match=counts):
+                sampling.sample(np.array(bad, np.float32), temperature)
+    assert sampling.sample(np.array([0.0, 3.0, 1.0], np.float32)) == 1
