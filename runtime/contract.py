@@ -537,6 +537,18 @@ def _need(d, key: str, types, where: str, what: str):
     return v
 
 
+def _inside(d, key: str, where: str) -> str:
+    """A path field: relative, in '/' form, without '..', so that it names a file inside the
+    artifact directory (a manifest must not make the runtime read /etc/... or a sibling)."""
+    v = _need(d, key, str, where, "a string")
+    parts = v.split("/")
+    if not v or v.startswith("/") or "\\" in v or ":" in parts[0] or ".." in parts \
+            or "" in parts:
+        raise ManifestError(f"field '{where}{key}' must be a relative path inside the artifact "
+                            f"directory, got {_short(v)}")
+    return v
+
+
 def _short(v) -> str:
     import json
     try:
@@ -589,7 +601,7 @@ def _check_model(data) -> dict:
 
 def _check_tokenizer(data) -> None:
     tok = _need(data, "tokenizer", dict, "", "an object")
-    _need(tok, "file", str, "tokenizer.", "a string")
+    _inside(tok, "file", "tokenizer.")
     _need(tok, "sha256", str, "tokenizer.", "a string")
     for key in TOKENIZER_IDS:
         _need(tok, key, int, "tokenizer.", "an integer token id")
@@ -653,7 +665,7 @@ def _check_adapters(data, sigs: dict) -> None:
             raise ManifestError(f"field '{ADAPTERS}': {why}")
         if not isinstance(rec, dict):
             raise ManifestError(f"field '{ADAPTERS}.{name}' must be an object, got {_short(rec)}")
-        _need(rec, "path", str, where, "a string")
+        _inside(rec, "path", where)
         _need(rec, "sha256", str, where, "a string")
         _need(rec, "bytes", int, where, "an integer")
         r = _need(rec, "rank", int, where, "an integer")
@@ -670,13 +682,13 @@ def _check_artifacts(data) -> None:
         where = f"artifacts.{target}."
         if not isinstance(rec, dict):
             raise ManifestError(f"field 'artifacts.{target}' must be an object, got {_short(rec)}")
-        _need(rec, "dir", str, where, "a string")
+        _inside(rec, "dir", where)
         files = _need(rec, "files", dict, where, "an object")
         for role, f in files.items():
             fw = f"{where}files.{role}."
             if not isinstance(f, dict):
                 raise ManifestError(f"field '{where}files.{role}' must be an object")
-            _need(f, "path", str, fw, "a string")
+            _inside(f, "path", fw)
             _need(f, "sha256", str, fw, "a string")
             _need(f, "bytes", int, fw, "an integer")
         form = rec.get("cache_outputs", FULL)

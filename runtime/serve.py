@@ -630,7 +630,7 @@ def _seconds(text: str) -> float:
     return v
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.serve",
                                 description="OpenAI-compatible HTTP server for a gemma-aot artifact.")
     p.add_argument("--artifacts", required=True,
@@ -660,6 +660,11 @@ def main(argv=None) -> int:
     p.add_argument("--drain-timeout", type=_seconds, default=60.0,
                    help="on SIGTERM, seconds to let in-flight requests finish (default 60)")
     integrity.add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:

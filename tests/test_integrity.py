@@ -108,3 +108,25 @@ def test_auto_does_not_fall_back_past_a_tampered_artifact(tmp_path, user_cache, 
     _flip(target_file, 0)
     with pytest.raises(runtime.ArtifactError, match="does not match the sha256"):
         runtime.load(out)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tokenizer.file", "../tok"),
+    ("artifacts.xla.files.weights.path", "../x.safetensors"),
+    ("artifacts.xla.files.weights.path", "/etc/hostname"),
+    ("artifacts.xla.files.decode.path", "xla/../../decode.jaxexport"),
+    ("artifacts.xla.dir", "/tmp"),
+])
+def test_manifest_paths_outside_the_artifact_are_refused(art, field, value):
+    """Every path a manifest names stays inside its directory: one that leaves it (.., an
+    absolute path) is refused by field before anything is read."""
+    m = json.loads((art / "manifest.json").read_text())
+    *parents, key = field.split(".")
+    d = m
+    for k in parents:
+        d = d[k]
+    d[key] = value
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(runtime.ArtifactError, match=rf"field '{field}' must be a relative path "
+                                                    rf"inside the artifact directory, got "):
+        runtime.load(art)
