@@ -307,6 +307,14 @@ def _report(ck, names, out: Path, manifest: dict, seconds: float) -> None:
     print(f"  {out / ct.MANIFEST_FILE}")
 
 
+def _close_bars() -> None:
+    """Ends the progress bars an error interrupted, left as they stopped, so that the error's
+    message starts a line of its own instead of continuing a bar's."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        bar.close()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     publish.on_sigterm(lambda: out)
@@ -325,10 +333,12 @@ def main(argv=None) -> int:
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:
+        _close_bars()
         print("\nerror: interrupted; nothing was published"
               + (f" ({out} is as it was)" if out else ""), file=sys.stderr)
         return 130
     except OSError as e:
+        _close_bars()
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             print(f"error: could not write {e.filename or out}: {e.strerror} (the disk, your "
                   f"quota or the file size limit is full); nothing was published"
@@ -337,6 +347,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, ExportError, ValueError, KeyError) as e:
+        _close_bars()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1

@@ -374,6 +374,9 @@ def test_sigterm_and_a_full_disk_publish_nothing(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "error: could not write " in r.stderr and "File too large (the disk, your quota or " \
         "the file size limit is full); nothing was published" in r.stderr, r.stderr
+    # on a line of its own, not at the end of the progress bar the failure interrupted
+    assert any(line.startswith("error: could not write ") for line in r.stderr.splitlines()), \
+        r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists()
     assert not list(tmp_path.glob(".art.partial-*"))
 
