@@ -38,24 +38,34 @@ class NonFiniteLogits(RuntimeError):
     pick token 0, sampling fails on NaN probabilities)."""
 
 
+def _non_finite(logits: np.ndarray):
+    nan = int(np.isnan(logits).sum())
+    inf = int(np.isinf(logits).sum())
+    raise NonFiniteLogits(
+        f"the model produced non-finite logits ({nan} NaN and {inf} infinite of {logits.size}): "
+        f"its weights, or an adapter at this scale, overflow float32; no token was chosen from "
+        f"them")
+
+
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
-    finite = np.isfinite(logits)
-    if not finite.all():
-        nan = int(np.isnan(logits).sum())
-        inf = int(finite.size - finite.sum()) - nan
-        raise NonFiniteLogits(
-            f"the model produced non-finite logits ({nan} NaN and {inf} infinite of "
-            f"{finite.size}): its weights, or an adapter at this scale, overflow float32; no "
-            f"token was chosen from them")
+    """A token id from one logits vector. NaN or +inf logits raise NonFiniteLogits, checked at
+    no cost per token: argmax stops at the first NaN and +inf wins it; the max that sampling
+    subtracts is NaN or +inf when any logit is."""
     if temperature == 0:
-        return int(np.argmax(logits))
+        token = int(np.argmax(logits))
+        if not math.isfinite(float(logits[token])):
+            _non_finite(logits)
+        return token
     z = logits.astype(np.float64) / temperature
-    if top_k:
+    top = z.max()
+    if not math.isfinite(top):
+        _non_finite(logits)
+    if top_k:   # the largest logit stays, so `top` is still the max
         k = min(top_k, z.size)
         kth = np.partition(z, -k)[-k]
         z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
+    p = np.exp(z - top)
     p /= p.sum()
     if top_p is not None and top_p < 1:
         order = np.argsort(-p)

@@ -236,4 +236,6 @@ def test_sampling_refuses_non_finite_logits():
         for temperature in (0.0, 0.7):
             with pytest.raises(sampling.NonFiniteLogits, match=counts):
                 sampling.sample(np.array(bad, np.float32), temperature)
+    with pytest.raises(sampling.NonFiniteLogits, match="1 NaN and 0 infinite of 4"):
+        sampling.sample(np.array([0.0, np.nan, 1.0, 2.0], np.float32), 1.0, top_k=3)
     assert sampling.sample(np.array([0.0, 3.0, 1.0], np.float32)) == 1
