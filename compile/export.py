@@ -329,6 +329,8 @@ def main(argv=None) -> int:
             targets.check_options(targets.get(n), options)
         from tqdm import tqdm
         t0 = time.perf_counter()
+        if args.out:   # refused before the checkpoint loads when another export holds it
+            publish.check_free(Path(args.out))
         ck, contract, out = _checkpoint_and_contract(args, tqdm)
         manifest = export(ck, contract, names, out, options, progress=tqdm,
                           log=lambda m: print(m, file=sys.stderr))

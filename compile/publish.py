@@ -81,6 +81,32 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _busy(out: Path, fd: int):
+    """Raises the error for `out`'s lock, held by another export (closes `fd`)."""
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+    os.close(fd)
+    raise PublishError(f"another export is writing {out} ({holder}); wait for it to finish or "
+                       f"choose another --out") from None
+
+
+def check_free(out: Path) -> None:
+    """Fails at once when another export holds `out`'s lock, so that a command refuses before
+    its slow work (loading a checkpoint) rather than after it. Only a probe: `locked` still
+    takes the lock, so an export starting in between is caught there."""
+    import fcntl
+    path = out.parent / f".{out.name}{LOCK_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return   # no lock file (or none we can read): nobody holds it, or `locked` will say
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _busy(out, fd)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def locked(out: Path, log):
     """Holds `.{out.name}.lock` beside `out` (an flock: released when the process ends, however
@@ -98,10 +124,7 @@ def locked(out: Path, log):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
-            os.close(fd)
-            raise PublishError(f"another export is writing {out} ({holder}); wait for it to "
-                               f"finish or choose another --out") from None
+            _busy(out, fd)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break

@@ -87,14 +87,17 @@ class Manifest:
         return self.root / rel
 
     def check_files(self, target: str, verify_hash: bool = False, use_cache: bool = True,
-                    log=None) -> None:
-        """Every file of the artifact exists with its recorded size; with `verify_hash`, it and
-        the tokenizer have their recorded sha256 (`runtime.integrity`; `use_cache`: trust the
-        user's record of files verified before and unchanged since)."""
-        files = [self.present(f, f"{target} artifact")
-                 for f in self.artifact(target)["files"].values()]
+                    log=None, roles=None) -> None:
+        """Every file of the artifact exists with its recorded size; with `verify_hash`, the
+        files of `roles` (None: all; a backend names the ones it reads, so that loading a tflite
+        artifact does not hash the `.litertlm` bundle it never opens) have their recorded sha256
+        (`runtime.integrity`; `use_cache`: trust the user's record of files verified before and
+        unchanged since)."""
+        files = {role: self.present(f, f"{target} artifact")
+                 for role, f in self.artifact(target)["files"].items()}
         if verify_hash:
-            self.verify(files, use_cache, log, what=f"{target} artifact")
+            self.verify([f for role, f in files.items() if roles is None or role in roles],
+                        use_cache, log, what=f"{target} artifact")
 
     def present(self, record: dict, what: str) -> tuple[Path, str]:
         """(path, sha256) of a file record ({"path", "sha256", "bytes"}), after checking that the

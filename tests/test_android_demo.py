@@ -71,6 +71,9 @@ def tiny_bundle(tmp_path_factory):
                         "--out", str(tmp / "art"), "--android-demo", str(tmp / "model")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the converter's and LiteRT's own logging (absl, accelerator registry) is not shown
+    assert not [line for line in r.stderr.splitlines()
+                if line.startswith(("INFO:", "WARNING:", "I0000", "W0000"))], r.stderr
     bundle = tmp / "model" / "gemma3-270m-tiny-int8.litertlm"
     assert (f"adb push {bundle} /sdcard/Android/data/dev.gemmaaot.chat/files/"
             f"gemma3-270m-tiny-int8.litertlm") in r.stdout

@@ -335,6 +335,11 @@ def test_one_export_per_directory_and_stale_stages_are_removed(tmp_path):
     assert r.returncode == 1, r.stderr
     assert f"error: another export is writing {out} (pid {os.getpid()}, started " in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+    # before the checkpoint loads: a checkpoint that is not there is not even looked for
+    with publish.locked(out, log=lambda m: None):
+        r = cli("compile.export", "--checkpoint", tmp_path / "no.gguf", "--out", out)
+    assert r.returncode == 1 and \
+        r.stderr.startswith(f"error: another export is writing {out} (pid "), r.stderr
 
     stale = tmp_path / ".art.partial-4194304"        # a pid no live export holds
     (stale / "xla").mkdir(parents=True)

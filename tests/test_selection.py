@@ -140,6 +140,37 @@ def test_cpu_artifacts_load_without_starting_jax(every_target):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split() == [target, "False"]
+        # LiteRT's ~40 lines of accelerator registry (load, first write, exit) are not shown
+        assert r.stderr == "", r.stderr[-2000:]
+
+
+def test_tflite_load_hashes_only_what_it_reads(every_target, tmp_path, monkeypatch):
+    """The runtime never opens the `.litertlm` bundle (LiteRT-LM's and the app's): loading the
+    tflite artifact checks its size but does not hash its hundreds of MB; the model it reads
+    is hashed, and `runtime.sign` still verifies every file."""
+    from artifacts import copy_of
+    from helpers import cli
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "user-config"))
+    monkeypatch.delenv("GEMMA_AOT_SIGNING_KEY", raising=False)
+    art = copy_of(every_target, tmp_path / "art")
+    files = json.loads((art / "manifest.json").read_text())["artifacts"]["tflite"]["files"]
+    bundle, model = art / files["litertlm"]["path"], art / files["model"]["path"]
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bundle.write_bytes(bytes(data))
+    assert runtime.load(art, target="tflite").generate("the cat", max_new_tokens=2) is not None
+    r = cli("runtime.sign", "--artifacts", art, "--new-key")
+    assert r.returncode == 1 and f"{bundle.name} does not match the sha256" in r.stderr, r.stderr
+    bundle.write_bytes(data[:-1])
+    with pytest.raises(runtime.ArtifactError, match=f"{bundle.name} has {len(data) - 1} bytes"):
+        runtime.load(art, target="tflite")
+    bundle.write_bytes(bytes(data))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(runtime.ArtifactError, match=f"{model.name} does not match the sha256"):
+        runtime.load(art, target="tflite")
 
 
 def test_export_target_auto_suits_the_machine():

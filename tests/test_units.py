@@ -239,3 +239,25 @@ def test_sampling_refuses_non_finite_logits():
     with pytest.raises(sampling.NonFiniteLogits, match="1 NaN and 0 infinite of 4"):
         sampling.sample(np.array([0.0, np.nan, 1.0, 2.0], np.float32), 1.0, top_k=3)
     assert sampling.sample(np.array([0.0, 3.0, 1.0], np.float32)) == 1
+
+
+def test_native_log_noise_is_dropped_and_errors_are_kept(capfd):
+    """What LiteRT and TensorFlow log on fd 2 while a model loads: their INFO/WARNING lines are
+    dropped; an ERROR line and what Python printed meanwhile reach stderr, in order."""
+    import os
+    import sys
+    from runtime.backends.base import quiet_native_logs
+    noise = ("INFO: [environment.cc:36] Creating LiteRT environment with options\n"
+             "WARNING: [npu_registry.cc:34] NPU accelerator could not be loaded\n"
+             "└ Could not load shared library libLiteRtCompilerPlugin_IntelOpenvino.so\n"
+             "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+             "WARNING: All log messages before absl::InitializeLog() is called are written to "
+             "STDERR\n"
+             "I0000 00:00:1796649698.558149    6170 port.cc:153] oneDNN custom operations are on.\n")
+    with quiet_native_logs():
+        os.write(2, noise.encode())
+        print("python says", file=sys.stderr)
+        os.write(2, b"ERROR: [compiled_model.cc:12] model is broken\n")
+    assert capfd.readouterr().err == "python says\nERROR: [compiled_model.cc:12] model is broken\n"
+    os.write(2, b"INFO: [environment.cc:36] after the block\n")   # only inside it
+    assert capfd.readouterr().err == "INFO: [environment.cc:36] after the block\n"

@@ -211,9 +211,11 @@ def convert(traced, consts: dict, path: Path, progress=None, quantized=None) -> 
     constant shared by several names (the int8 embedding: lookup and projection) is named after
     the one in `quantized`."""
     import jax
-    from litert_converter.mlir import ir, passmanager
-    from litert_converter.mlir.dialects import arith
-    from litert_converter.mlir._mlir_libs import converter_api_ext as conv
+    from runtime.backends.base import quiet_native_logs
+    with quiet_native_logs():   # loading TensorFlow's kernels logs absl and oneDNN INFO lines
+        from litert_converter.mlir import ir, passmanager
+        from litert_converter.mlir.dialects import arith
+        from litert_converter.mlir._mlir_libs import converter_api_ext as conv
 
     quantized = quantized or {}
     wspecs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in consts.items()}

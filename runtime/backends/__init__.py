@@ -109,11 +109,12 @@ def candidates(manifest: Manifest, target: str = "auto",
 
 
 def open_backend(manifest: Manifest, target: str, verify: bool = True, log=None, **options):
-    """Checks the artifact's files (sizes; sha256 with `verify`), then opens it. Options a
+    """Checks the artifact's files (sizes; with `verify`, the sha256 of those the backend reads:
+    its `reads` roles, or all), then opens it. Options a
     backend's constructor does not take (e.g. cache_dir for onnx) are ignored."""
     import inspect
-    manifest.check_files(target, verify_hash=verify, log=log)
     backend = getattr(_module(target), BACKENDS[target][1])
+    manifest.check_files(target, verify_hash=verify, log=log, roles=getattr(backend, "reads", None))
     accepted = inspect.signature(backend.__init__).parameters
     options = {**options, "verified": verify}   # xla-tpu: a seal vouches for checked files only
     return backend(manifest, manifest.artifact(target),

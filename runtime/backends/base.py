@@ -6,7 +6,9 @@ state is a value it creates, takes and returns, so one backend serves many gener
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,3 +63,48 @@ def writable_dir(preferred, name: str):
         except OSError:
             continue
     return None
+
+
+# What LiteRT and TensorFlow's C++ logging write straight to file descriptor 2 while loading a
+# model or converting one: its accelerator registry, vendor plugins that are not installed (an
+# OpenVINO plugin on every machine), the XNNPACK delegate, absl's INFO lines. Around 40 lines per
+# load, none of which a user can act on; ERROR and FATAL lines are kept.
+_NATIVE_NOISE = re.compile(
+    r"(INFO|WARNING): \[[\w.]+:\d+\] "            # LiteRT's logger: INFO: [environment.cc:36] …
+    r"|└ "                                         # …the continuation of a plugin's load failure
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")      # absl: I0000 00:00:… 4965 port.cc:153] …
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Runs the block with file descriptor 2 (where native libraries log) sent to a temporary
+    file, then writes back to stderr every line that is not `_NATIVE_NOISE`: errors and all that
+    Python printed meanwhile still reach the user, in order, after the block. Keep blocks short
+    (a model load, a conversion pass), since nothing written in them shows until they end."""
+    import sys
+    import tempfile
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no fd 2 (or interpreter shutdown)
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _NATIVE_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

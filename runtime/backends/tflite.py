@@ -21,12 +21,13 @@ per token: on the int8 Gemma 3 270M, 2 threads, that ran decode at 24 tok/s agai
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 
 from .. import contract as ct
-from .base import physical_cores, writable_dir
+from .base import physical_cores, quiet_native_logs, writable_dir
 
 TARGET = "tflite"
 
@@ -58,8 +59,34 @@ def _machine_key() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
 
 
+_exit_hook = []
+
+
+def _quiet_at_exit() -> None:
+    """LiteRT's process-wide environment is destroyed after Python has finished (a C++ static),
+    logging a line per accelerator below the program's last output. An exit hook, run after the
+    program and before that, points file descriptor 2 at /dev/null; what Python prints from then
+    on (warnings from later exit hooks) is lost with it."""
+    if _exit_hook:
+        return
+    import atexit
+    import sys
+
+    def hide():
+        try:
+            sys.stderr.flush()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+    atexit.register(hide)
+    _exit_hook.append(hide)
+
+
 class TfliteBackend:
     target = TARGET
+    reads = ("model",)   # the artifact's `.litertlm` is LiteRT-LM's and the Android app's
 
     def __init__(self, manifest, record: dict, num_threads: int | None = None,
                  cache_dir: str | bool | None = None):
@@ -78,10 +105,12 @@ class TfliteBackend:
         if self.weight_cache:
             options.cpu_options.xnnpack_weight_cache_path = self.weight_cache
         try:
-            self.model = CompiledModel.from_file(str(path), options=options)
+            with quiet_native_logs():   # ~40 lines of LiteRT's accelerator registry per load
+                self.model = CompiledModel.from_file(str(path), options=options)
             names = set(self.model.get_signature_list())
         except Exception as e:   # the bindings raise RuntimeError/ValueError subclasses variously
             raise RuntimeError(f"LiteRT cannot load {path}: {e}") from e
+        _quiet_at_exit()
         missing = [s.name for s in manifest.contract.signatures() if s.name not in names]
         if missing:
             raise RuntimeError(f"{path} lacks signatures {missing} that the manifest lists")
@@ -94,8 +123,21 @@ class TfliteBackend:
                              self.model.create_input_buffer_by_name(s.name, ct.INPUT_POS))
                     for s in contract.signatures()}
         self._logits = self.model.create_output_buffer_by_name(ct.DECODE, ct.LOGITS)
+        with quiet_native_logs():   # the first write creates LiteRT's process-wide environment
+            self._io[ct.DECODE][0].write(np.zeros((1, 1), np.int32))
         # (the LoRA signatures' logits have the decode's shape: one buffer serves both)
         self._lock = threading.Lock()
+
+    def __del__(self):
+        # freeing the model destroys its LiteRT environment, which logs each accelerator
+        model = self.__dict__.pop("model", None)
+        if model is not None:
+            try:
+                with quiet_native_logs():
+                    self.__dict__.clear()   # the buffers before the model that made them
+                    del model
+            except Exception:   # interpreter shutdown: modules may be gone
+                pass
 
     def new_state(self):
         """The generation's cache as LiteRT TensorBuffers, zeroed."""
