@@ -83,6 +83,46 @@ def test_gemma2_softcaps_follow_transformers_when_config_json_omits_them(tmp_pat
     assert cfg.attn_softcap is None
 
 
+GEMMA4_OMITTABLE = {"num_kv_shared_layers": ("num_kv_shared_layers",),
+                    "layer_types": ("layer_types", "per_layer_config"),   # it follows them
+                    "hidden_size_per_layer_input": ("hidden_size_per_layer_input",),
+                    "head_dim": ("head_dim",),
+                    "global_head_dim": ("global_head_dim", "per_layer_config"),
+                    "rope_parameters": ("rope_parameters",)}
+
+
+@pytest.mark.parametrize("variant", ["gemma4-e2b", "gemma4-e2b-tiny", "gemma4-26b-a4b-tiny"])
+def test_gemma4_config_json_without_a_field_means_what_transformers_reads(variant, tmp_path):
+    """A Gemma 4 config.json that omits a field means transformers' default for it: the config
+    we read equals the one we read from transformers' own reading of the same file."""
+    import transformers
+    d = hf_config(get_variant(variant)).to_dict()
+    for field, keys in GEMMA4_OMITTABLE.items():
+        less = {k: v for k, v in d.items() if k not in keys}
+        oracle = transformers.Gemma4TextConfig(**less).to_dict()
+        assert config_from_hf(less, tmp_path / "config.json") == \
+            config_from_hf(oracle, tmp_path / "config.json"), field
+
+
+def test_weights_that_do_not_fit_name_the_fields_config_json_omits(tmp_path):
+    """A field left to its default that is not the model's shows up as a tensor of the wrong
+    shape or a missing one: the error names the omitted fields as the likely cause."""
+    import json
+    write_hf_checkpoint(get_variant("gemma4-e2b-tiny"), tmp_path)
+    cfg = tmp_path / "config.json"
+    for field, keys in GEMMA4_OMITTABLE.items():
+        d = json.loads(cfg.read_text())
+        if field in ("num_kv_shared_layers", "head_dim"):   # the defaults (0, 256) do not fit
+            cfg.write_text(json.dumps({k: v for k, v in d.items() if k not in keys}))
+            with pytest.raises(checkpoints.CheckpointError,
+                               match=rf"(missing tensor|has shape).* — {cfg} does not state "
+                                     rf"{field}, so transformers' defaults were used; state this "
+                                     rf"model's values there"):
+                checkpoints.load(tmp_path)
+            cfg.write_text(json.dumps(d))
+    assert checkpoints.load(tmp_path).config.kv_shared_layers == 3
+
+
 def test_config_json_with_a_mistyped_field_names_it(tmp_path):
     d = hf_config(get_variant("gemma3-270m-tiny")).to_dict()
     with pytest.raises(checkpoints.CheckpointError,

@@ -80,3 +80,42 @@ def test_reference_on_disk_reads_back_what_the_reference_gives(tmp_path, monkeyp
     noisy = {"a": lambda w: quality.reference_chunks(contract, ck.params, w)}
     assert quality.evaluate_many(contract, ck.params, wins, noisy, reference=reference) == \
         quality.evaluate_many(contract, ck.params, wins, noisy)
+
+
+def test_gate_claims_llama_cpp_only_where_it_ran():
+    """The gate's limits and its message: llama.cpp's figures on the same weights where they are
+    recorded (the embedded 270M) or can be measured (another GGUF, llama-cpp-python installed);
+    fixed limits named as such where llama.cpp never ran on the weights."""
+    (sha, text, window), figures = next(iter(parity.LLAMA_CPP_RECORDED.items()))
+    assert text == quality.eval_sha256()            # recorded on the text the gate reads
+    gguf = {"format": "gguf", "path": "/m.gguf", "sha256": sha}
+    f = {"positions": 511, "top1": 0.89, "mean_kl": 0.03, "ppl_delta_rel": 0.02}
+
+    rule = parity.gate_rule(gguf, window, llama_cpp_installed=False)
+    assert rule["rule"] == "llama.cpp on the same weights" and not rule["measure"]
+    assert rule["limits"] == parity.limits_of(figures) and rule["llama_cpp"] == figures
+    assert rule["how"].startswith(f"recorded for this file (sha256 {sha[:12]}")
+    problems = parity.judge_quality(f, rule["limits"])
+    assert parity.quality_failure("tflite", f, problems, rule) == (
+        "tflite: on 511 tokens of the evaluation text top-1 agreement 89.0% (minimum 94.9%); "
+        "mean KL 0.0300 (maximum 0.0067); perplexity +2.00% (maximum +1.33%) — worse than "
+        "llama.cpp on the same weights; pass --accept-quality-loss to publish it anyway")
+
+    other = {**gguf, "sha256": "0" * 64}
+    assert parity.gate_rule(other, window, llama_cpp_installed=True)["measure"]
+    assert parity.gate_rule(gguf, window - 1, llama_cpp_installed=True)["measure"]  # another slice
+    for source, installed, why in [
+            (other, False, "llama-cpp-python is not installed to measure it on this GGUF"),
+            ({"format": "hf", "path": "/m"}, True,
+             "the checkpoint is not a GGUF file llama.cpp could run"),
+            ({**gguf, "lora": {"path": "/a"}}, True,
+             "an adapter was merged into the GGUF's weights")]:
+        rule = parity.gate_rule(source, window, installed)
+        assert rule["rule"] == "fixed limits" and rule["limits"] == parity.QUALITY_LIMITS
+        assert rule["llama_cpp"] is None and rule["how"].endswith(why)
+        msg = parity.quality_failure("onnx", f, ["top-1 agreement 89.0% (minimum 94.9%)"], rule)
+        assert "worse than llama.cpp on the same weights" not in msg
+        assert msg.endswith(
+            "— below the gate's fixed limits (llama.cpp's figures on the embedded Gemma 3 270M "
+            f"Q4_K_M; llama.cpp did not run on these weights: {why}); pass "
+            "--accept-quality-loss to publish it anyway"), msg

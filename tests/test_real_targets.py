@@ -137,6 +137,9 @@ def test_quality_gate_refuses_an_artifact_below_llama_cpp_unless_accepted(real_c
         r"to publish it anyway", failures[0]), failures
     q = manifest["artifacts"]["tflite"]["quality"]
     assert not q["passed"] and not q["accepted_loss"]
+    # what it was compared with: llama.cpp's figures recorded for this very file
+    assert q["rule"] == "llama.cpp on the same weights" and q["llama_cpp"] == parity.LLAMA_CPP_ON_SLICE
+    assert q["limits"] == parity.limits_of(q["llama_cpp"]) and "recorded for this file" in q["rule_how"]
     # the export that accepted the loss measured the same (the same artifact and reference)
     recorded = json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]["quality"]
     assert recorded["accepted_loss"] and not recorded["passed"]

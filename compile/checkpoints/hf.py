@@ -67,8 +67,8 @@ def config_from_hf(d: dict, path: Path) -> GemmaConfig:
             stated.pop(f, None)
     stated.setdefault("num_kv_heads", stated["num_heads"])
     try:
-        if stated.get("head_dim") is None:
-            stated["head_dim"] = stated["d_model"] // stated["num_heads"]
+        if stated.get("head_dim") is None:   # transformers' default in every Gemma config
+            stated["head_dim"] = 256
         if isinstance(stated.get("query_pre_attn_scalar"), int):
             stated["query_pre_attn_scalar"] = float(stated["query_pre_attn_scalar"])
         if "layer_types" in d and family > 1:
@@ -80,6 +80,28 @@ def config_from_hf(d: dict, path: Path) -> GemmaConfig:
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unusable config: {e}") from None
     return dataclasses.replace(cfg, name=match_variant(cfg))
+
+
+def omitted_fields(d: dict) -> list[str]:
+    """The architecture fields config.json leaves to transformers' defaults (which the loader
+    applies as transformers does): named when the weights do not fit, since a default that is
+    not the model's shows up as a tensor of the wrong shape, or none where one is expected."""
+    mt = d.get("model_type")
+    if mt in _MULTIMODAL and isinstance(d.get("text_config"), dict):
+        d, mt = d["text_config"], _MULTIMODAL[mt]
+    family = MODEL_TYPES.get(mt, 0)
+    fields = ["head_dim", "num_key_value_heads"]
+    if family >= 2:
+        fields += ["layer_types", "sliding_window"]
+    if family == 4:
+        fields += ["num_kv_shared_layers", "hidden_size_per_layer_input",
+                   "vocab_size_per_layer_input", "attention_k_eq_v", "use_double_wide_mlp"]
+    out = [f for f in fields if d.get(f) is None]
+    if family == 4 and d.get("global_head_dim") is None and d.get("per_layer_config") is None:
+        out.append("global_head_dim")
+    if d.get("rope_parameters") is None and d.get("rope_theta") is None:
+        out.append("rope_parameters")
+    return out
 
 
 def _layer_types(types, path: Path) -> tuple:
@@ -167,6 +189,10 @@ def _per_layer_config(per_layer, types: tuple, head_dim: int, kv: int, path: Pat
 def _rope(d: dict, family: int, path: Path) -> dict:
     """RoPE fields as transformers 5 (`rope_parameters`) or 4 (flat keys) states them."""
     rp = d.get("rope_parameters") or {}
+    if family == 4 and not rp and "rope_theta" not in d:   # transformers' Gemma 4 default
+        rp = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+              "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                 "rope_theta": 1_000_000.0}}
     if family < 3:
         theta = d.get("rope_theta", rp.get("rope_theta"))
         return {} if theta is None else {"rope_base_global": float(theta)}
@@ -340,9 +366,10 @@ def load_hf(path: Path, progress=None) -> Checkpoint:
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
     try:
-        cfg = config_from_hf(json.loads(cfg_file.read_text()), cfg_file)
+        stated = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
+    cfg = config_from_hf(stated, cfg_file)
     files = _weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weight files")
@@ -375,7 +402,15 @@ def load_hf(path: Path, progress=None) -> Checkpoint:
     # KV-shared layers' k/v projections, which transformers also ignores, and anything else
     # the config has no place for
     params = Params({n: t for n, t in tensors.items() if n in want})
-    check_params(cfg, params, path)
+    try:
+        check_params(cfg, params, path)
+    except CheckpointError as e:
+        omitted = omitted_fields(stated)
+        if omitted:
+            raise CheckpointError(f"{e} — {cfg_file} does not state {', '.join(omitted)}, so "
+                                  f"transformers' defaults were used; state this model's values "
+                                  f"there") from None
+        raise
     tok_file = path / "tokenizer.model"
     if not tok_file.exists():
         raise CheckpointError(f"{path}: no tokenizer.model (SentencePiece) file")
