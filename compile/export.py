@@ -91,7 +91,10 @@ def _manifest(ck: Checkpoint, contract: ct.Contract, tokenizer_file: str, tok_sh
 def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: Path,
            options: dict | None = None, progress=None, log=print) -> dict:
     """Writes (or adds to) the artifact directory `out`; returns its manifest. One export per
-    directory at a time (`publish.locked`)."""
+    directory at a time (`publish.locked`). A target that fails its parity check or the quality
+    gate is left out and the others are published; the returned manifest then has `refused`
+    (target -> why; not written to disk). When every target fails, or with
+    `options["all_or_nothing"]`, a failure raises ExportError and nothing is published."""
     import jax  # noqa: F401  (initialised before the targets' converters import it)
 
     options = dict(options or {})
@@ -152,25 +155,37 @@ def _export(ck, contract, mods, out: Path, options: dict, progress, log, seal_ke
             log(f"wrote {mod.NAME} artifact in {time.perf_counter() - t0:.1f}s")
             parity.release()   # the target's transient buffers, before the next one
         publish.write_json(stage / ct.MANIFEST_FILE, manifest)
+        refused = {}
         failures = parity.check(ck, contract, stage, manifest,
                                 {m.NAME: "none" if targets.exact(m, options, ck.params)
                                  else targets.quant(m, options) for m in mods}, log)
-        if failures:
-            raise ExportError("artifact parity check failed against the JAX reference: "
-                              + "; ".join(failures))
+        _refuse(failures, refused, mods, options, "artifact parity check failed against the "
+                                                  "JAX reference: ")
         runnable = [m.NAME for m in mods if "skipped" not in
-                    manifest["artifacts"][m.NAME].get("parity", {})]
+                    manifest["artifacts"][m.NAME].get("parity", {}) and m.NAME not in refused]
         failures = parity.quality_check(
             ck, contract, stage, manifest,
             [m.NAME for m in mods
              if not targets.exact(m, options, ck.params) and m.NAME in runnable],
             bool(options.get("accept_quality_loss")), log)
-        if failures:
-            raise ExportError("artifact quality check failed against the fp32 reference: "
-                              + "; ".join(failures))
+        _refuse(failures, refused, mods, options, "artifact quality check failed against the "
+                                                  "fp32 reference: ")
+        names = [m.NAME for m in mods if m.NAME not in refused]
+        for name in refused:   # the others are published without them
+            manifest["artifacts"].pop(name)
+            shutil.rmtree(stage / name)
+            log(f"not published: {refused[name]}")
         publish.write_json(stage / ct.MANIFEST_FILE, publish.sealed(manifest, seal_key, log))
-        return publish.publish(stage, out, manifest, existing, [m.NAME for m in mods], seal_key,
-                               log)
+        published = publish.publish(stage, out, manifest, existing, names, seal_key, log)
+        return {**published, "refused": refused} if refused else published
+
+
+def _refuse(failures: dict, refused: dict, mods, options: dict, what: str) -> None:
+    """Adds a gate's failures (target -> message) to `refused`; raises instead, publishing
+    nothing, when that would leave no target, or when the user asked for all or nothing."""
+    refused.update(failures)
+    if failures and (options.get("all_or_nothing") or len(refused) == len(mods)):
+        raise ExportError(what + "; ".join(failures.values()))
 
 
 def _read_existing(path: Path) -> dict:
@@ -228,6 +243,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="publish quantized artifacts of a real checkpoint even when their quality "
                         "on the evaluation text is below llama.cpp's on the same weights (the "
                         "manifest records it)")
+    p.add_argument("--all-or-nothing", action="store_true",
+                   help="with several targets: publish none of them when one fails its parity "
+                        "check or the quality gate (default: publish those that pass, report "
+                        "the others and exit with status 3)")
     p.add_argument("--activations", choices=("int8", "float"), default=None,
                    help="onnx: what quantized matmuls compute with: int8 (default: activations "
                         "quantized per block of 32, ONNX Runtime's fastest kernels) or float "
@@ -324,6 +343,7 @@ def main(argv=None) -> int:
         options = {"quant": args.quant, "float_embedding": args.float_embedding,
                    "activations": args.activations,
                    "accept_quality_loss": args.accept_quality_loss,
+                   "all_or_nothing": args.all_or_nothing,
                    "tpu_topology": args.tpu_topology, "mesh": args.mesh}
         for n in names:
             targets.check_options(targets.get(n), options)
@@ -353,9 +373,15 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1
+    refused = manifest.pop("refused", {})
+    names = [n for n in names if n not in refused]
     _report(ck, names, out, manifest, time.perf_counter() - t0)
-    if args.android_demo:
+    if args.android_demo and "tflite" in names:
         copy_for_android(out, manifest, Path(args.android_demo))
+    if refused:
+        print(f"error: not published (the others were): {'; '.join(refused.values())}. "
+              f"Pass --all-or-nothing to publish nothing when a target fails.", file=sys.stderr)
+        return 3
     return 0
 
 

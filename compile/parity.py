@@ -80,9 +80,11 @@ def parity_tokens(contract: ct.Contract, encode, bos: int) -> tuple[np.ndarray, 
     return ids, prefill
 
 
-def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, log) -> list[str]:
+def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, log
+          ) -> dict[str, str]:
     """Runs every artifact of `quants` (target -> its quantization) in the staged directory,
-    records the figures in `manifest`, and returns the failures (empty when all passed)."""
+    records the figures in `manifest`, and returns the failures, target -> "target: why"
+    (empty when all passed)."""
     import runtime
     import runtime.adapters
     import runtime.backends
@@ -97,7 +99,7 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
         lora_ref = trace.reference_logits(contract, merged, tokens, last=len(tokens) - start)
         del merged
     release()   # the reference's weights, before the artifacts load theirs
-    failures = []
+    failures = {}
     here = runtime.backends.reasons(runtime.Manifest.read(stage))
     for target, quant in quants.items():
         if here.get(target):
@@ -135,7 +137,7 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
             problems += [f"LoRA signatures: {p}" for p in judge(figures["lora"],
                                                                 figures["tolerance"])]
         if problems:
-            failures.append(f"{target}: " + "; ".join(problems))
+            failures[target] = f"{target}: " + "; ".join(problems)
     return failures
 
 
@@ -247,18 +249,18 @@ def predicts_text(ck) -> bool:
 
 
 def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy: list[str],
-                  accept: bool, log) -> list[str]:
+                  accept: bool, log) -> dict[str, str]:
     """The quality gate for the `lossy` targets (see the module docstring); records the figures
-    in `manifest` and returns the failures (none when `accept`)."""
+    in `manifest` and returns the failures, target -> message (none when `accept`)."""
     import runtime
     if not lossy or not predicts_text(ck):
-        return []
+        return {}
     encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
     ids = quality.eval_ids(encode, piece_id)
     window = min(QUALITY_TOKENS, contract.max_context)
     wins = quality.windows(ids, ck.special_ids["bos"], window, limit=window - 1)[:1]
     rule = gate_rule(manifest["model"]["source"], window, _llama_cpp_installed())
-    failures = []
+    failures = {}
     with tempfile.TemporaryDirectory(prefix="quality-", dir=stage.parent) as tmp:
         # the reference first, to disk, so that its weights and the artifacts' are not held at
         # once (2.8 GB peak for the 270M's onnx export when they were)
@@ -294,7 +296,7 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
                        + (" (accepted: --accept-quality-loss)" if accept else "")
                        if problems else ""))
         if problems and not accept:
-            failures.append(quality_failure(target, f, problems, rule))
+            failures[target] = quality_failure(target, f, problems, rule)
     return failures
 
 

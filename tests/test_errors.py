@@ -422,6 +422,11 @@ def test_generation_arguments_are_checked_by_name(tiny_artifacts):
         gen.generate("the", max_new_tokens=3, temperature=1.0, seed=7)
 
 
+REFUSAL = ("onnx: on 512 tokens of the evaluation text top-1 agreement 50.0% (minimum 94.9%) — "
+           "worse than llama.cpp on the same weights; pass --accept-quality-loss to publish it "
+           "anyway")
+
+
 def test_a_quality_gate_failure_publishes_nothing(tmp_path, monkeypatch):
     """What export() does with the quality gate's verdict (the gate itself runs on the real
     model in test_real_targets.py): the failures become its error, and nothing is published."""
@@ -432,9 +437,7 @@ def test_a_quality_gate_failure_publishes_nothing(tmp_path, monkeypatch):
     def gate(ck, contract, stage, manifest, lossy, accept, log):
         seen.update(stage=stage, lossy=lossy, accept=accept)
         assert (stage / "manifest.json").exists()          # it judges the written stage
-        return ["onnx: on 512 tokens of the evaluation text top-1 agreement 50.0% (minimum "
-                "94.9%) — worse than llama.cpp on the same weights; pass --accept-quality-loss "
-                "to publish it anyway"]
+        return {"onnx": REFUSAL}
     monkeypatch.setattr(parity, "quality_check", gate)
     ck = ex.random_checkpoint("gemma3-270m-tiny")
     out = tmp_path / "art"
@@ -446,3 +449,39 @@ def test_a_quality_gate_failure_publishes_nothing(tmp_path, monkeypatch):
     assert seen["lossy"] == ["onnx"] and seen["accept"] is False
     assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
     assert not seen["stage"].exists()
+
+
+def test_several_targets_publish_those_that_pass_unless_all_or_nothing(tmp_path, monkeypatch):
+    """`--target xla,tflite` where the gate refuses tflite int8: xla is published, tflite is
+    reported and the exit status is 3; a tflite artifact already in the directory stays as it
+    was. With --all-or-nothing the refusal is the error and nothing is published."""
+    import json
+    from compile import parity
+    from helpers import cli
+    refusal = REFUSAL.replace("onnx: ", "tflite: ")
+    monkeypatch.setattr(parity, "quality_check", lambda ck, contract, stage, manifest, lossy,
+                        accept, log: {t: refusal for t in lossy})
+    out = tmp_path / "art"
+    args = ("--checkpoint", "random:gemma3-270m-tiny", "--out", out, "--prefill-lengths", "4",
+            "--max-context", "16")
+    r = cli("compile.export", *args, "--target", "tflite", "--quant", "none")  # exact: no gate
+    assert r.returncode == 0, r.stderr
+    before = (out / "tflite" / "model.tflite").read_bytes()
+
+    r = cli("compile.export", *args, "--target", "xla,tflite", "--all-or-nothing")
+    assert r.returncode == 1 and "error: artifact quality check failed against the fp32 " \
+        "reference: " + refusal in r.stderr, r.stderr
+    assert set(json.loads((out / "manifest.json").read_text())["artifacts"]) == {"tflite"}
+
+    r = cli("compile.export", *args, "--target", "xla,tflite")
+    assert r.returncode == 3, r.stderr
+    assert f"not published: {refusal}" in r.stderr
+    assert r.stderr.rstrip().endswith(
+        f"error: not published (the others were): {refusal}. Pass --all-or-nothing to publish "
+        f"nothing when a target fails."), r.stderr
+    assert r.stdout.startswith("exported gemma3-270m-tiny [xla] to ") and "tflite" not in r.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["artifacts"]) == {"xla", "tflite"} and \
+        m["artifacts"]["tflite"]["quantization"] == "none"   # the earlier artifact, untouched
+    assert (out / "tflite" / "model.tflite").read_bytes() == before
+    assert not list(tmp_path.glob(".art.*"))
