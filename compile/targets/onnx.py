@@ -178,8 +178,11 @@ def keeps_blocks(params, options: dict) -> bool:
 
 def quantized_table(params, quant: str) -> bool:
     """Gemma 4's per-layer embedding table is stored as int8 blocks (`ple_embed_q`, one scale per
-    BLOCK values) whenever the artifact quantizes: the lookup reads T rows of it per call."""
-    return "ple_embed" in params and quant != "none"
+    BLOCK values) whenever the artifact quantizes: the lookup reads T rows of it per call.
+    `native` keeps a float table float (a float checkpoint's native artifact is exact)."""
+    if "ple_embed" not in params or quant == "none":
+        return False
+    return not (quant == "native" and format_of(params, "ple_embed") in FLOAT_FORMATS)
 
 
 def weight_specs(params, quant: str, float_embedding: bool) -> dict[str, tuple]:
