@@ -11,15 +11,6 @@ pytestmark = pytest.mark.real
 PROMPT = "The capital of France is"
 
 
-def test_fp32_tflite_generates_what_xla_generates(real_tflite, real_artifacts):
-    tfl = runtime.load(real_tflite("none"), target="tflite")
-    xla = runtime.load(real_artifacts, target="xla")
-    ids = xla.tokenizer.prompt_ids(PROMPT)
-    want = list(xla.stream_ids(ids, max_new_tokens=32))
-    assert len(want) == 32
-    assert list(tfl.stream_ids(ids, max_new_tokens=32)) == want
-
-
 def test_int8_quality_size_and_litert_lm_engine(real_tflite, tmp_path):
     import litert_lm
     out = real_tflite("int8")
@@ -86,14 +77,6 @@ def test_android_app_prompt_path_in_litert_lm_engine(real_tflite, tmp_path):
 def real_onnx(real_export):
     """quant -> the real 270M's onnx artifact (conftest's real_export)."""
     return lambda quant: real_export("onnx", quant)
-
-
-def test_fp32_onnx_generates_what_xla_generates(real_onnx, real_artifacts):
-    gen = runtime.load(real_onnx("none"), target="onnx")
-    xla = runtime.load(real_artifacts, target="xla")
-    ids = xla.tokenizer.prompt_ids(PROMPT)
-    assert list(gen.stream_ids(ids, max_new_tokens=32)) == \
-        list(xla.stream_ids(ids, max_new_tokens=32))
 
 
 def test_native_onnx_keeps_the_gguf_blocks_and_beats_llama_cpp_quality(real_onnx, real_gguf):
