@@ -152,14 +152,16 @@ def test_manifest_and_files(slotted):
 def test_benchmark_measures_adapters_interleaved(slotted, tmp_path):
     """`benchmarks.run --adapter` (speeds are never asserted, only that they are there): the
     slotted artifact with and without each adapter and a plain artifact, each in its own worker,
-    then interleaved in one process for the ratios; the adapter's quality is against the fp32
+    then interleaved in one process for the ratios (one repetition: a worker per engine and
+    repetition is ~9 CPU-s, and the repetition order is the harness's shared loop, which
+    test_info_cache.py runs); the adapter's quality is against the fp32
     reference with it merged, so on float artifacts it agrees exactly."""
     tmp, tokens, want, art = slotted
     plain = tmp_path / "plain"
     _export(tmp / "base", plain, targets="xla")
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--artifacts", str(art),
                         "--artifacts", str(plain), "--targets", "xla", "--adapter", "qvd",
-                        "--adapter", "wide", "--peers", "", "--reps", "2", "--prefill", "4,8",
+                        "--adapter", "wide", "--peers", "", "--reps", "1", "--prefill", "4,8",
                         "--short", "4", "--long", "16", "--decode", "4", "--quality-window", "32",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -172,7 +174,7 @@ def test_benchmark_measures_adapters_interleaved(slotted, tmp_path):
         assert e["quality"]["top1"] == 1.0 and e["quality"]["mean_kl"] < 1e-6, e["name"]
     (g,) = report["lora_interleaved"]
     assert g["plain"] == str(plain) and set(g["runs"]) == {"slotted", "qvd", "wide", "plain"}
-    assert all(len(v) == 2 and min(v) > 0 for d in g["runs"].values() for v in d.values())
+    assert all(len(v) == 1 and min(v) > 0 for d in g["runs"].values() for v in d.values())
     assert [line.split(":")[0] for line in report["lora_ratios"]] == [
         "gemma-aot xla (none, LoRA slots r4) + adapter qvd",
         "gemma-aot xla (none, LoRA slots r4) + adapter wide"]
