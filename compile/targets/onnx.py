@@ -343,47 +343,56 @@ def _scalable_jax2onnx(light: bool = False):
         io._OPTIMIZER_PASSES = passes
 
 
-def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None = None):
+def weight_stream(params, quant: str, float_embedding: bool, chosen: dict | None = None,
+                  tick=None):
     """(name, array or quant.Blocks) for every graph weight, one checkpoint tensor read at a
     time: matmul weights as Blocks over their rows ([out, in]) — the checkpoint's own (`native`)
     or our quantizer's — and the embedding's lookup copy beside its quantized projection.
-    `chosen` records, per quantized tensor, whether its blocks are asymmetric."""
+    `chosen` records, per quantized tensor, whether its blocks are asymmetric; `tick` is called
+    once per checkpoint tensor (a progress bar's total is len(params))."""
     for name in params:
-        if name == "ple_embed" and quantized_table(params, quant):
-            yield from _table_int8(params, name)
-            continue
-        if not quantized(params, name, quant, float_embedding):
-            yield name, np.ascontiguousarray(params[name], np.float32)
-            continue
-        own = _own_quant(params, name, quant)
-        if own == "native":
-            blocks = params.native(name)
-            if name == "embed":
-                yield "embed_q", blocks.q
-                yield "embed_scale", blocks.scale
-                if blocks.bias is not None:
-                    yield "embed_bias", blocks.bias
-        else:
-            w = params[name]
-            rows = np.ascontiguousarray(w.T if name != "embed" else w, np.float32)   # [N, K]
-            del w
-            bits, asym = recipe(name, own)
-            if asym:
-                blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=own)
-            elif bits == 8:   # the lookup's table (embed) stays symmetric
-                blocks = int8_blocks(rows, own, asymmetric_ok=name != "embed")
-            else:             # the max-scaled 4-bit blocks tflite stores too
-                blocks = wq.Blocks(4, BLOCK, *wq.int_blocks(rows, 4, BLOCK), source=own)
-            if name == "embed":   # the lookup: int8 blocks, the projection's when int8
-                lookup = blocks if bits == 8 else int8_blocks(rows, own, asymmetric_ok=False)
-                yield "embed_q", lookup.q
-                yield "embed_scale", lookup.scale
-                del lookup
-            del rows
-            if chosen is not None:
-                chosen[name] = blocks.bias is not None
-        yield name, blocks
-        del blocks
+        yield from _tensor_stream(params, name, quant, float_embedding, chosen)
+        if tick:
+            tick()
+
+
+def _tensor_stream(params, name: str, quant: str, float_embedding: bool, chosen):
+    """weight_stream's graph weights for one checkpoint tensor."""
+    if name == "ple_embed" and quantized_table(params, quant):
+        yield from _table_int8(params, name)
+        return
+    if not quantized(params, name, quant, float_embedding):
+        yield name, np.ascontiguousarray(params[name], np.float32)
+        return
+    own = _own_quant(params, name, quant)
+    if own == "native":
+        blocks = params.native(name)
+        if name == "embed":
+            yield "embed_q", blocks.q
+            yield "embed_scale", blocks.scale
+            if blocks.bias is not None:
+                yield "embed_bias", blocks.bias
+    else:
+        w = params[name]
+        rows = np.ascontiguousarray(w.T if name != "embed" else w, np.float32)   # [N, K]
+        del w
+        bits, asym = recipe(name, own)
+        if asym:
+            blocks = wq.int_blocks_asym(rows, bits, BLOCK, source=own)
+        elif bits == 8:   # the lookup's table (embed) stays symmetric
+            blocks = int8_blocks(rows, own, asymmetric_ok=name != "embed")
+        else:             # the max-scaled 4-bit blocks tflite stores too
+            blocks = wq.Blocks(4, BLOCK, *wq.int_blocks(rows, 4, BLOCK), source=own)
+        if name == "embed":   # the lookup: int8 blocks, the projection's when int8
+            lookup = blocks if bits == 8 else int8_blocks(rows, own, asymmetric_ok=False)
+            yield "embed_q", lookup.q
+            yield "embed_scale", lookup.scale
+            del lookup
+        del rows
+        if chosen is not None:
+            chosen[name] = blocks.bias is not None
+    yield name, blocks
+    del blocks
 
 
 def _table_int8(params, name: str):
@@ -442,9 +451,9 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
         bar = progress(total=len(params), desc=f"onnx weights ({quant})", unit="tensor") \
             if progress else None
         chosen: dict[str, bool] = {}
-        counts = container.finish(graph, weight_stream(params, quant, float_embedding, chosen),
-                                  out_dir / DATA_FILE, tick=bar.update if bar else None,
-                                  float_activations=activations == "float")
+        counts = container.finish(graph, weight_stream(params, quant, float_embedding, chosen,
+                                                       tick=bar.update if bar else None),
+                                  out_dir / DATA_FILE, float_activations=activations == "float")
         if bar:
             bar.close()
         onnx.save_model(graph, str(out_dir / "model.onnx"))

@@ -91,7 +91,7 @@ class DataFile:
             self.tmp.unlink(missing_ok=True)
 
 
-def finish(graph, tensors, data_path: Path, tick=None, float_activations: bool = False) -> dict:
+def finish(graph, tensors, data_path: Path, float_activations: bool = False) -> dict:
     """Moves the weights into `graph` (an onnx ModelProto whose weights are graph inputs):
     `tensors` yields (name, array) for plain initializers and (name, Blocks) for quantized matmul
     weights, one at a time. Writes the data file; returns counts for the manifest."""
@@ -119,8 +119,6 @@ def finish(graph, tensors, data_path: Path, tick=None, float_activations: bool =
                                              float_activations)
             else:
                 g.initializer.append(data.add(name, value))
-            if tick:
-                tick()
         ok = True
     finally:
         data.close(keep=ok)

@@ -60,6 +60,22 @@ def _machine_key() -> str:
 
 
 _exit_hook = []
+_shared = {}
+
+
+def _environment():
+    """One LiteRT environment for every model this process loads (CompiledModel's default is a
+    new one per model): its accelerator registry is set up, and logged, once — quietly — and it
+    is destroyed only when the process ends (`_quiet_at_exit`), since a buffer made by a model
+    keeps the model's environment alive past the model and would log its teardown wherever it
+    happened to be freed."""
+    if "env" not in _shared:
+        import ai_edge_litert.compiled_model as cm
+        with quiet_native_logs():
+            _shared["env"] = cm.Environment.create(options=cm.EnvironmentOptions(
+                runtime_path=os.path.dirname(os.path.abspath(cm.__file__))))
+        _quiet_at_exit()
+    return _shared["env"]
 
 
 def _quiet_at_exit() -> None:
@@ -105,12 +121,13 @@ class TfliteBackend:
         if self.weight_cache:
             options.cpu_options.xnnpack_weight_cache_path = self.weight_cache
         try:
-            with quiet_native_logs():   # ~40 lines of LiteRT's accelerator registry per load
-                self.model = CompiledModel.from_file(str(path), options=options)
+            env = _environment()
+            with quiet_native_logs():   # the OpenVINO plugin LiteRT tries on every load
+                self.model = CompiledModel.from_file(str(path), options=options,
+                                                     environment=env)
             names = set(self.model.get_signature_list())
         except Exception as e:   # the bindings raise RuntimeError/ValueError subclasses variously
             raise RuntimeError(f"LiteRT cannot load {path}: {e}") from e
-        _quiet_at_exit()
         missing = [s.name for s in manifest.contract.signatures() if s.name not in names]
         if missing:
             raise RuntimeError(f"{path} lacks signatures {missing} that the manifest lists")
@@ -127,17 +144,6 @@ class TfliteBackend:
             self._io[ct.DECODE][0].write(np.zeros((1, 1), np.int32))
         # (the LoRA signatures' logits have the decode's shape: one buffer serves both)
         self._lock = threading.Lock()
-
-    def __del__(self):
-        # freeing the model destroys its LiteRT environment, which logs each accelerator
-        model = self.__dict__.pop("model", None)
-        if model is not None:
-            try:
-                with quiet_native_logs():
-                    self.__dict__.clear()   # the buffers before the model that made them
-                    del model
-            except Exception:   # interpreter shutdown: modules may be gone
-                pass
 
     def new_state(self):
         """The generation's cache as LiteRT TensorBuffers, zeroed."""
