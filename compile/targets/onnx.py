@@ -282,11 +282,31 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
                                               for w in windows})
     specs += [jax.ShapeDtypeStruct(*wspecs[k]) for k in wnames]
     specs += [jax.ShapeDtypeStruct(t.shape, jnp.dtype(t.dtype)) for t in lora]
+    _import_jax_plugins()
     with _scalable_jax2onnx(light=bool(cfg.num_experts)), _quiet_serializer():
         to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
                 input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames
                 + [t.name for t in lora],
                 output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
+
+
+def _import_jax_plugins() -> None:
+    """jax2onnx imports every plugin module it ships on its first conversion in a process,
+    including the equinox, flax and example trees, whose import builds and compiles example
+    modules (~7 s, and a libtpu probe that logs an error on machines without a TPU). Our graphs
+    are JAX primitives and jax.numpy only: import the `jax` tree (~1.3 s) and mark the discovery
+    done. Only where jax2onnx's discovery is the one this was written for (0.17), else its own."""
+    import importlib
+    import pathlib
+    from jax2onnx.plugins import plugin_system as ps
+    if getattr(ps, "_already_imported_plugins", None) is not False or \
+            not callable(getattr(ps, "_import_tree", None)):
+        return
+    root = pathlib.Path(ps.__file__).parent
+    for helper in sorted(root.glob("_*.py")):   # shared helpers the jax plugins import
+        importlib.import_module(f"jax2onnx.plugins.{helper.stem}")
+    ps._import_tree(root / "jax", "jax2onnx.plugins.jax")
+    ps._already_imported_plugins = True
 
 
 @contextlib.contextmanager
