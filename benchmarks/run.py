@@ -17,7 +17,8 @@ RSS; artifact bytes; bytes read per decoded token (weights + the KV cache a step
 roofline it implies at the machine's read bandwidth measured with the run's thread count; and
 for every engine that gives logits (ours, llama.cpp), its quality beside its speed: top-1
 agreement, mean KL and perplexity change against the fp32 JAX reference on the same weights,
-teacher-forced on the evaluation text (`compile.quality`, --quality-window tokens per window). Ratios are to llama.cpp measured in
+teacher-forced on the evaluation text (`compile.quality`, --quality-window tokens per window;
+--quality-tokens N measures only its first N tokens, for a quick run). Ratios are to llama.cpp measured in
 the same run. Writes `results.json` and `results.png` (if matplotlib is installed) under --out.
 
 Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
@@ -565,7 +566,8 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
         encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
         ids = quality.eval_ids(encode, piece_id)
         window = min(args.quality_window, m.max_context)
-        wins = quality.windows(ids, ck.special_ids["bos"], window)
+        wins = quality.windows(ids, ck.special_ids["bos"], window,
+                               limit=args.quality_tokens or None)
         contract = ct.Contract(ck.config, tuple(m.prefill_lengths), m.max_context)
         candidates = {}
         for e in engines_:
@@ -755,6 +757,9 @@ def main(argv=None) -> int:
     p.add_argument("--quality-window", type=int, default=1024,
                    help="quality of every engine against the fp32 reference, teacher-forced on "
                         "the evaluation text in windows of this many tokens (0: skip)")
+    p.add_argument("--quality-tokens", type=int, default=0,
+                   help="measure quality on the first N tokens of the evaluation text only "
+                        "(default: all of it, ~8,500 tokens; the export's gate uses 512)")
     p.add_argument("--adapter", action="append", default=[],
                    help="a run-time LoRA adapter of an artifact with slots, repeatable: its "
                         "targets are measured with it and without (and against a plain "
@@ -809,7 +814,9 @@ def main(argv=None) -> int:
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
                     "platform": platform.platform(), "read_bandwidth_gbs": round(bandwidth, 2),
                     "read_bandwidth_threads": args.threads},
-        "settings": {**common, "reps": args.reps}, "peers": peers, "results": results,
+        "settings": {**common, "reps": args.reps, "quality_window": args.quality_window,
+                     "quality_tokens": args.quality_tokens or None},
+        "peers": peers, "results": results,
     }
     if args.measure_export:
         report["exports"] = measure_export(*_export_plan(args))

@@ -49,13 +49,14 @@ def test_benchmark_runs_and_reports_every_figure(tiny_artifacts, tmp_path):
     import json
     r = _py("-m", "benchmarks.run", "--artifacts", str(tiny_artifacts("gemma2-2b-tiny")),
             "--peers", "", "--reps", "1", "--prefill", "4,8", "--short", "4", "--long", "16",
-            "--decode", "4", "--out", str(tmp_path))
+            "--decode", "4", "--quality-tokens", "128", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
+    assert report["settings"]["quality_tokens"] == 128
     (res,) = report["results"]
     assert res["name"] == "gemma-aot xla (none)" and res["artifact_bytes"] > 0
     q = res["quality"]   # teacher-forced on the evaluation text against the tiny model's reference
-    assert q["top1"] == 1.0 and q["mean_kl"] < 1e-6 and q["positions"] > 0
+    assert q["top1"] == 1.0 and q["mean_kl"] < 1e-6 and q["positions"] == 128 + q["windows"]
     assert set(res["median"]) == {"load_s", "ttft_4", "prefill_4", "ttft_8", "prefill_8",
                                   "decode_short", "decode_long", "peak_rss_mb"}
     assert all(v > 0 for v in res["median"].values())
