@@ -81,6 +81,10 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}{LOCK_SUFFIX}"
+
+
 def _busy(out: Path, fd: int):
     """Raises the error for `out`'s lock, held by another export (closes `fd`)."""
     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
@@ -94,9 +98,8 @@ def check_free(out: Path) -> None:
     its slow work (loading a checkpoint) rather than after it. Only a probe: `locked` still
     takes the lock, so an export starting in between is caught there."""
     import fcntl
-    path = out.parent / f".{out.name}{LOCK_SUFFIX}"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(_lock_path(out), os.O_RDONLY)
     except OSError:
         return   # no lock file (or none we can read): nobody holds it, or `locked` will say
     try:
@@ -118,7 +121,7 @@ def locked(out: Path, log):
     every `.{out.name}.partial-*` stage beside it is debris of a killed one: removed."""
     import fcntl
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f".{out.name}{LOCK_SUFFIX}"
+    path = _lock_path(out)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

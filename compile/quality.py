@@ -143,10 +143,11 @@ def evaluate_many(contract, params, wins: Iterable[np.ndarray],
         pos = 0
         for ref in reference(w):
             ref = np.asarray(ref, np.float32)
+            lp = _log_softmax(ref)   # once per chunk, for every candidate
             targets = w[pos + 1: pos + 1 + len(ref)]
             for name, it in rows.items():
                 got = np.stack([next(it) for _ in range(len(ref))])
-                accs[name].add(ref, got, targets)
+                accs[name].add(ref, got, targets, lp)
                 if bar:
                     bar.update(len(ref))
             pos += len(ref)
@@ -176,8 +177,11 @@ class _Acc:
         self.nll_got = 0.0
         self.scored = 0
 
-    def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> None:
-        lp, lq = _log_softmax(ref), _log_softmax(got)
+    def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray,
+            lp: np.ndarray | None = None) -> None:
+        """`lp`: the reference's log-softmax, when the caller has it already."""
+        lp = _log_softmax(ref) if lp is None else lp
+        lq = _log_softmax(got)
         self.n += len(ref)
         self.agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
         self.kl += float(_kl(lp, lq).sum())
