@@ -576,19 +576,11 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
             candidates[e["name"]] = lambda w, gen=gen: gen.iter_logits(w, 0)
         if llama and _exported_from(source, llama["gguf"]) and \
                 (adapter or llama["name"] not in out):
-            from llama_cpp import Llama
-            name, lora = llama["name"], {}
+            name, lora = llama["name"], None
             if adapter:   # llama.cpp applies the same adapter as a LoRA GGUF
                 name += f" + adapter {adapter}"
-                lora = {"lora_path": str(gguf_lora(m, adapter, Path(tmp) / f"{adapter}.gguf"))}
-            llm = Llama(model_path=llama["gguf"], n_ctx=window, n_threads=args.threads,
-                        n_batch=512, logits_all=True, verbose=False, **lora)
-
-            def llama_rows(w, llm=llm):
-                llm.reset()
-                llm.eval([int(t) for t in w])
-                return np.asarray(llm.scores[:len(w)], np.float32)
-            candidates[name] = llama_rows
+                lora = str(gguf_lora(m, adapter, Path(tmp) / f"{adapter}.gguf"))
+            candidates[name] = quality.llama_cpp_rows(llama["gguf"], window, args.threads, lora)
         print(f"quality: {len(ids)} tokens of the evaluation text in {len(wins)} windows of <= "
               f"{window} against {root}'s checkpoint: {', '.join(candidates)}", file=sys.stderr)
         out.update(quality.evaluate_many(contract, ck.params, wins, candidates))

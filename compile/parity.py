@@ -227,18 +227,6 @@ def _llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _llama_cpp_rows(gguf: str, window: int):
-    """llama.cpp's logits [T, V] for a window, teacher-forced (as `benchmarks.run` measures it)."""
-    from llama_cpp import Llama
-    llm = Llama(model_path=gguf, n_ctx=window, n_batch=512, logits_all=True, verbose=False)
-
-    def rows(w):
-        llm.reset()
-        llm.eval([int(t) for t in w])
-        return np.asarray(llm.scores[:len(w)], np.float32)
-    return rows
-
-
 def predicts_text(ck) -> bool:
     """Whether the checkpoint is a trained model (its tokenizer is not one we generated for
     random weights)."""
@@ -272,7 +260,7 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
                 for t in lossy}
         candidates = {t: (lambda w, g=g: g.iter_logits(w, 0)) for t, g in gens.items()}
         if rule["measure"]:
-            candidates[LLAMA_CPP] = _llama_cpp_rows(ck.source["path"], window)
+            candidates[LLAMA_CPP] = quality.llama_cpp_rows(ck.source["path"], window)
         figures = quality.evaluate_many(contract, ck.params, wins, candidates,
                                         reference=reference)
         del gens, candidates

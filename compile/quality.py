@@ -159,6 +159,23 @@ def evaluate_many(contract, params, wins: Iterable[np.ndarray],
     return {name: acc.figures(len(wins)) for name, acc in accs.items()}
 
 
+def llama_cpp_rows(gguf: str, window: int, threads: int | None = None,
+                   lora_path: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """llama.cpp (llama-cpp-python) on a GGUF as a candidate: window -> its logits [T, V],
+    teacher-forced; `lora_path` applies a LoRA GGUF. The export's quality gate and
+    `benchmarks.run` measure llama.cpp through this one function."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf, n_ctx=window, n_batch=512, logits_all=True, verbose=False,
+                **({"n_threads": threads} if threads else {}),
+                **({"lora_path": lora_path} if lora_path else {}))
+
+    def rows(w):
+        llm.reset()
+        llm.eval([int(t) for t in w])
+        return np.asarray(llm.scores[:len(w)], np.float32)
+    return rows
+
+
 def _rows(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     for c in chunks:
         c = np.asarray(c)

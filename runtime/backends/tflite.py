@@ -61,7 +61,6 @@ def _machine_key() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
 
 
-_exit_hook = []
 _shared = {}
 
 
@@ -81,12 +80,10 @@ def _environment():
 
 
 def _quiet_at_exit() -> None:
-    """LiteRT's process-wide environment is destroyed after Python has finished (a C++ static),
-    logging a line per accelerator below the program's last output. An exit hook, run after the
-    program and before that, points file descriptor 2 at /dev/null; what Python prints from then
+    """Registered once, with the shared environment, which LiteRT destroys after Python has
+    finished (a C++ static), logging a line per accelerator below the program's last output. An
+    exit hook, run after the program and before that, points file descriptor 2 at /dev/null; what Python prints from then
     on (warnings from later exit hooks) is lost with it."""
-    if _exit_hook:
-        return
     import atexit
     import sys
 
@@ -99,7 +96,6 @@ def _quiet_at_exit() -> None:
         except (OSError, ValueError):
             pass
     atexit.register(hide)
-    _exit_hook.append(hide)
 
 
 class TfliteBackend:
