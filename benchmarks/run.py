@@ -18,7 +18,8 @@ roofline it implies at the machine's read bandwidth measured with the run's thre
 for every engine that gives logits (ours, llama.cpp), its quality beside its speed: top-1
 agreement, mean KL and perplexity change against the fp32 JAX reference on the same weights,
 teacher-forced on the evaluation text (`compile.quality`, --quality-window tokens per window;
---quality-tokens N measures only its first N tokens, for a quick run). Ratios are to llama.cpp measured in
+--quality-tokens N measures only its first N tokens, for a quick run) and on the held-out text
+that nothing is tuned on (--quality-texts). Ratios are to llama.cpp measured in
 the same run. Writes `results.json` and `results.png` (if matplotlib is installed) under --out.
 
 Peers are optional: llama.cpp is `llama-cpp-python` on the same GGUF; LiteRT-LM is its own engine
@@ -535,7 +536,8 @@ def lora_ratios(interleaved: list[dict], quality: dict | None = None) -> list[st
 
 def measure_quality(todo: list[dict], args) -> dict[str, dict]:
     """Teacher-forced top-1, KL and perplexity delta of every engine against the fp32 JAX
-    reference on the evaluation text (`compile.quality`): per artifact directory, the reference is
+    reference on each of --quality-texts (`compile.quality.TEXTS`; the first text's figures at the
+    top of an engine's dict, each further one under its name): per artifact directory, the reference is
     the checkpoint it was exported from (its manifest's source), run once per window for all its
     engines; llama.cpp is measured against the same reference when it reads that very GGUF."""
     from compile import quality
@@ -564,10 +566,11 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
         if adapter:   # the reference: the fp32 model with the adapter merged
             ck = _with_adapter(ck, m, adapter)
         encode, piece_id = quality.tokenizer_fns(ck.tokenizer_model)
-        ids = quality.eval_ids(encode, piece_id)
         window = min(args.quality_window, m.max_context)
-        wins = quality.windows(ids, ck.special_ids["bos"], window,
-                               limit=args.quality_tokens or None)
+        texts = {name: quality.windows(quality.eval_ids(encode, piece_id, name),
+                                       ck.special_ids["bos"], window,
+                                       limit=args.quality_tokens or None)
+                 for name in args.quality_texts}
         contract = ct.Contract(ck.config, tuple(m.prefill_lengths), m.max_context)
         candidates = {}
         for e in engines_:
@@ -581,9 +584,16 @@ def measure_quality(todo: list[dict], args) -> dict[str, dict]:
                 name += f" + adapter {adapter}"
                 lora = str(gguf_lora(m, adapter, Path(tmp) / f"{adapter}.gguf"))
             candidates[name] = quality.llama_cpp_rows(llama["gguf"], window, args.threads, lora)
-        print(f"quality: {len(ids)} tokens of the evaluation text in {len(wins)} windows of <= "
-              f"{window} against {root}'s checkpoint: {', '.join(candidates)}", file=sys.stderr)
-        out.update(quality.evaluate_many(contract, ck.params, wins, candidates))
+        for text, wins in texts.items():
+            print(f"quality: {sum(len(w) for w in wins)} tokens of the {text} text in {len(wins)} "
+                  f"windows of <= {window} against {root}'s checkpoint: {', '.join(candidates)}",
+                  file=sys.stderr)
+            figures = quality.evaluate_many(contract, ck.params, wins, candidates, text=text)
+            for name, f in figures.items():   # the first text's figures at the top, others by name
+                if name in out:
+                    out[name][text] = f
+                else:
+                    out[name] = {**f, "text": text}
         del candidates
     tmp_dir.cleanup()
     if llama and llama["name"] not in out:
@@ -672,7 +682,8 @@ def table(results: list[dict], args, bandwidth: float) -> str:
     head = (f"{'engine':<{w}}{'prefill ' + str(n_big):>12}{'TTFT ' + str(min(args.prefill)):>10}"
             f"{'decode ≤' + str(args.short + args.decode):>12}{' decode @' + str(args.long):>12}"
             f"{'roofline':>10}{'RSS MB':>8}{'size MB':>9}{'top-1':>7}{'KL':>8}{'ppl Δ':>8}"
-            f"   vs llama.cpp (prefill/decode)")
+            + "".join(f"{t[:7] + ' top-1':>14}{'KL':>8}" for t in args.quality_texts[1:])
+            + "   vs llama.cpp (prefill/decode)")
     lines = [head, "-" * len(head)]
     for r in results:
         m = r["median"]
@@ -688,7 +699,10 @@ def table(results: list[dict], args, bandwidth: float) -> str:
         lines.append(f"{r['name']:<{w}}{m[f'prefill_{n_big}']:>12.1f}{m[f'ttft_{min(args.prefill)}']:>9.3f}s"
                      f"{m['decode_short']:>12.1f}{m['decode_long']:>12.1f}{roof:>10.1f}"
                      f"{m['peak_rss_mb']:>8.0f}{r['artifact_bytes'] / 1e6:>9.0f}"
-                     f"{_quality(r.get('quality'))}   {ratio}")
+                     f"{_quality(r.get('quality'))}"
+                     + "".join(_quality_short((r.get("quality") or {}).get(t))
+                               for t in args.quality_texts[1:])
+                     + f"   {ratio}")
     return "\n".join(lines)
 
 
@@ -697,6 +711,13 @@ def _quality(q) -> str:
     if not q or "top1" not in q:
         return f"{'-':>7}{'-':>8}{'-':>8}"
     return f"{q['top1']:>7.3f}{q['mean_kl']:>8.4f}{q['ppl_delta_rel']:>+8.2%}"
+
+
+def _quality_short(q) -> str:
+    """top-1 and mean KL on a further text."""
+    if not q or "top1" not in q:
+        return f"{'-':>14}{'-':>8}"
+    return f"{q['top1']:>14.3f}{q['mean_kl']:>8.4f}"
 
 
 def chart(results: list[dict], args, path: Path) -> bool:
@@ -750,14 +771,24 @@ def main(argv=None) -> int:
                    help="quality of every engine against the fp32 reference, teacher-forced on "
                         "the evaluation text in windows of this many tokens (0: skip)")
     p.add_argument("--quality-tokens", type=int, default=0,
-                   help="measure quality on the first N tokens of the evaluation text only "
-                        "(default: all of it, ~8,500 tokens; the export's gate uses 512)")
+                   help="measure quality on the first N tokens of each text only "
+                        "(default: all of it, ~2,300 tokens each; the export's gate uses 512)")
+    p.add_argument("--quality-texts", default="eval,heldout",
+                   help="the texts of compile.quality.TEXTS quality is measured on: 'eval' (what "
+                        "recipes and gates are tuned on) and 'heldout' (never tuned on); the "
+                        "first one's figures fill the table, the others follow it")
     p.add_argument("--adapter", action="append", default=[],
                    help="a run-time LoRA adapter of an artifact with slots, repeatable: its "
                         "targets are measured with it and without (and against a plain "
                         "artifact given with --artifacts)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    args.quality_texts = [t.strip() for t in args.quality_texts.split(",") if t.strip()]
+    from compile.quality import TEXTS
+    unknown = [t for t in args.quality_texts if t not in TEXTS]
+    if unknown or not args.quality_texts:
+        p.error(f"--quality-texts: unknown {', '.join(unknown) or '(none given)'}; "
+                f"known: {', '.join(TEXTS)}")
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(WORKERS[spec["kind"]](spec)))
@@ -807,7 +838,8 @@ def main(argv=None) -> int:
                     "platform": platform.platform(), "read_bandwidth_gbs": round(bandwidth, 2),
                     "read_bandwidth_threads": args.threads},
         "settings": {**common, "reps": args.reps, "quality_window": args.quality_window,
-                     "quality_tokens": args.quality_tokens or None},
+                     "quality_tokens": args.quality_tokens or None,
+                     "quality_texts": args.quality_texts},
         "peers": peers, "results": results,
     }
     if args.measure_export:

@@ -1,6 +1,8 @@
 """Quality of an artifact (or a peer) against the fp32 JAX reference, teacher-forced on a text that
 no model generated: `compile/eval_text.txt` (prose, code, Chinese, Russian and chat turns; origins
-in its header).
+in its header), the text every recipe, calibration and gate is chosen on; and
+`compile/heldout_text.txt`, the same five kinds, never tuned on, measured beside it by
+`benchmarks.run` so that a recipe fitted to the first text shows on the second.
 
 The text's tokens are cut into windows of at most `window` tokens, each starting with <bos>; in
 every window the artifact reads the tokens one at a time through its cache (prefill-free decode,
@@ -30,19 +32,22 @@ import numpy as np
 from runtime import chat
 
 EVAL_FILE = "eval_text.txt"
+TEXTS = {"eval": EVAL_FILE, "heldout": "heldout_text.txt"}   # name -> file in this package
 ROW_CHUNK = 64      # reference rows computed per step (64 x 262144 float32 = 64 MB)
 
 
-def eval_text() -> str:
-    return resources.files(__package__).joinpath(EVAL_FILE).read_text(encoding="utf-8")
+def eval_text(name: str = "eval") -> str:
+    if name not in TEXTS:
+        raise ValueError(f"unknown evaluation text {name!r}; known: {', '.join(TEXTS)}")
+    return resources.files(__package__).joinpath(TEXTS[name]).read_text(encoding="utf-8")
 
 
-def eval_sha256() -> str:
-    return hashlib.sha256(eval_text().encode("utf-8")).hexdigest()
+def eval_sha256(name: str = "eval") -> str:
+    return hashlib.sha256(eval_text(name).encode("utf-8")).hexdigest()
 
 
 def sections(text: str | None = None) -> list[tuple[str, str]]:
-    """(kind, body) of every section of the evaluation text, in order."""
+    """(kind, body) of every section of a text (default: the evaluation text), in order."""
     text = eval_text() if text is None else text
     parts = re.split(r"^### (\w+):[^\n]*\n", text, flags=re.M)
     return [(kind, body.strip("\n")) for kind, body in zip(parts[1::2], parts[2::2])]
@@ -58,12 +63,13 @@ def _chat_messages(body: str) -> list[dict]:
     return messages
 
 
-def eval_ids(encode: Callable[[str], list[int]], piece_id: Callable[[str], int]) -> list[int]:
-    """The whole evaluation text as token ids, without <bos>: plain sections encoded as text
+def eval_ids(encode: Callable[[str], list[int]], piece_id: Callable[[str], int],
+             name: str = "eval") -> list[int]:
+    """A whole text of `TEXTS` as token ids, without <bos>: plain sections encoded as text
     (joined by a blank line), chat sections through Gemma's template with its control tokens as
     ids (never parsed out of text)."""
     ids: list[int] = []
-    for kind, body in sections():
+    for kind, body in sections(eval_text(name)):
         if kind == "chat":
             pieces = chat.template(_chat_messages(body))[1:-2]   # no <bos>, no open model turn
             for p in pieces:
@@ -131,8 +137,10 @@ def evaluate(contract, params, wins: Iterable[np.ndarray],
 
 def evaluate_many(contract, params, wins: Iterable[np.ndarray],
                   candidates: dict[str, Callable[[np.ndarray], Iterable[np.ndarray]]],
-                  reference: Callable | None = None, progress=None) -> dict[str, dict]:
-    """`evaluate` for several candidates at once: the reference runs once per window."""
+                  reference: Callable | None = None, progress=None,
+                  text: str = "eval") -> dict[str, dict]:
+    """`evaluate` for several candidates at once: the reference runs once per window. `text`
+    names the text of `TEXTS` the windows come from (its sha256 goes with the figures)."""
     reference = reference or (lambda w: reference_chunks(contract, params, w))
     accs = {name: _Acc() for name in candidates}
     wins = list(wins)
@@ -156,7 +164,8 @@ def evaluate_many(contract, params, wins: Iterable[np.ndarray],
                 raise ValueError(f"{name}: more logit rows than the window has tokens")
     if bar:
         bar.close()
-    return {name: acc.figures(len(wins)) for name, acc in accs.items()}
+    sha = eval_sha256(text)
+    return {name: acc.figures(len(wins), sha) for name, acc in accs.items()}
 
 
 def llama_cpp_rows(gguf: str, window: int, threads: int | None = None,
@@ -208,13 +217,13 @@ class _Acc:
         self.nll_got -= float(lq[rows, targets].sum())
         self.scored += k
 
-    def figures(self, windows: int) -> dict:
+    def figures(self, windows: int, text_sha256: str) -> dict:
         ppl_ref = float(np.exp(self.nll_ref / max(1, self.scored)))
         ppl = float(np.exp(self.nll_got / max(1, self.scored)))
         return {"positions": self.n, "windows": windows,
                 "top1": self.agree / max(1, self.n), "mean_kl": self.kl / max(1, self.n),
                 "ppl_ref": ppl_ref, "ppl": ppl, "ppl_delta": ppl - ppl_ref,
-                "ppl_delta_rel": (ppl - ppl_ref) / ppl_ref, "text_sha256": eval_sha256()}
+                "ppl_delta_rel": (ppl - ppl_ref) / ppl_ref, "text_sha256": text_sha256}
 
 
 def kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

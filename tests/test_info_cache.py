@@ -57,11 +57,16 @@ def test_benchmark_runs_and_reports_every_figure(tiny_artifacts, tmp_path):
     assert res["name"] == "gemma-aot xla (none)" and res["artifact_bytes"] > 0
     q = res["quality"]   # teacher-forced on the evaluation text against the tiny model's reference
     assert q["top1"] == 1.0 and q["mean_kl"] < 1e-6 and q["positions"] == 128 + q["windows"]
+    h = q["heldout"]     # and on the held-out text, which nothing is tuned on
+    assert h["top1"] == 1.0 and h["positions"] == 128 + h["windows"]
+    assert q["text"] == "eval" and h["text_sha256"] != q["text_sha256"]
+    assert report["settings"]["quality_texts"] == ["eval", "heldout"]
     assert set(res["median"]) == {"load_s", "ttft_4", "prefill_4", "ttft_8", "prefill_8",
                                   "decode_short", "decode_long", "peak_rss_mb"}
     assert all(v > 0 for v in res["median"].values())
     assert report["machine"]["read_bandwidth_gbs"] > 0
     assert "gemma-aot xla (none)" in r.stdout and "decode @16" in r.stdout and "ppl Δ" in r.stdout
+    assert "heldout top-1" in r.stdout
 
 
 def test_export_measurement_reports_time_memory_and_disk(tmp_path):

@@ -163,7 +163,7 @@ def test_benchmark_measures_adapters_interleaved(slotted, tmp_path):
                         "--artifacts", str(plain), "--targets", "xla", "--adapter", "qvd",
                         "--adapter", "wide", "--peers", "", "--reps", "1", "--prefill", "4,8",
                         "--short", "4", "--long", "16", "--decode", "4", "--quality-window", "32",
-                        "--quality-tokens", "128",
+                        "--quality-tokens", "128", "--quality-texts", "eval",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -51,6 +51,23 @@ def test_evaluation_text_sections_and_chat_turns():
     assert len(quality.eval_sha256()) == 64 and len(ids) > 20
 
 
+def test_heldout_text_is_a_second_text_of_the_same_kinds():
+    """The held-out text (never tuned on) has the five kinds, chat turns, and no line of the
+    evaluation text; an unknown text name is refused by name."""
+    held = quality.sections(quality.eval_text("heldout"))
+    assert {k for k, _ in held} == {"prose", "code", "chinese", "russian", "chat"}
+    pieces = []
+    ids = quality.eval_ids(lambda s: [len(s)], lambda p: pieces.append(p) or -len(pieces),
+                           "heldout")
+    assert "<start_of_turn>" in pieces and len(ids) > 20
+    shared = {line for _, body in quality.sections() for line in body.splitlines()
+              if len(line) > 20} & {line for _, body in held for line in body.splitlines()}
+    assert not shared
+    assert quality.eval_sha256("heldout") != quality.eval_sha256()
+    with pytest.raises(ValueError, match="unknown evaluation text 'other'; known: eval, heldout"):
+        quality.eval_text("other")
+
+
 def test_quality_judgement_names_each_miss():
     limits = {"min_top1": 0.9, "max_kl": 0.01, "max_ppl_delta_rel": 0.01}
     assert parity.judge_quality({"top1": 0.95, "mean_kl": 0.005, "ppl_delta_rel": 0.0}, limits) == []
