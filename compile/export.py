@@ -251,6 +251,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnx: what quantized matmuls compute with: int8 (default: activations "
                         "quantized per block of 32, ONNX Runtime's fastest kernels) or float "
                         "(float32 activations: exact products of the stored weights, slower)")
+    p.add_argument("--recipe", choices=("plain", "rotate", "rotate-smooth"), default=None,
+                   help="tflite int8/int4: what is done to the weights before they are quantized "
+                        "for LiteRT's kernels, which quantize activations to int8 per token "
+                        "(docs/quality.md): rotate (Hadamard rotation of every matmul's "
+                        "input), rotate-smooth (and SmoothQuant scales calibrated on the fp32 "
+                        "model, folded into the norms; the default for int8) or plain")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the tied embedding/output layer in float when quantizing")
     p.add_argument("--tpu-topology", default=None,
@@ -341,6 +347,7 @@ def main(argv=None) -> int:
     try:
         names = _target_names(args)
         options = {"quant": args.quant, "float_embedding": args.float_embedding,
+                   "recipe": args.recipe,
                    "activations": args.activations,
                    "accept_quality_loss": args.accept_quality_loss,
                    "all_or_nothing": args.all_or_nothing,

@@ -249,6 +249,16 @@ class Forms:
             mix = lambda p_, v_: jax.lax.dot_general(p_, v_, (((3,), (3,)), ((0, 1), (0, 1))))
         return scores_of, mix
 
+    def project(self, x, p: dict, name: str, layer: int):
+        """Layer `layer`'s matmul `name` (q_proj ... down_proj) on x [..., in], with its run-time
+        LoRA slot where p has one (`project`)."""
+        return project(x, p, name)
+
+    def logits(self, x, table):
+        """The output projection: x [B, T, D] (after the final norm) -> [B, T, V] through the
+        tied embedding table [V, D]."""
+        return linear(x, table.T)
+
     def embed_rows(self, params: dict, tokens):
         """tokens [B, T] -> the tied embedding's rows [B, T, D], before the sqrt(D) scale."""
         return params["embed"][tokens]
@@ -295,14 +305,14 @@ def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: 
     base, scale, fraction = ((cfg.rope_base_local, 1.0, 1.0) if local else
                              (cfg.rope_base_global, cfg.rope_scale_global,
                               cfg.rope_fraction_global))
-    q = project(x, p, "q_proj").reshape(B, T, N, H)                                # [B, T, N, H]
+    q = forms.project(x, p, "q_proj", layer).reshape(B, T, N, H)                                # [B, T, N, H]
     if cfg.qk_norm:
         q = norm(cfg, q, p["q_norm"])
     q = rope(q, positions, base, scale, fraction) * cfg.query_scale
     if shared is None:
-        k = project(x, p, "k_proj").reshape(B, T, K, H)                            # [B, T, K, H]
+        k = forms.project(x, p, "k_proj", layer).reshape(B, T, K, H)                            # [B, T, K, H]
         # k_eq_v: the values are the keys' projection before its norm and RoPE
-        v = k if a.k_eq_v else project(x, p, "v_proj").reshape(B, T, K, H)
+        v = k if a.k_eq_v else forms.project(x, p, "v_proj", layer).reshape(B, T, K, H)
         if cfg.qk_norm:
             k = norm(cfg, k, p["k_norm"])
         if cfg.v_norm:
@@ -339,7 +349,7 @@ def attention(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache, rows: 
             mix((w / total).astype(x.dtype).reshape(B, K, G * T, -1), seg[1])
             for w, seg in zip(weights, segments)])                                 # [B, K, G*T, H]
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)                      # [B, T, K, G, H]
-    return project(out.reshape(B, T, N * H), p, "o_proj"), new_cache, segments     # [B, T, D]
+    return forms.project(out.reshape(B, T, N * H), p, "o_proj", layer), new_cache, segments  # [B, T, D]
 
 
 def layer_params(params, i: int) -> dict:
@@ -417,9 +427,9 @@ def block(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache=None, rows:
         h = norm(cfg, h, p["post_attn_norm"])
     x = x + h
     h = norm(cfg, x, p["ffn_norm"])
-    gate = jax.nn.gelu(project(h, p, "gate_proj"), approximate=True)
-    h = gate * project(h, p, "up_proj")
-    h = project(h, p, "down_proj")
+    gate = jax.nn.gelu(forms.project(h, p, "gate_proj", layer), approximate=True)
+    h = gate * forms.project(h, p, "up_proj", layer)
+    h = forms.project(h, p, "down_proj", layer)
     if cfg.num_experts:
         h = norm(cfg, h, p["post_mlp_norm"]) + norm(cfg, moe(cfg, p, x, forms),
                                                     p["post_moe_norm"])
@@ -434,10 +444,10 @@ def block(cfg: GemmaConfig, p: dict, layer: int, x, positions, cache=None, rows:
     return x, layer_cache, segments
 
 
-def head(cfg: GemmaConfig, final_norm, table, x):
+def head(cfg: GemmaConfig, final_norm, table, x, forms: Forms = REFERENCE):
     """x [B, T, D] -> logits [B, T, V] through the tied embedding, final softcap applied."""
     x = norm(cfg, x, final_norm)
-    out = linear(x, table.T)                                                       # [B, T, V]
+    out = forms.logits(x, table)                                                   # [B, T, V]
     return _softcap(out.astype(jnp.float32), cfg.final_softcap)
 
 
@@ -470,4 +480,4 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
         return None, new_cache
     if logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
-    return head(cfg, params["final_norm"], params["embed"], x), new_cache
+    return head(cfg, params["final_norm"], params["embed"], x, forms), new_cache

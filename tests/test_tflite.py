@@ -79,8 +79,17 @@ def test_quantized_tflite(tmp_path, quant):
     it = Interpreter(model_path=str(out / "tflite" / "model.tflite"))
     details = {t["index"]: t for t in it.get_tensor_details()}
     ops = it._get_ops_details()
-    fc = {details[o["inputs"][1]]["dtype"] for o in ops if o["op_name"] == "FULLY_CONNECTED"}
-    assert fc == {np.int8}                                      # int4 is packed in int8 storage
+    fc = [details[o["inputs"][1]] for o in ops if o["op_name"] == "FULLY_CONNECTED"]
+    assert {t["dtype"] for t in fc} - {np.float32} == {np.int8}  # int4 is packed in int8 storage
+    # int8's default recipe (rotate-smooth) rotates matmul inputs by float Hadamard blocks, one
+    # small FULLY_CONNECTED each; int4's (plain) none
+    rotations = [t for t in fc if t["dtype"] == np.float32]
+    assert art["recipe"]["name"] == ("rotate-smooth" if quant == "int8" else "plain")
+    assert bool(rotations) == (quant == "int8")
+    for t in rotations:   # [out, in] = H, the lookup's 1 / s folded in per output row
+        w = np.abs(it.get_tensor(t["index"]))
+        assert w.shape[0] == w.shape[1] and w.shape[0] & (w.shape[0] - 1) == 0
+        np.testing.assert_allclose(w, np.broadcast_to(w[:, :1], w.shape), rtol=1e-6)
     tables = [details[o["inputs"][0]] for o in ops if o["op_name"] == "GATHER_ND"
               and tuple(details[o["inputs"][0]]["shape"]) == (512, 64)]
     assert [t["dtype"] for t in tables] == [np.int8]            # the embedding lookup table
@@ -103,22 +112,30 @@ def _stored_weights(path):
             b = m.buffers[t.buffer]
             name = container._param_of(t)
             assert b.offset > 1 and b.data is None, "weights are stored after the flatbuffer"
-            out[name] = (t, raw[b.offset:b.offset + b.size], sg, m, raw)
+            if name is not None:   # not a recipe's rotation (a graph constant)
+                out[name] = (t, raw[b.offset:b.offset + b.size], sg, m, raw)
     return out
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
     """Every matmul weight in the file is the streaming quantizer's output for the checkpoint's
-    tensor, bit for bit, with its scales; and every matmul weight is quantized."""
+    tensor as the export's recipe transformed it (int8: rotate-smooth, recalibrated here; int4:
+    plain), bit for bit, with its scales; and every matmul weight is quantized."""
+    from compile import recipes
     from compile.model import is_linear
+    from compile.targets import tflite
     from compile.weights import quant as wq
     ck, out = _export("gemma3-270m-tiny", quant=quant)
+    recipe = recipes.plan(json.loads((out / "manifest.json").read_text())["artifacts"]["tflite"]
+                          ["recipe"]["name"], ck.config,
+                          tflite.quantized_names(ck.params, quant, False), ck.params,
+                          ck.tokenizer_model, ck.special_ids["bos"])
     stored = _stored_weights(out / "tflite" / "model.tflite")
     want = sorted(n for n in ck.params if is_linear(n)) + ["embed"]
     assert sorted(stored) == sorted(want)
     for name, (t, data, sg, m, raw) in stored.items():
-        w = ck.params[name]
+        w = recipe.transform(name, ck.params[name])
         rows = w if name == "embed" else w.T                                  # [out, in]
         assert tuple(t.shape) == rows.shape
         if quant == "int8":

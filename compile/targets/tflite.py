@@ -48,7 +48,7 @@ import numpy as np
 from runtime import chat
 from runtime import contract as ct
 
-from .. import litert_moe, trace
+from .. import litert_moe, recipes, trace
 from .. import model as gemma
 from ..weights import FLOAT_FORMATS, format_of, nbytes_of
 from ..weights.sources import Params, specs_of
@@ -95,10 +95,23 @@ PLE_BLOCK = 32   # values per scale of the per-layer embedding table's int8 look
 TENSOR_ELEMENTS = 2**31 - 1   # TFLite kernels count a tensor's elements in int32
 
 
-def weight_forms(params, quant: str, float_embedding: bool, tick=None
+def quantized_names(params, quant: str, float_embedding: bool) -> set[str]:
+    """The matmul weights `weight_forms` quantizes ("embed": the output projection)."""
+    if quant not in ("int8", "int4"):
+        return set()
+    specs = specs_of(params)
+    out = {n for n in params if gemma.is_linear(n) and not gemma.keeps_float(n)
+           and not (quant == "int4" and specs[n][0][0] % wq.INT4_BLOCK)}
+    return out | ({"embed"} if not float_embedding else set())
+
+
+def weight_forms(params, quant: str, float_embedding: bool, tick=None,
+                 recipe: recipes.Recipe | None = None
                  ) -> tuple[dict[str, np.ndarray], dict[str, container.Quantized]]:
     """The graph's constants (name -> array in its stored form) and, for each quantized matmul
-    weight, how it was quantized. Reads `params` one tensor at a time."""
+    weight, how it was quantized. Reads `params` one tensor at a time; `recipe` transforms each
+    weight and norm before it is quantized (`compile.recipes`)."""
+    recipe = recipe or recipes.Recipe()
     consts: dict[str, np.ndarray] = {}
     quantized: dict[str, container.Quantized] = {}
     specs = specs_of(params)
@@ -127,7 +140,7 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None
             if tick:
                 tick()
             continue
-        w = params[name]
+        w = recipe.transform(name, params[name])
         if gemma.is_linear(name) and (gemma.keeps_float(name) or quant == "int4"
                                       and w.shape[0] % wq.INT4_BLOCK):
             # the expert router, or inputs too few for one block (a tiny model's 8-wide PLE):
@@ -192,13 +205,26 @@ def graph_fn(fn, packed=frozenset()):
 
 
 class Forms(Lookups):
-    """What this target hands `model.forward`: the int8 lookups among its constants, and Gemma
-    4's experts as LiteRT's MoE op (`litert_moe`, which applies the expert scale itself) where
-    the constants hold the op's stored form."""
+    """What this target hands `model.forward`: the int8 lookups among its constants, Gemma 4's
+    experts as LiteRT's MoE op (`litert_moe`, which applies the expert scale itself) where the
+    constants hold the op's stored form, and the quantization recipe's rotations and scales
+    (`compile.recipes`) around the matmuls and the lookup it transformed."""
 
-    def __init__(self, names):
+    def __init__(self, names, recipe: recipes.Recipe | None = None):
         super().__init__(names)
         self.moe_op = any(n.endswith("experts_gate" + litert_moe.SUFFIX) for n in names)
+        self.recipe = recipe or recipes.Recipe()
+
+    def project(self, x, p, name, layer):
+        if self.recipe.covers(layer, name):
+            return self.recipe.project(x, p, name, layer)
+        return super().project(x, p, name, layer)
+
+    def logits(self, x, table):
+        return self.recipe.logits(x, table)
+
+    def embed_rows(self, params, tokens):
+        return self.recipe.lookup(super().embed_rows(params, tokens))
 
     def experts(self, cfg, p, h, w, idx, dtype):
         if not self.moe_op:
@@ -312,14 +338,19 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     float_embedding = bool(options.get("float_embedding"))
     contract = next(iter(traced.values())).contract
     try:
+        recipe = recipes.plan(recipe_name(options, stored), contract.config,
+                              quantized_names(params, stored, float_embedding), params,
+                              Path(options["tokenizer_path"]).read_bytes(),
+                              options["special_ids"]["bos"], progress)
         bar = progress(total=len(params), desc=f"tflite weights ({quant})", unit="tensor") \
             if progress else None
         consts, quantized = weight_forms(params, stored, float_embedding,
-                                         bar.update if bar else None)
+                                         bar.update if bar else None, recipe)
         if bar:
             bar.close()
-        # each signature over the stored forms (`Forms`: the int8 lookups, the MoE op)
-        forms = Forms(consts)
+        # each signature over the stored forms (`Forms`: the int8 lookups, the MoE op, the
+        # recipe's rotations and scales)
+        forms = Forms(consts, recipe)
         traced = {name: dataclasses.replace(t, fn=trace.signature_fn(t.contract, t.signature,
                                                                      forms))
                   for name, t in traced.items()}
@@ -332,8 +363,16 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
     bundle(out_dir / "model.tflite", Path(options["tokenizer_path"]), options["special_ids"],
            contract, out_dir / bundle_name)
     return {"files": {"model": "model.tflite", "litertlm": bundle_name}, "quantization": quant,
-            "float_embedding": float_embedding, "weights_bytes_fp32": nbytes_of(params),
-            **counts}
+            "float_embedding": float_embedding, "recipe": recipe.record(),
+            "weights_bytes_fp32": nbytes_of(params), **counts}
+
+
+def recipe_name(options: dict, stored: str) -> str:
+    """The recipe asked for, or the default: rotate-smooth for int8, plain for int4 and float
+    (a float artifact quantizes nothing: any recipe is plain there)."""
+    if stored == "none":
+        return "plain"
+    return options.get("recipe") or (recipes.DEFAULT if stored == "int8" else "plain")
 
 
 def llm_metadata(special: dict, contract, markers: tuple[str, str] = chat.TURN_MARKERS[0]
