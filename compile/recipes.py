@@ -180,10 +180,11 @@ class Recipe:
 
 
 def plan(name: str, cfg, quantized: set[str], params=None, tokenizer_model: bytes | None = None,
-         bos: int | None = None, progress=None) -> Recipe:
+         bos: int | None = None, progress=None, stats: dict | None = None) -> Recipe:
     """The recipe `name` for the matmuls in `quantized` (full names; HEAD when the output
     projection is quantized). rotate-smooth calibrates on the fp32 reference (`params`, read a
-    layer at a time) with the checkpoint's tokenizer."""
+    layer at a time) with the checkpoint's tokenizer, unless given the maxima as `stats` (full
+    matmul name -> max|x| per input channel)."""
     if name not in NAMES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(NAMES)}")
     if name == "plain":
@@ -192,7 +193,10 @@ def plan(name: str, cfg, quantized: set[str], params=None, tokenizer_model: byte
     rotated = frozenset(n for n in mats if block_of(_inputs(cfg, n)) > 1)
     if name == "rotate":
         return Recipe(name, cfg.norm_plus_one, rotated)
-    stats, record = calibrate(cfg, params, tokenizer_model, bos, progress)
+    if stats is None:
+        stats, record = calibrate(cfg, params, tokenizer_model, bos, progress)
+    else:
+        record = {"given": True}
     scales, out_scales, norms = smoothing(cfg, params, stats, mats, ALPHA)
     return Recipe(name, cfg.norm_plus_one, rotated, scales, out_scales, norms, ALPHA, record)
 

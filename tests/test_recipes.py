@@ -42,11 +42,20 @@ def test_transformed_weights_compute_the_reference(variant):
     cfg = ck.config
     params = {k: np.asarray(ck.params[k], np.float32) for k in ck.params}
     quantized = tflite.quantized_names(params, "int8", False)
-    r = recipes.plan("rotate-smooth", cfg, quantized, params, ck.tokenizer_model,
-                     ck.special_ids["bos"])
+    if variant == "gemma3-270m-tiny":   # calibrated on the reference, as the export does
+        r = recipes.plan("rotate-smooth", cfg, quantized, params, ck.tokenizer_model,
+                         ck.special_ids["bos"])
+        assert r.record()["smoothing"]["calibration"]["tokens"] == \
+            [recipes.CALIBRATION_START, recipes.CALIBRATION_START + recipes.CALIBRATION_TOKENS]
+    else:   # any maxima give a recipe that computes the same function: random ones, quicker
+        rng = np.random.default_rng(0)
+        r = recipes.plan("rotate-smooth", cfg, quantized, params, stats={
+            n: rng.uniform(0.1, 10.0, recipes._inputs(cfg, n)).astype(np.float32)
+            for n in quantized if n == "embed" or n.rsplit(".", 1)[-1] in recipes.PROJECTIONS})
     assert "embed" in r.rotated and "embed" in r.scales and r.norms
     assert any(n.endswith("down_proj") for n in r.scales)
-    assert r.record()["smoothing"]["calibration"]["tokens"][0] == recipes.CALIBRATION_START
+    if not cfg.v_norm:   # o_proj's scales fold into v_proj (Gemma 4 normalizes its values)
+        assert any(n.endswith("o_proj") for n in r.scales)
     # every scale differs from 1: the check below would pass on an untouched model otherwise
     assert all(float(np.abs(np.log(s)).max()) > 1e-3 for s in r.scales.values())
     stored = {k: r.transform(k, v) for k, v in params.items()}
