@@ -81,11 +81,10 @@ def test_quantized_tflite(tmp_path, quant):
     ops = it._get_ops_details()
     fc = [details[o["inputs"][1]] for o in ops if o["op_name"] == "FULLY_CONNECTED"]
     assert {t["dtype"] for t in fc} - {np.float32} == {np.int8}  # int4 is packed in int8 storage
-    # int8's default recipe (rotate-smooth) rotates matmul inputs by float Hadamard blocks, one
-    # small FULLY_CONNECTED each; int4's (plain) none
+    # the default recipe (rotate-smooth) rotates matmul inputs by float Hadamard blocks, one
+    # small FULLY_CONNECTED each
     rotations = [t for t in fc if t["dtype"] == np.float32]
-    assert art["recipe"]["name"] == ("rotate-smooth" if quant == "int8" else "plain")
-    assert bool(rotations) == (quant == "int8")
+    assert art["recipe"]["name"] == "rotate-smooth" and rotations
     for t in rotations:   # [out, in] = H, the lookup's 1 / s folded in per output row
         w = np.abs(it.get_tensor(t["index"]))
         assert w.shape[0] == w.shape[1] and w.shape[0] & (w.shape[0] - 1) == 0
@@ -120,8 +119,7 @@ def _stored_weights(path):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
     """Every matmul weight in the file is the streaming quantizer's output for the checkpoint's
-    tensor as the export's recipe transformed it (int8: rotate-smooth, recalibrated here; int4:
-    plain), bit for bit, with its scales; and every matmul weight is quantized."""
+    tensor as the export's recipe transformed it (rotate-smooth, recalibrated here), bit for bit, with its scales; and every matmul weight is quantized."""
     from compile import recipes
     from compile.model import is_linear
     from compile.targets import tflite

@@ -368,11 +368,12 @@ def write(traced, params, out_dir: Path, options: dict, progress=None) -> dict:
 
 
 def recipe_name(options: dict, stored: str) -> str:
-    """The recipe asked for, or the default: rotate-smooth for int8, plain for int4 and float
-    (a float artifact quantizes nothing: any recipe is plain there)."""
+    """The recipe asked for, or the default (rotate-smooth) for int8 and int4; a float artifact
+    quantizes nothing: any recipe is plain there. Real 270M, the gate's slice: int8 89.1 % top-1
+    plain, 96.1 % rotate, 96.5 % rotate-smooth; int4 52.5 %, 62.9 %, 69.5 %."""
     if stored == "none":
         return "plain"
-    return options.get("recipe") or (recipes.DEFAULT if stored == "int8" else "plain")
+    return options.get("recipe") or recipes.DEFAULT
 
 
 def llm_metadata(special: dict, contract, markers: tuple[str, str] = chat.TURN_MARKERS[0]
