@@ -252,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
                         "quantized per block of 32, ONNX Runtime's fastest kernels) or float "
                         "(float32 activations: exact products of the stored weights, slower)")
     p.add_argument("--recipe", choices=("plain", "rotate", "rotate-smooth"), default=None,
-                   help="tflite int8/int4: what is done to the weights before they are quantized "
+                   help="tflite int8/int4 only: what is done to the weights before they are quantized "
                         "for LiteRT's kernels, which quantize activations to int8 per token "
                         "(docs/quality.md): rotate (Hadamard rotation of every matmul's "
                         "input), rotate-smooth (and SmoothQuant scales calibrated on the fp32 "

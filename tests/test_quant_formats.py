@@ -171,6 +171,23 @@ def test_activations_option_is_checked_per_target():
         targets.check_options(targets.get("xla"), {"activations": "int8"})
 
 
+def test_recipe_option_is_checked_per_target():
+    from compile import targets
+    tfl = targets.get("tflite")
+    for quant in ("int8", "int4"):
+        for recipe in ("plain", "rotate", "rotate-smooth"):
+            targets.check_options(tfl, {"quant": quant, "recipe": recipe})
+    targets.check_options(tfl, {"quant": "none", "recipe": "plain"})
+    with pytest.raises(ValueError, match=r"^--recipe rotate: tflite --quant none keeps the weights "
+                                         r"in float, which no recipe changes; recipes apply to "
+                                         r"int8 and int4$"):
+        targets.check_options(tfl, {"quant": "none", "recipe": "rotate"})
+    with pytest.raises(ValueError, match=r"^target 'onnx' does not support --recipe plain; "
+                                         r"recipes prepare weights for LiteRT's int8 kernels: the "
+                                         r"tflite target's int8 and int4$"):
+        targets.check_options(targets.get("onnx"), {"recipe": "plain"})
+
+
 def test_int8_of_a_dequantized_gguf_recovers_its_grids(native_gguf, tmp_path):
     """`--quant int8` on a checkpoint whose values lie on GGUF grids: least-error scales bring
     Q8_0, Q5_0 and Q4_0 values back exactly in symmetric blocks, and the offset grid of Q4_1 in

@@ -2,6 +2,7 @@
 
     NAME: str                       the manifest key and the artifact's subdirectory
     QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
+    RECIPES: tuple[str, ...]        optional: the --recipe values it supports (`compile.recipes`)
     ACTIVATIONS: tuple[str, ...]    optional: the --activations values it supports (what its
                                     quantized matmuls compute with); without it, none is accepted
     EXACT_QUANTS: tuple[str, ...]   optional (default ("none",)): the ones that store and compute
@@ -79,6 +80,11 @@ def check_options(mod, options: dict) -> None:
     if quant not in mod.QUANTS:
         raise ValueError(f"target {mod.NAME!r} does not support --quant {quant}; "
                          f"it supports: {', '.join(mod.QUANTS)}")
+    recipe = options.get("recipe")
+    if recipe and recipe not in getattr(mod, "RECIPES", ()):
+        raise ValueError(f"target {mod.NAME!r} does not support --recipe {recipe}; recipes "
+                         f"prepare weights for LiteRT's int8 kernels: the tflite target's int8 "
+                         f"and int4")
     acts = options.get("activations")
     if acts and acts not in getattr(mod, "ACTIVATIONS", ()):
         choice = getattr(mod, "ACTIVATIONS", ())

@@ -60,6 +60,7 @@ NAME = "tflite"
 QUANTS = ("none", "native", "int8", "int4")
 EXACT_QUANTS = ("none", "native")   # native: only a float checkpoint, kept in float32
 DEFAULT_QUANT = "int8"
+RECIPES = recipes.NAMES   # --recipe: what is done to int8/int4 weights before they are quantized
 TRACE_PLATFORMS = ()   # traced here, for cpu, from the weight forms this target stores
 # lora_* signatures beside prefill_N/decode, sharing their weights; the base ones take no slot
 # input, so LiteRT-LM's engine runs the `.litertlm` as before (it would leave unknown inputs unset)
@@ -67,7 +68,12 @@ LORA_SIGNATURES = True
 
 
 def check_options(options: dict) -> None:
-    """Before any work: the converter is installed (it comes without its dependencies)."""
+    """Before any work: the converter is installed (it comes without its dependencies), and a
+    recipe is asked for only where weights are quantized."""
+    quant, recipe = options.get("quant") or DEFAULT_QUANT, options.get("recipe")
+    if recipe and recipe != "plain" and quant in EXACT_QUANTS:
+        raise ValueError(f"--recipe {recipe}: tflite --quant {quant} keeps the weights in float, "
+                         f"which no recipe changes; recipes apply to int8 and int4")
     try:
         import litert_converter  # noqa: F401
     except ImportError:
