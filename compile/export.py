@@ -100,6 +100,7 @@ def export(ck: Checkpoint, contract: ct.Contract, target_names: list[str], out: 
     options = dict(options or {})
     seal_key = publish.seal_key()   # a key file others can read fails now, not after the work
     mods = [targets.get(t) for t in target_names]
+    targets.check_recipe(mods, options)
     for mod in mods:
         if contract.lora_rank and not getattr(mod, "LORA_SIGNATURES", False):
             raise ExportError(f"target {mod.NAME!r} has no run-time LoRA signatures yet; build "
@@ -352,6 +353,7 @@ def main(argv=None) -> int:
                    "accept_quality_loss": args.accept_quality_loss,
                    "all_or_nothing": args.all_or_nothing,
                    "tpu_topology": args.tpu_topology, "mesh": args.mesh}
+        targets.check_recipe([targets.get(n) for n in names], options)
         for n in names:
             targets.check_options(targets.get(n), options)
         from tqdm import tqdm

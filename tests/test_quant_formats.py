@@ -182,10 +182,14 @@ def test_recipe_option_is_checked_per_target():
                                          r"in float, which no recipe changes; recipes apply to "
                                          r"int8 and int4$"):
         targets.check_options(tfl, {"quant": "none", "recipe": "rotate"})
-    with pytest.raises(ValueError, match=r"^target 'onnx' does not support --recipe plain; "
-                                         r"recipes prepare weights for LiteRT's int8 kernels: the "
-                                         r"tflite target's int8 and int4$"):
-        targets.check_options(targets.get("onnx"), {"recipe": "plain"})
+    # several targets: the recipe is tflite's (the slotted real export passes plain with xla and
+    # onnx); refused only when no target asked for has recipes
+    targets.check_recipe([targets.get(t) for t in ("xla", "onnx", "tflite")], {"recipe": "plain"})
+    with pytest.raises(ValueError, match=r"^--recipe plain applies to none of the targets asked "
+                                         r"for \(onnx, xla\); recipes prepare weights for "
+                                         r"LiteRT's int8 kernels: the tflite target's int8 and "
+                                         r"int4$"):
+        targets.check_recipe([targets.get("onnx"), targets.get("xla")], {"recipe": "plain"})
 
 
 def test_int8_of_a_dequantized_gguf_recovers_its_grids(native_gguf, tmp_path):

@@ -2,7 +2,8 @@
 
     NAME: str                       the manifest key and the artifact's subdirectory
     QUANTS: tuple[str, ...]         the --quant values it supports; DEFAULT_QUANT is its default
-    RECIPES: tuple[str, ...]        optional: the --recipe values it supports (`compile.recipes`)
+    RECIPES: tuple[str, ...]        optional: the --recipe values it supports (`compile.recipes`;
+                                    targets without ignore --recipe, `check_recipe`)
     ACTIVATIONS: tuple[str, ...]    optional: the --activations values it supports (what its
                                     quantized matmuls compute with); without it, none is accepted
     EXACT_QUANTS: tuple[str, ...]   optional (default ("none",)): the ones that store and compute
@@ -73,6 +74,16 @@ def exact(mod, options: dict, params=None) -> bool:
         not mod.keeps_blocks(params, options)
 
 
+def check_recipe(mods, options: dict) -> None:
+    """--recipe applies to the targets that have recipes (tflite) among those exported, and is
+    refused when none of them has: `--target all --recipe plain` makes a plain tflite."""
+    recipe = options.get("recipe")
+    if recipe and not any(recipe in getattr(m, "RECIPES", ()) for m in mods):
+        raise ValueError(f"--recipe {recipe} applies to none of the targets asked for "
+                         f"({', '.join(m.NAME for m in mods)}); recipes prepare weights for "
+                         f"LiteRT's int8 kernels: the tflite target's int8 and int4")
+
+
 def check_options(mod, options: dict) -> None:
     if hasattr(mod, "check_options"):
         mod.check_options(options)
@@ -80,11 +91,6 @@ def check_options(mod, options: dict) -> None:
     if quant not in mod.QUANTS:
         raise ValueError(f"target {mod.NAME!r} does not support --quant {quant}; "
                          f"it supports: {', '.join(mod.QUANTS)}")
-    recipe = options.get("recipe")
-    if recipe and recipe not in getattr(mod, "RECIPES", ()):
-        raise ValueError(f"target {mod.NAME!r} does not support --recipe {recipe}; recipes "
-                         f"prepare weights for LiteRT's int8 kernels: the tflite target's int8 "
-                         f"and int4")
     acts = options.get("activations")
     if acts and acts not in getattr(mod, "ACTIVATIONS", ()):
         choice = getattr(mod, "ACTIVATIONS", ())
