@@ -283,6 +283,9 @@ def engines(args) -> list[dict]:
             step = size - unread_bytes(cfg, target, rec.get("quantization")) + kv_bytes
             what = rec.get("quantization") + (", float activations"
                                               if rec.get("activations") == "float" else "")
+            recipe = (rec.get("recipe") or {}).get("name")
+            if recipe and recipe != "plain":   # compile.recipes: rotated/smoothed before int8
+                what += f", {recipe}"
             lora = m.data["signatures"].get("lora")
             if lora:
                 what += f", LoRA slots r{lora['rank']}"
@@ -296,7 +299,7 @@ def engines(args) -> list[dict]:
                             "quantization": what, "base_id": adapters.base_id(m.data)})
             if target == "tflite" and "litert-lm" in args.peers:
                 bundle = m.path(rec["files"]["litertlm"]["path"])
-                out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({rec.get('quantization')})",
+                out.append({"kind": "litert-lm", "name": f"LiteRT-LM engine ({what})",
                             "bundle": str(bundle), "artifacts": str(m.root),
                             "artifact_bytes": bundle.stat().st_size,
                             "bytes_per_token": {"short": step, "long": step},
