@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runtime import contract as ct
 
-from . import checkpoints, parity, publish, targets
+from . import checkpoints, parity, publish, recipes, targets
 from .checkpoints import Checkpoint, CheckpointError
 from .config import get_variant
 from .model import full_size_params, init_params
@@ -252,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnx: what quantized matmuls compute with: int8 (default: activations "
                         "quantized per block of 32, ONNX Runtime's fastest kernels) or float "
                         "(float32 activations: exact products of the stored weights, slower)")
-    p.add_argument("--recipe", choices=("plain", "rotate", "rotate-smooth"), default=None,
+    p.add_argument("--recipe", choices=recipes.NAMES, default=None,
                    help="tflite int8/int4 only: what is done to the weights before they are quantized "
                         "for LiteRT's kernels, which quantize activations to int8 per token "
                         "(docs/quality.md): rotate (Hadamard rotation of every matmul's "

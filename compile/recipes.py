@@ -280,7 +280,6 @@ def calibrate(cfg, params, tokenizer_model: bytes, bos: int, progress=None
     windows, from the fp32 reference run a layer at a time (its weights read just before use)."""
     import jax.numpy as jnp
     from . import model, trace
-    from .weights.sources import take_rows
     wins, record = calibration_windows(tokenizer_model, bos)
     stats: dict[str, np.ndarray] = {}
 
@@ -296,29 +295,16 @@ def calibrate(cfg, params, tokenizer_model: bytes, bos: int, progress=None
     rec = Recorder()
     bar = progress(total=len(wins) * cfg.num_layers, desc="calibrate", unit="layer") \
         if progress else None
+
+    def block(cfg, layer, p, x, positions, shared, ple):   # eager: the recorder sees values
+        x, _, segments = model.block(cfg, p, layer, x, positions, forms=rec, shared=shared,
+                                     ple=ple)
+        if bar:
+            bar.update()
+        return x, segments
+
     for w in wins:
-        ids = np.asarray(w, np.int32)[None]                                        # [1, T]
-        positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
-        x = jnp.asarray(take_rows(params, "embed", ids) * np.float32(cfg.embed_scale))
-        ple = None
-        if cfg.ple_dim:
-            ple = trace._per_layer_inputs(
-                cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
-                      "ple_model_proj": params["ple_model_proj"],
-                      "ple_proj_norm": params["ple_proj_norm"]}, ids, x)
-        segments = {}
-        for a in cfg.attention():
-            i = a.layer
-            prefix = f"layers.{i}."
-            p = {n[len(prefix):]: jnp.asarray(params[n]) for n in params
-                 if n.startswith(prefix)}
-            x, _, segments[i] = model.block(
-                cfg, p, i, x, positions, forms=rec,
-                shared=None if a.owner == i else segments[a.owner],
-                ple=None if ple is None else ple[:, :, i])
-            del p
-            if bar:
-                bar.update()
+        x = trace.run_layers(cfg, params, np.asarray(w, np.int32)[None], block)   # [1, T, D]
         seen(HEAD, model.norm(cfg, x, jnp.asarray(params["final_norm"])))
     if bar:
         bar.close()

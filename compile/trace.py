@@ -119,13 +119,29 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     does not need the whole float model."""
     cfg = contract.config
     ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
+    lazy = isinstance(params, Params) and params.tensors["embed"].rows is not None
+    table = None if lazy else params["embed"]   # a source that reads only whole: once
+    V, D = params.tensors["embed"].shape if lazy else table.shape
+    x = run_layers(cfg, params, ids)                                               # [1, T, D]
+    norm = params["final_norm"]
+    step = max(1, (64 << 20) // (D * 4))                                          # 64 MB slices
+    for r in range(start, ids.shape[1], rows):
+        xr = x[:, r:r + rows]
+        yield np.concatenate([np.asarray(_head(cfg, norm, params.tensors["embed"].get_rows(
+            v, min(v + step, V)) if lazy else table[v:v + step], xr))[0]
+            for v in range(0, V, step)], axis=-1)
+
+
+def run_layers(cfg, params, ids: np.ndarray, block=None):
+    """The decoder layers of the full forward over ids [1, T]: the residual stream [1, T, D]
+    after the last layer (before the final norm). Layer by layer, each layer's weights read from
+    `params` just before use; `block(cfg, layer, p, x, positions, shared, ple) -> (x, segments)`
+    runs one layer (default: the jitted reference; calibration passes one that records)."""
+    block = block or _block
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
     # the lookup as model.embed does it (a row gather, then one float32 multiply); the table is
     # never whole in memory (31B's is 5.6 GB in float32): the tokens' rows, then row slices
     x = jnp.asarray(take_rows(params, "embed", ids) * np.float32(cfg.embed_scale))  # [1, T, D]
-    lazy = isinstance(params, Params) and params.tensors["embed"].rows is not None
-    table = None if lazy else params["embed"]   # a source that reads only whole: once
-    V, D = params.tensors["embed"].shape if lazy else table.shape
     ple = None
     if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
         ple = _per_layer_inputs(cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
@@ -139,17 +155,11 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
         # layer's float expert stacks are 3 GB, held twice when the whole host dict was passed
         prefix = f"layers.{i}."
         p = {n[len(prefix):]: jnp.asarray(params[n]) for n in params if n.startswith(prefix)}
-        x, segments[i] = _block(cfg, i, p, x, positions,
-                                None if a.owner == i else segments[a.owner],
-                                None if ple is None else ple[:, :, i])
+        x, segments[i] = block(cfg, i, p, x, positions,
+                               None if a.owner == i else segments[a.owner],
+                               None if ple is None else ple[:, :, i])
         del p   # before the next layer's are read
-    norm = params["final_norm"]
-    step = max(1, (64 << 20) // (D * 4))                                          # 64 MB slices
-    for r in range(start, ids.shape[1], rows):
-        xr = x[:, r:r + rows]
-        yield np.concatenate([np.asarray(_head(cfg, norm, params.tensors["embed"].get_rows(
-            v, min(v + step, V)) if lazy else table[v:v + step], xr))[0]
-            for v in range(0, V, step)], axis=-1)
+    return x
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -121,6 +121,7 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None,
     consts: dict[str, np.ndarray] = {}
     quantized: dict[str, container.Quantized] = {}
     specs = specs_of(params)
+    matmuls = quantized_names(params, quant, float_embedding)
     for name in params:
         if name == "ple_embed" and quant != "none":
             # Gemma 4's per-layer table: an int8 lookup in blocks, one row gathered per token,
@@ -147,10 +148,9 @@ def weight_forms(params, quant: str, float_embedding: bool, tick=None,
                 tick()
             continue
         w = recipe.transform(name, params[name])
-        if gemma.is_linear(name) and (gemma.keeps_float(name) or quant == "int4"
-                                      and w.shape[0] % wq.INT4_BLOCK):
-            # the expert router, or inputs too few for one block (a tiny model's 8-wide PLE):
-            # float [out, in]
+        if gemma.is_linear(name) and name not in matmuls:
+            # float: nothing quantized, the expert router, or inputs too few for one int4 block
+            # (a tiny model's 8-wide PLE) (`quantized_names`): [out, in]
             consts[name] = np.ascontiguousarray(np.asarray(w, np.float32).T)
         elif gemma.is_linear(name) or name == "embed":
             rows = np.ascontiguousarray(np.asarray(w, np.float32).T if name != "embed" else w,
