@@ -22,6 +22,7 @@ vocabulary is 1 GB of float32).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -108,13 +109,19 @@ def reference_to_disk(contract, params, wins: list[np.ndarray], folder: Path
     returns a `reference` for `evaluate_many` that reads them back ROW_CHUNK rows at a time. So
     the reference's weights and an artifact's are never in memory together (the export's quality
     gate: 2.8 GB peak for the 270M when they were)."""
+    from . import trace
     V = contract.config.vocab_size
     files = {}
     for k, w in enumerate(wins):
         path = Path(folder) / f"reference-{k}.f32"
+        # [T, V] row-major, written a slice of the vocabulary (all T rows) at a time, so the
+        # table is read once per window (not once per row chunk: 8 times for 512 tokens)
         with open(path, "wb") as f:
-            for chunk in reference_chunks(contract, params, w):
-                np.ascontiguousarray(chunk, np.float32).tofile(f)
+            f.truncate(len(w) * V * 4)
+            for v, cols in trace.reference_logit_slices(contract, params, w):      # [T, s]
+                cols = np.ascontiguousarray(cols, np.float32)
+                for t in range(len(w)):
+                    os.pwrite(f.fileno(), cols[t].data, (t * V + v) * 4)
         files[id(w)] = path
 
     def reference(w: np.ndarray) -> Iterator[np.ndarray]:
@@ -142,7 +149,8 @@ def evaluate_many(contract, params, wins: Iterable[np.ndarray],
     """`evaluate` for several candidates at once: the reference runs once per window. `text`
     names the text of `TEXTS` the windows come from (its sha256 goes with the figures)."""
     reference = reference or (lambda w: reference_chunks(contract, params, w))
-    accs = {name: _Acc() for name in candidates}
+    scratch = _Scratch()
+    accs = {name: _Acc(scratch) for name in candidates}
     wins = list(wins)
     bar = progress(total=sum(len(w) for w in wins) * len(candidates), desc="quality",
                    unit="tok") if progress else None
@@ -151,11 +159,12 @@ def evaluate_many(contract, params, wins: Iterable[np.ndarray],
         pos = 0
         for ref in reference(w):
             ref = np.asarray(ref, np.float32)
-            lp = _log_softmax(ref)   # once per chunk, for every candidate
+            lp = _log_softmax(ref, scratch, "lp")   # once per chunk, for every candidate
+            p = np.exp(lp, out=scratch.get("p", lp.shape))
             targets = w[pos + 1: pos + 1 + len(ref)]
             for name, it in rows.items():
                 got = np.stack([next(it) for _ in range(len(ref))])
-                accs[name].add(ref, got, targets, lp)
+                accs[name].add(ref, got, targets, lp, p)
                 if bar:
                     bar.update(len(ref))
             pos += len(ref)
@@ -194,8 +203,23 @@ def _rows(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             yield from c.reshape(-1, c.shape[-1])
 
 
-class _Acc:
+class _Scratch:
+    """float64 work arrays kept across chunks: a fresh [64, 262144] one costs 32k page faults
+    (glibc maps and unmaps arrays that size on every allocation), more than the arithmetic."""
+
     def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None or a.shape != shape:
+            a = self.arrays[name] = np.empty(shape, np.float64)
+        return a
+
+
+class _Acc:
+    def __init__(self, scratch: _Scratch | None = None):
+        self.scratch = scratch
         self.n = 0
         self.agree = 0
         self.kl = 0.0
@@ -204,18 +228,19 @@ class _Acc:
         self.scored = 0
 
     def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray,
-            lp: np.ndarray | None = None) -> None:
-        """`lp`: the reference's log-softmax, when the caller has it already."""
+            lp: np.ndarray | None = None, p: np.ndarray | None = None) -> None:
+        """`lp`, `p`: the reference's log-softmax and softmax, when the caller has them."""
         lp = _log_softmax(ref) if lp is None else lp
-        lq = _log_softmax(got)
+        p = np.exp(lp) if p is None else p
+        lq = _log_softmax(got, self.scratch, "lq")
         self.n += len(ref)
         self.agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
-        self.kl += float(_kl(lp, lq).sum())
         k = len(targets)   # the last position of a window has no next token to score
         rows = np.arange(k)
         self.nll_ref -= float(lp[rows, targets].sum())
         self.nll_got -= float(lq[rows, targets].sum())
         self.scored += k
+        self.kl += float(_kl(lp, lq, p, into=lq).sum())    # lq is not read after this
 
     def figures(self, windows: int, text_sha256: str) -> dict:
         ppl_ref = float(np.exp(self.nll_ref / max(1, self.scored)))
@@ -231,11 +256,26 @@ def kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return _kl(_log_softmax(ref), _log_softmax(got))
 
 
-def _kl(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+def _kl(lp: np.ndarray, lq: np.ndarray, p: np.ndarray | None = None,
+        into: np.ndarray | None = None) -> np.ndarray:
+    """KL per row from log-softmaxes (and the first's softmax p, when known); `into`: an array
+    of lp's shape that may be overwritten (lq, when the caller is done with it)."""
+    p = np.exp(lp) if p is None else p
+    d = np.subtract(lp, lq, out=into)
+    return np.maximum(np.einsum("ij,ij->i", p.reshape(-1, p.shape[-1]),
+                                d.reshape(-1, d.shape[-1])).reshape(p.shape[:-1]), 0.0)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def _log_softmax(x: np.ndarray, scratch: _Scratch | None = None, name: str = "x"
+                 ) -> np.ndarray:
+    """In float64, in place on one copy: a new array, or `scratch`'s array `name` (valid until
+    that name is asked for again)."""
+    if scratch is None:
+        x, tmp = x.astype(np.float64), None
+    else:
+        out = scratch.get(name, x.shape)
+        np.copyto(out, x)
+        x, tmp = out, scratch.get("exp", x.shape)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x, out=tmp).sum(axis=-1, keepdims=True))
+    return x

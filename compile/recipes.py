@@ -35,8 +35,11 @@ The manifest records `Recipe.record()`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NAMES = ("plain", "rotate", "rotate-smooth")
@@ -278,34 +281,52 @@ def calibrate(cfg, params, tokenizer_model: bytes, bos: int, progress=None
               ) -> tuple[dict[str, np.ndarray], dict]:
     """max |x| per input channel of every projection and of the head, over the calibration
     windows, from the fp32 reference run a layer at a time (its weights read just before use)."""
-    import jax.numpy as jnp
     from . import model, trace
     wins, record = calibration_windows(tokenizer_model, bos)
     stats: dict[str, np.ndarray] = {}
 
-    def seen(full, x):
-        a = np.asarray(jnp.abs(x).reshape(-1, x.shape[-1]).max(axis=0), np.float32)
+    def seen(full, a):
+        a = np.asarray(a, np.float32)
         stats[full] = a if full not in stats else np.maximum(stats[full], a)
 
-    class Recorder(model.Forms):
-        def project(self, x, p, name, layer):
-            seen(f"layers.{layer}.{name}", x)
-            return super().project(x, p, name, layer)
-
-    rec = Recorder()
     bar = progress(total=len(wins) * cfg.num_layers, desc="calibrate", unit="layer") \
         if progress else None
 
-    def block(cfg, layer, p, x, positions, shared, ple):   # eager: the recorder sees values
-        x, _, segments = model.block(cfg, p, layer, x, positions, forms=rec, shared=shared,
-                                     ple=ple)
+    def block(cfg, layer, p, x, positions, shared, ple):
+        x, segments, maxima = _recording_block(cfg, trace.program_layer(cfg, layer), p, x,
+                                               positions, shared, ple)
+        for name, a in maxima.items():
+            seen(f"layers.{layer}.{name}", a)
         if bar:
             bar.update()
         return x, segments
 
     for w in wins:
         x = trace.run_layers(cfg, params, np.asarray(w, np.int32)[None], block)   # [1, T, D]
-        seen(HEAD, model.norm(cfg, x, jnp.asarray(params["final_norm"])))
+        seen(HEAD, _channel_max(model.norm(cfg, x, jnp.asarray(params["final_norm"]))))
     if bar:
         bar.close()
     return stats, record
+
+
+def _channel_max(x):
+    """max |x| per channel (the last axis) over every other axis."""
+    return jnp.abs(x).reshape(-1, x.shape[-1]).max(axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _recording_block(cfg, layer, p, x, positions, shared, ple):
+    """The reference's layer `layer` (`trace.program_layer`'s representative: the index chooses
+    no computation) and, per matmul name, max |input| per channel: (x, segments, {name: [in]})."""
+    from . import model
+    maxima = {}
+
+    class Recorder(model.Forms):
+        def project(self, x, p, name, layer):
+            a = _channel_max(x)
+            maxima[name] = a if name not in maxima else jnp.maximum(maxima[name], a)
+            return super().project(x, p, name, layer)
+
+    x, _, segments = model.block(cfg, p, layer, x, positions, forms=Recorder(), shared=shared,
+                                 ple=ple)
+    return x, segments, maxima

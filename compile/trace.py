@@ -10,6 +10,7 @@ signatures.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -116,28 +117,42 @@ def reference_logit_chunks(contract: ct.Contract, params, tokens: np.ndarray, ro
     `params` (a lazy `weights.Params` or a dict) just before using them, and the output
     projection a slice of the vocabulary at a time, so it holds at most the embedding table on
     the host and one layer (or one slice of the table) on the device: checking a large export
-    does not need the whole float model."""
-    cfg = contract.config
-    ids = np.asarray(tokens, np.int32)[None]                                       # [1, T]
+    does not need the whole float model. (Each row chunk reads the table again: a caller that
+    can take columns, `reference_logit_slices`, reads it once.)"""
+    x = run_layers(contract.config, params, np.asarray(tokens, np.int32)[None])    # [1, T, D]
+    for r in range(start, x.shape[1], rows):
+        yield np.concatenate([z for _, z in _head_slices(contract.config, params,
+                                                         x[:, r:r + rows])], axis=-1)
+
+
+def reference_logit_slices(contract: ct.Contract, params, tokens: np.ndarray):
+    """The same logits as `reference_logit_chunks`, for all T positions a slice of the
+    vocabulary at a time: (v0, [T, v1 - v0]) in order. The table is read (for a GGUF,
+    dequantized) once, not once per row chunk."""
+    x = run_layers(contract.config, params, np.asarray(tokens, np.int32)[None])    # [1, T, D]
+    yield from _head_slices(contract.config, params, x)
+
+
+def _head_slices(cfg, params, x):
+    """(v0, logits [T, step]) of x [1, T, D] over the vocabulary in 64 MB slices of the table."""
     lazy = isinstance(params, Params) and params.tensors["embed"].rows is not None
     table = None if lazy else params["embed"]   # a source that reads only whole: once
     V, D = params.tensors["embed"].shape if lazy else table.shape
-    x = run_layers(cfg, params, ids)                                               # [1, T, D]
     norm = params["final_norm"]
     step = max(1, (64 << 20) // (D * 4))                                          # 64 MB slices
-    for r in range(start, ids.shape[1], rows):
-        xr = x[:, r:r + rows]
-        yield np.concatenate([np.asarray(_head(cfg, norm, params.tensors["embed"].get_rows(
-            v, min(v + step, V)) if lazy else table[v:v + step], xr))[0]
-            for v in range(0, V, step)], axis=-1)
+    for v in range(0, V, step):
+        rows = params.tensors["embed"].get_rows(v, min(v + step, V)) if lazy else \
+            table[v:v + step]
+        yield v, np.asarray(_head(cfg, norm, rows, x))[0]
 
 
 def run_layers(cfg, params, ids: np.ndarray, block=None):
     """The decoder layers of the full forward over ids [1, T]: the residual stream [1, T, D]
     after the last layer (before the final norm). Layer by layer, each layer's weights read from
     `params` just before use; `block(cfg, layer, p, x, positions, shared, ple) -> (x, segments)`
-    runs one layer (default: the jitted reference; calibration passes one that records)."""
-    block = block or _block
+    runs one layer (default: the jitted reference, compiled once per `program_layer`;
+    calibration passes one that records)."""
+    block = block or (lambda cfg, i, *args: _block(cfg, program_layer(cfg, i), *args))
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
     # the lookup as model.embed does it (a row gather, then one float32 multiply); the table is
     # never whole in memory (31B's is 5.6 GB in float32): the tokens' rows, then row slices
@@ -160,6 +175,23 @@ def run_layers(cfg, params, ids: np.ndarray, block=None):
                                None if ple is None else ple[:, :, i])
         del p   # before the next layer's are read
     return x
+
+
+def program_layer(cfg, i: int) -> int:
+    """The first layer whose block is the same program as layer i's. `model.block` reads its
+    layer index only through the layer's spec (`cfg.attention()`) and `Forms.project`, which the
+    reference and the calibration's recorder do not use to choose a computation, so layers whose
+    specs agree apart from their index (and whether they own their cache) compute the same
+    function of their own weights: one compile serves them all (2 for the 270M's 18 layers,
+    where a compile per layer took 5 of the quality gate's reference's 7 seconds)."""
+    return _program_layers(cfg)[i]
+
+
+@functools.lru_cache(maxsize=None)
+def _program_layers(cfg) -> tuple[int, ...]:
+    first: dict = {}
+    return tuple(first.setdefault(dataclasses.replace(a, layer=0, owner=int(a.produces_kv)),
+                                  a.layer) for a in cfg.attention())
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

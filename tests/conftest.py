@@ -142,14 +142,20 @@ def real_checkpoint(real_gguf):
     return checkpoints.load(real_gguf)
 
 
+# the real 270M's exact xla artifact: one prefill length and a 256-token context hold every test
+# that reads it (32 generated tokens, ~100-token logits) and compile two executables, not four
+# larger ones, in its export's parity check, the tests' runtime and the TPU compile
+REAL_XLA_LENGTHS, REAL_XLA_CONTEXT = (32,), 256
+
+
 @pytest.fixture(scope="session")
 def real_export(real_checkpoint):
-    """(target, quant) -> the real 270M's artifact directory of that target alone, default
-    contract. xla (exact) is one export; the default lossy forms (tflite int8, onnx native, as
-    `compile.export` makes them with no flag: each must pass the quality gate, or the export
-    fails) come from another, so the group traces and runs its references once; other
-    quantizations accept the gate's verdict, which their manifests record. Each test gets a
-    directory with its target alone
+    """(target, quant) -> the real 270M's artifact directory of that target alone. xla (exact)
+    is one export (contract REAL_XLA_LENGTHS, REAL_XLA_CONTEXT); the default lossy forms
+    (tflite int8, onnx native, default contract, as `compile.export` makes them with no flag:
+    each must pass the quality gate, or the export fails) come from another, so the group
+    traces and runs its references once; other quantizations accept the gate's verdict, which
+    their manifests record. Each test gets a directory with its target alone
     (`artifacts.view`). (tflite and onnx `none` of the real model are not exported: each is
     80 CPU-s, and their export's own parity check against the JAX reference is what a test of
     them would repeat; the tiny models' fp32 artifacts are held to the reference.)"""
@@ -157,7 +163,8 @@ def real_export(real_checkpoint):
 
     def get(target: str, quant: str) -> Path:
         if target == "xla":
-            art = exported("real", ["xla"], options={"quant": "none"}, ck=real_checkpoint)
+            art = exported("real", ["xla"], REAL_XLA_LENGTHS, REAL_XLA_CONTEXT,
+                           options={"quant": "none"}, ck=real_checkpoint)
         elif (target, quant) in (("tflite", "int8"), ("onnx", "native")):
             art = exported("real", ["tflite", "onnx"], ck=real_checkpoint)
         else:
@@ -170,7 +177,7 @@ def real_export(real_checkpoint):
 
 @pytest.fixture(scope="session")
 def real_artifacts(real_export) -> Path:
-    """The real 270M's xla artifact with the default contract."""
+    """The real 270M's exact xla artifact (contract REAL_XLA_LENGTHS, REAL_XLA_CONTEXT)."""
     return real_export("xla", "none")
 
 

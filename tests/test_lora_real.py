@@ -1,7 +1,7 @@
 """A LoRA adapter trained with PEFT on the real Gemma 3 270M (a few steps, on CPU, so that its
-greedy output differs from the base model's), merged into the real GGUF at export: the artifact's
-logits equal PEFT's (adapter unmerged, on transformers' reading of the same GGUF) and so does its
-greedy text."""
+greedy output differs from the base model's), merged into the real GGUF's weights as the export
+does, and fed at run time to artifacts with LoRA slots on every target: the logits equal PEFT's
+(adapter unmerged, on transformers' reading of the same GGUF) and so does the greedy text."""
 
 from pathlib import Path
 
@@ -46,30 +46,42 @@ def _greedy(pm, tok, n):
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_merged_real_adapter_matches_peft(trained, real_checkpoint):
-    from artifacts import exported
-    from compile import lora
-    pm, tok, adapter = trained
+@pytest.fixture(scope="module")
+def peft_greedy(trained):
+    """PEFT's greedy 12 tokens after PROMPT: (with the adapter, without it)."""
+    pm, tok, _ = trained
     want = _greedy(pm, tok, 12)
     with pm.disable_adapter():
         base = _greedy(pm, tok, 12)
     assert want != base, "the adapter did not change the greedy output"
     assert "Berlin" in tok.decode(want)
+    return want, base
 
-    out = exported(f"real+lora-{_adapter_id()}", ["xla"], (32,), 256,
-                   ck=lora.apply(real_checkpoint, adapter))      # merged at export
-    gen = runtime.load(out, target="xla")
-    ids = gen.tokenizer.prompt_ids(PROMPT)
-    assert ids == tok(PROMPT).input_ids
-    assert list(gen.stream_ids(ids, max_new_tokens=12)) == want
 
-    text = np.array(tok(PROMPT + " a city of art and history, where", return_tensors="np")
-                    .input_ids[0], np.int32)
+def _peft_logits(pm, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        ref = pm(torch.from_numpy(text[None]).long()).logits[0].float().numpy()
+        return pm(torch.from_numpy(ids[None]).long()).logits[0].float().numpy()
+
+
+def test_merged_real_adapter_matches_peft(trained, peft_greedy, real_checkpoint):
+    """Merged into the real GGUF's weights at export (`compile.lora.apply`, what `--lora` does
+    before any target sees the weights), the model is PEFT's: teacher-forced on PEFT's greedy
+    continuation, each next token is the argmax (so greedy decoding gives PEFT's text) and the
+    logits equal PEFT's. The fp32 reference stands for the artifact here: every target is held
+    to it by its export's parity check, the real xla artifact to transformers in
+    test_real_model.py, and merged tiny artifacts to PEFT in test_lora.py."""
+    from compile import lora, trace
+    from runtime import contract as ct
+    pm, tok, adapter = trained
+    want, _ = peft_greedy
+    merged = lora.apply(real_checkpoint, adapter)
+    prompt = tok(PROMPT).input_ids
+    ids = np.array(prompt + want, np.int32)
+    got = trace.reference_logits(ct.Contract(merged.config, (32,), 256), merged.params, ids)
+    assert got[len(prompt) - 1:-1].argmax(-1).tolist() == want
+    ref = _peft_logits(pm, ids)
     # same fp32 weights; only summation order differs between torch and XLA
-    np.testing.assert_allclose(gen.logits(text, start=4), ref[4:], atol=2e-3 * np.abs(ref).max(),
-                               rtol=0)
+    np.testing.assert_allclose(got[4:], ref[4:], atol=2e-3 * np.abs(ref).max(), rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +116,13 @@ def slotted_real(trained, real_checkpoint):
 
 
 @pytest.mark.parametrize("target", ["xla", "onnx", "tflite"])
-def test_run_time_real_adapter_matches_peft(trained, slotted_real, target):
+def test_run_time_real_adapter_matches_peft(trained, peft_greedy, slotted_real, target):
     """The adapter at run time on the unmerged base: xla (fp32) gives PEFT's greedy text and its
     logits to the real model's tolerance; the quantized onnx and tflite give its greedy answer
     and agree with PEFT's top-1 as their base parity requires (>= 0.9). The same loaded artifact
     without the adapter still gives the base model's answer."""
     pm, tok, _ = trained
-    want = _greedy(pm, tok, 12)
-    with pm.disable_adapter():
-        base = _greedy(pm, tok, 12)
+    want, base = peft_greedy
     gen = runtime.load(slotted_real, target=target, adapter="france")
     ids = gen.tokenizer.prompt_ids(PROMPT)
     got = list(gen.stream_ids(ids, max_new_tokens=12))
@@ -122,8 +132,7 @@ def test_run_time_real_adapter_matches_peft(trained, slotted_real, target):
     assert "Berlin" in tok.decode(got[:3]) and "Berlin" not in tok.decode(got_base)
     text = np.array(tok(PROMPT + TARGET + " It is a city of art and history, where",
                         return_tensors="np").input_ids[0], np.int32)
-    with torch.no_grad():
-        ref = pm(torch.from_numpy(text[None]).long()).logits[0].float().numpy()
+    ref = _peft_logits(pm, text)
     logits = gen.logits(text, start=4)
     if target == "xla":
         np.testing.assert_allclose(logits, ref[4:], atol=2e-3 * np.abs(ref).max(), rtol=0)

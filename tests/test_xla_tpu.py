@@ -67,7 +67,9 @@ def test_real_model_compiles_for_tpu(real_checkpoint, real_artifacts, tmp_path, 
     for name in ("manifest.json", "tokenizer.model"):
         (out / name).write_bytes((real_artifacts / name).read_bytes())
     (out / "xla").symlink_to(real_artifacts / "xla", target_is_directory=True)
-    ex.export(real_checkpoint, ct.Contract(real_checkpoint.config), ["xla-tpu"], out,
+    from conftest import REAL_XLA_CONTEXT, REAL_XLA_LENGTHS   # the xla artifact's contract
+    ex.export(real_checkpoint, ct.Contract(real_checkpoint.config, REAL_XLA_LENGTHS,
+                                           REAL_XLA_CONTEXT), ["xla-tpu"], out,
               {"tpu_topology": topology}, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
     rec = _check_tpu_record(out, m, topology, chips)
