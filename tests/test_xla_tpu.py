@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import runtime
@@ -80,7 +79,7 @@ def test_real_model_compiles_for_tpu(real_checkpoint, real_artifacts, tmp_path, 
     from helpers import cli
     r = cli("runtime.info", "--artifacts", out)     # in process (test_info_cache runs it for real)
     assert r.returncode == 0, r.stderr
-    assert f"xla-tpu  bf16" in r.stdout and f"not runnable: compiled for {topology}" in r.stdout
+    assert "xla-tpu  bf16" in r.stdout and f"not runnable: compiled for {topology}" in r.stdout
     assert "choice: xla" in r.stdout
 
 
