@@ -81,7 +81,10 @@ def _gguf_read_in_memory():
     from a numpy memmap, and each of the 262,144 vocabulary strings costs dozens of memmap
     slices (~15 s a read, 45 of transformers' ~50 s). Here it parses the same bytes from an
     in-memory array instead: the same parsing code and values (state dict and config compared
-    equal when this was written), ~2x faster. Only while transformers reads the oracle's files."""
+    equal when this was written), ~2x faster. transformers only reads a reader's fields and
+    tensors, so its three reads of one file share one parse. Only while transformers reads the
+    oracle's files."""
+    import gguf
     import gguf.gguf_reader as reader
     import numpy
 
@@ -93,11 +96,20 @@ def _gguf_read_in_memory():
         def memmap(path, mode="r", **kw):
             return numpy.fromfile(path, dtype=numpy.uint8)
 
-    saved, reader.np = reader.np, _InMemory()
+    parsed = {}
+
+    def shared(path, *args, **kw):
+        key = (str(path), args, tuple(sorted(kw.items())))
+        if key not in parsed:
+            parsed[key] = cls(path, *args, **kw)
+        return parsed[key]
+
+    cls = gguf.GGUFReader
+    saved, reader.np, gguf.GGUFReader = reader.np, _InMemory(), shared
     try:
         yield
     finally:
-        reader.np = saved
+        reader.np, gguf.GGUFReader = saved, cls
 
 
 @pytest.fixture(scope="session")
