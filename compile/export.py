@@ -231,6 +231,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="artifact directory (default: artifacts/<variant>)")
     p.add_argument("--prefill-lengths", type=_parse_lengths, default=ct.DEFAULT_PREFILL_LENGTHS,
                    help="static prefill lengths, comma-separated (default: 32,128,512)")
+    p.add_argument("--verify-lengths", default=ct.DEFAULT_VERIFY_LENGTHS,
+                   type=lambda t: () if t.strip().lower() == "none" else _parse_lengths(t),
+                   help="token counts of the verify_N signatures, which return the logits of "
+                        "every token they are given: the quality gate scores the artifact "
+                        "through them, and a draft model's proposals are checked in one call "
+                        "(comma-separated, or none; default: 8)")
     p.add_argument("--max-context", type=int, default=ct.DEFAULT_MAX_CONTEXT,
                    help="KV cache length (default: 2048)")
     p.add_argument("--quant", default=None,
@@ -316,7 +322,8 @@ def _checkpoint_and_contract(args, progress):
     if args.lora_targets != ct.LORA_TARGETS and not args.lora_rank:
         raise ValueError("--lora-targets needs --lora-rank R")
     contract = ct.Contract(ck.config, args.prefill_lengths, args.max_context,
-                           lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+                           lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+                           verify_lengths=args.verify_lengths)
     default_out = ck.config.name + (f"-{Path(args.lora).resolve().name}" if args.lora else "")
     return ck, contract, Path(args.out or f"artifacts/{default_out}")
 

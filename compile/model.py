@@ -452,13 +452,14 @@ def head(cfg: GemmaConfig, final_norm, table, x, forms: Forms = REFERENCE):
 
 
 def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | None = None,
-            logits: str | int = "all", cache_outputs: str = "full", forms: Forms = REFERENCE):
+            logits="all", cache_outputs: str = "full", forms: Forms = REFERENCE):
     """tokens: [B, T] int32; positions: [T] int32 (contiguous); cache: the signature's KV dict.
     new_cache holds the updated caches, or for cache_outputs="rows" only this call's new rows,
     under the same names (`runtime.contract`).
 
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
-    int k (the last k positions), None for "none".
+    int k (the last k positions), [B, R, V] for an int32 array [R] of positions within the call
+    (negative ones count from the end: [-1] is "last"), None for "none".
     """
     if cache_outputs not in ct.CACHE_OUTPUTS:
         raise ValueError(f"cache_outputs {cache_outputs!r}: expected one of {ct.CACHE_OUTPUTS}")
@@ -476,8 +477,11 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
             ple=None if ple is None else ple[:, :, i])
         if cache is not None:
             kv.store(new_cache, layout, i, layer_cache)
-    if logits == "none":
+    if isinstance(logits, str) and logits == "none":
         return None, new_cache
-    if logits != "all":
+    if not isinstance(logits, (str, int)):                # rows chosen at run time
+        T = x.shape[1]
+        x = jnp.take(x, jnp.where(logits < 0, logits + T, logits), axis=1)   # [B, R, D]
+    elif logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
     return head(cfg, params["final_norm"], params["embed"], x, forms), new_cache

@@ -1,7 +1,9 @@
 """The export's parity gate: every artifact, run through the runtime, against the JAX reference.
 
 A fixed text long enough for two prefill chunks is prefilled in chunks and then decoded token by
-token; the logits of the decoded positions are compared with the model's full forward (no cache).
+token; the logits of the decoded positions are compared with the model's full forward (no cache),
+and so are those of the same positions scored through the artifact's verify signatures, where it
+has them (`figures["verify"]`, held to the same limits).
 An artifact passes when, within `TOLERANCE` for its weight quantization (the one tolerance table of
 the exporter): its largest logit difference relative to the largest reference logit, its mean KL
 divergence from the reference distribution (where a limit is set), and its top-1 agreement on the
@@ -11,8 +13,9 @@ synthetic full-size checkpoints) can give near-ties that any rounding flips; cou
 positions keeps the check meaningful on them, and a broken artifact still fails (a test swaps two
 layers). `top1_agreement` over all positions is recorded too.
 
-Lossy artifacts of real checkpoints also pass a quality gate (`quality_check`): teacher-forced on
-the first `QUALITY_TOKENS` tokens of the evaluation text (`compile.quality`), their top-1
+Lossy artifacts of real checkpoints also pass a quality gate (`quality_check`): teacher-forced
+(through the verify signatures, N tokens a call, else a decode per token) on the first
+`QUALITY_TOKENS` tokens of the evaluation text (`compile.quality`), their top-1
 agreement, mean KL and perplexity change against the fp32 reference must be no worse than
 llama.cpp's on the same slice and weights — recorded for the embedded Gemma 3 270M Q4_K_M,
 measured in the export for another GGUF when llama-cpp-python is installed — or, where llama.cpp
@@ -116,6 +119,9 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
             gen = runtime.load(stage, target=target, verify=False, trust_executables=True,
                                cache_dir=tmp if target == "tflite" else False)
             got = gen.logits(tokens, start=start)
+            # the verify signatures (or onnx's any-length verify) over the same positions
+            gen_verify = gen.verify_tokens
+            got_verify = gen.logits(tokens, start=start, verify=True) if gen_verify else None
             got_lora = None if slots is None else gen.logits(
                 tokens, start=start, adapter=runtime.adapters.Adapter("parity", slots))
             del gen
@@ -128,6 +134,13 @@ def check(ck, contract: ct.Contract, stage: Path, manifest: dict, quants: dict, 
             f"{figures['decode_steps']} decode steps after {start} prefill tokens "
             f"({figures['top1_agreement_clear']:.0%} of {figures['clear_positions']} clear)")
         problems = judge(figures, figures["tolerance"])
+        if got_verify is not None:
+            figures["verify"] = {"tokens_per_call": gen_verify, **compare(ref, got_verify)}
+            log(f"parity {target} through its verify signature (up to {gen_verify} tokens a call): "
+                f"max |diff| {figures['verify']['max_abs_diff']:.2e}, top-1 agreement "
+                f"{figures['verify']['top1_agreement']:.0%}")
+            problems += [f"verify signature: {p}" for p in judge(figures["verify"],
+                                                                  figures["tolerance"])]
         if got_lora is not None:
             figures["lora"] = compare(lora_ref, got_lora)
             log(f"parity {target} with a random rank-{contract.lora_rank} adapter in its LoRA "
@@ -258,7 +271,12 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
         gens = {t: runtime.load(stage, target=t, verify=False, trust_executables=True,
                                 cache_dir=tmp if t == "tflite" else False)
                 for t in lossy}
-        candidates = {t: (lambda w, g=g: g.iter_logits(w, 0)) for t, g in gens.items()}
+        # teacher-forced through the verify signatures, a call per N tokens (where the
+        # artifact has none: a decode per token, ~25 ms each for the 270M)
+        candidates = {t: (lambda w, g=g: g.iter_logits(w, 0, verify=True))
+                      for t, g in gens.items()}
+        through = {t: f"verify, {g.verify_tokens} tokens a call" if g.verify_tokens else "decode"
+                   for t, g in gens.items()}
         if rule["measure"]:
             candidates[LLAMA_CPP] = quality.llama_cpp_rows(ck.source["path"], window)
         figures = quality.evaluate_many(contract, ck.params, wins, candidates,
@@ -274,7 +292,8 @@ def quality_check(ck, contract: ct.Contract, stage: Path, manifest: dict, lossy:
     for target, f in figures.items():
         problems = judge_quality(f, rule["limits"])
         manifest["artifacts"][target]["quality"] = {
-            **f, "limits": rule["limits"], "rule": rule["rule"], "rule_how": rule["how"],
+            **f, "through": through[target],
+            "limits": rule["limits"], "rule": rule["rule"], "rule_how": rule["how"],
             "llama_cpp": rule["llama_cpp"], "passed": not problems,
             "accepted_loss": bool(problems and accept)}
         below = "llama.cpp's level" if rule["rule"] != "fixed limits" else "the fixed limits"

@@ -41,7 +41,8 @@ def signature_fn(contract: ct.Contract, signature: ct.Signature,
     it writes otherwise (`model.Forms`; the reference by default)."""
     cfg = contract.config
     kv_names = contract.kv.names
-    decode = signature.kind == ct.DECODE
+    # decode: the last (only) position's logits; verify: every position's; prefill: none
+    logits = {ct.DECODE: "last", ct.VERIFY: "all"}.get(signature.kind, "none")
 
     slots = contract.lora_slots() if signature.lora else ()
 
@@ -49,11 +50,11 @@ def signature_fn(contract: ct.Contract, signature: ct.Signature,
         cache = {n: inputs[n] for n in kv_names}
         if slots:   # the run-time LoRA inputs, beside the matmuls they update (`model.project`)
             weights = {**weights, **lora_params(slots, inputs)}
-        logits, cache = model.forward(cfg, weights, inputs[ct.TOKENS], inputs[ct.INPUT_POS],
-                                      cache, logits="last" if decode else "none", forms=forms)
+        rows, cache = model.forward(cfg, weights, inputs[ct.TOKENS], inputs[ct.INPUT_POS],
+                                    cache, logits=logits, forms=forms)
         out = dict(cache)
-        if decode:
-            out[ct.LOGITS] = logits.astype(jnp.float32)    # [B, 1, V]
+        if logits != "none":
+            out[ct.LOGITS] = rows.astype(jnp.float32)    # [B, 1, V] decode, [B, N, V] verify
         return out
 
     fn.__name__ = signature.name

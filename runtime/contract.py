@@ -5,7 +5,9 @@ This module is the only place that spells these. `compile` imports it (never the
 target and backend reads names, shapes and layouts from it. It needs only the standard library, so
 any backend can read it without JAX.
 
-Signatures: `prefill_{N}` for each static prompt length N, and `decode` (one token). All share one
+Signatures: `prefill_{N}` for each static prompt length N, `decode` (one token), and optionally
+`verify_{N}` (N tokens in, the logits of every one of them out: teacher-forced scoring, such as the
+export's quality gate, and checking a draft model's N proposals in one pass). All share one
 KV-cache shape per layer (max context S). The cache is external: every signature takes each cache
 tensor as an input and returns it updated; the runtime owns it between calls.
 
@@ -17,7 +19,7 @@ handed to that engine unchanged:
   kv_cache_k_{i}    [1, K, S, H] f32  (B, KV heads, position, head dim)
   kv_cache_v_{i}    [1, K, H, S] f32  V stored transposed: the attention contraction over S is then a
                                       plain matmul, and one token's write is a column update
-  logits            [1, 1, V] f32     decode only; prefill returns just the caches
+  logits            [1, 1, V] f32     decode; [1, N, V] for verify_N; prefill returns just the caches
 
 Cache slot s holds position s. A slot is read only by queries at positions >= s, and every slot is
 written (by prefill or decode) before any query at its position runs, so padding a prefill chunk
@@ -64,7 +66,7 @@ runtime derives from the contract instead):
                    "start_of_turn", "end_of_turn" (Gemma 4: <|turn>, <turn|>); optional
                    "chat_template": the checkpoint's Jinja template (`runtime.chat.render`)}
   signatures      {"max_context": int, "prefill_lengths": [int], "kv_dtype": str,
-                   optional "lora": {"rank": R, "targets": [str]},
+                   optional "verify_lengths": [int], optional "lora": {"rank": R, "targets": [str]},
                    "entries": [{"name", "kind", "length", optional "lora": true,
                                 "inputs": [TensorSpec], "outputs": [TensorSpec]}]}
                   (exactly what `Contract` derives)
@@ -86,10 +88,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SCHEMA_VERSION = 2          # what the exporter writes
-READABLE_VERSIONS = (1, 2)  # 2 dropped fields nothing read (v1 had signatures.kv_layout and, for
-                            # onnx, dynamic_length/past_window/output_names): a v1 runtime cannot
-                            # run a v2 onnx artifact, so it must refuse v2 by its version
+SCHEMA_VERSION = 3            # what the exporter writes
+READABLE_VERSIONS = (1, 2, 3)  # 2 dropped fields nothing read (v1 had signatures.kv_layout and,
+                               # for onnx, dynamic_length/past_window/output_names): a v1 runtime
+                               # cannot run a v2 onnx artifact, so it must refuse v2 by its
+                               # version; likewise 3's onnx graph takes `logit_index`, which a v2
+                               # runtime would not feed (a v3 runtime runs v2 graphs as they are)
 MANIFEST_FILE = "manifest.json"
 SEAL = "seal"               # the manifest's optional HMAC record
 
@@ -98,11 +102,15 @@ SEAL = "seal"               # the manifest's optional HMAC record
 TOKENS = "tokens"
 INPUT_POS = "input_pos"
 LOGITS = "logits"
+LOGIT_INDEX = "logit_index"   # onnx's one graph: the positions [R] whose logits it returns
 _CACHE_PREFIX = "kv_cache_"
 _ROWS_SUFFIX = "_new"
 
 PREFILL, DECODE = "prefill", "decode"          # signature kinds; `decode` is also its name
+VERIFY = "verify"                              # signature kind: logits at every position
 DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
+DEFAULT_VERIFY_LENGTHS = (8,)  # what `compile.export` adds unless told otherwise (a Contract
+                               # built without verify_lengths has none)
 DEFAULT_MAX_CONTEXT = 2048
 
 FULL, ROWS = "full", "rows"
@@ -130,6 +138,10 @@ def rows_name(name: str) -> str:
 
 def prefill_name(length: int) -> str:
     return f"{PREFILL}_{length}"
+
+
+def verify_name(length: int) -> str:
+    return f"{VERIFY}_{length}"
 
 
 LORA_PREFIX = "lora_"
@@ -380,7 +392,7 @@ class KVLayout:
 @dataclass(frozen=True)
 class Signature:
     name: str
-    kind: str            # PREFILL or DECODE
+    kind: str            # PREFILL, DECODE or VERIFY
     length: int          # tokens per call
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -403,6 +415,7 @@ class Contract:
     kv_dtype: str = "float32"
     lora_rank: int = 0                    # R > 0: LoRA signatures beside the base ones
     lora_targets: tuple[str, ...] = LORA_TARGETS   # the matmuls with slots (when lora_rank > 0)
+    verify_lengths: tuple[int, ...] = ()  # verify_N signatures (none unless asked for)
     batch: int = field(default=1, init=False)
 
     def __post_init__(self):
@@ -419,6 +432,14 @@ class Contract:
         if lengths[-1] > self.max_context:
             raise ValueError(f"prefill length {lengths[-1]} exceeds max context {self.max_context}")
         object.__setattr__(self, "prefill_lengths", lengths)
+        try:
+            verify = tuple(sorted(set(int(n) for n in self.verify_lengths)))
+        except (TypeError, ValueError):
+            verify = (0,)
+        if verify and (verify[0] < 1 or verify[-1] > self.max_context):
+            raise ValueError(f"verify lengths must be integers from 1 to the max context "
+                             f"{self.max_context}, got {self.verify_lengths}")
+        object.__setattr__(self, "verify_lengths", verify)
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
                 or self.lora_rank < 0:
             raise ValueError(f"LoRA rank must be a non-negative integer, got {self.lora_rank!r}")
@@ -463,8 +484,8 @@ class Contract:
                                TensorSpec(s.b_name, (R, s.n_out), "float32")))
 
     def signatures(self) -> list[Signature]:
-        """prefill_N and decode; with lora_rank, also lora_prefill_N and lora_decode, the same
-        with the slots' inputs appended."""
+        """prefill_N, decode and verify_N; with lora_rank, also lora_prefill_N, lora_decode and
+        lora_verify_N, the same with the slots' inputs appended."""
         base = self._signatures()
         lora = self.lora_specs()
         return base + [Signature(lora_name(s.name), s.kind, s.length, s.inputs + lora,
@@ -482,6 +503,9 @@ class Contract:
         sigs.append(Signature(
             DECODE, DECODE, 1, inputs(1),
             (TensorSpec(LOGITS, (self.batch, 1, self.vocab_size), "float32"),) + kv))
+        sigs += [Signature(verify_name(n), VERIFY, n, inputs(n),
+                           (TensorSpec(LOGITS, (self.batch, n, self.vocab_size), "float32"),) + kv)
+                 for n in self.verify_lengths]
         return sigs
 
     def to_manifest(self) -> dict:
@@ -489,6 +513,7 @@ class Contract:
             "max_context": self.max_context,
             "prefill_lengths": list(self.prefill_lengths),
             "kv_dtype": self.kv_dtype,
+            **({"verify_lengths": list(self.verify_lengths)} if self.verify_lengths else {}),
             **({"lora": {"rank": self.lora_rank, "targets": list(self.lora_targets)}}
                if self.lora_rank else {}),
             "entries": [s.to_dict() for s in self.signatures()],
@@ -500,7 +525,7 @@ class Contract:
         lora = s.get("lora") or {}
         return cls(data["model"]["config"], tuple(s["prefill_lengths"]), int(s["max_context"]),
                    s.get("kv_dtype", "float32"), lora.get("rank", 0),
-                   tuple(lora.get("targets", LORA_TARGETS)))
+                   tuple(lora.get("targets", LORA_TARGETS)), tuple(s.get("verify_lengths", ())))
 
 
 # -- manifest schema ----------------------------------------------------------------------------
@@ -616,6 +641,11 @@ def _check_signatures(data, config: dict) -> dict:
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
         raise ManifestError(f"field 'signatures.prefill_lengths' must be a list of integers, "
                             f"got {_short(lengths)}")
+    verify = sigs.get("verify_lengths", [])
+    if not isinstance(verify, list) or \
+            not all(isinstance(n, int) and not isinstance(n, bool) for n in verify):
+        raise ManifestError(f"field 'signatures.verify_lengths' must be a list of integers, "
+                            f"got {_short(verify)}")
     entries = _need(sigs, "entries", list, "signatures.", "a list")
     if sigs.get("kv_dtype", "float32") not in ("float32", "float16", "bfloat16"):
         raise ManifestError(f"field 'signatures.kv_dtype' must be float32, float16 or bfloat16, "

@@ -30,6 +30,10 @@ from .contract import prefill_name
 from .manifest import Manifest
 from .tokenizer import Tokenizer
 
+# tokens per verify call on a backend that takes any number (onnx): [64, V] float32 logits is
+# 64 MB for a 262k vocabulary, and the weights are read once per 64 positions
+VERIFY_ROWS = 64
+
 
 class ContextOverflowError(ValueError):
     pass
@@ -202,14 +206,17 @@ class Generator:
             pos += real
         return state
 
-    def logits(self, token_ids, start: int = 0, adapter=_BOUND, adapter_scale=None
-               ) -> np.ndarray:
+    def logits(self, token_ids, start: int = 0, adapter=_BOUND, adapter_scale=None,
+               verify: bool = False) -> np.ndarray:
         """Logits [T - start, V] for positions start..T-1 of token_ids: tokens before `start` go
-        through chunked prefill, the rest through decode one at a time."""
-        return np.stack(list(self.iter_logits(token_ids, start, adapter, adapter_scale)))
+        through chunked prefill, the rest through decode one at a time, or with `verify`
+        through the artifact's verify signatures, several tokens a call (where it has none, or
+        near the end of the context, through decode)."""
+        return np.stack(list(self.iter_logits(token_ids, start, adapter, adapter_scale,
+                                              verify)))
 
-    def iter_logits(self, token_ids, start: int = 0, adapter=_BOUND, adapter_scale=None
-                    ) -> Iterator[np.ndarray]:
+    def iter_logits(self, token_ids, start: int = 0, adapter=_BOUND, adapter_scale=None,
+                    verify: bool = False) -> Iterator[np.ndarray]:
         """`logits` a row [V] at a time (teacher-forced evaluation over long texts)."""
         ids = self._ids(token_ids)
         if not 0 <= start < len(ids):
@@ -217,13 +224,36 @@ class Generator:
         self._check_fits(len(ids), 0)
         lora = self._lora(adapter, adapter_scale)
         kw = {} if lora is None else {"lora": lora}
-        return self._rows(ids, start, lora, kw)
+        return self._rows(ids, start, lora, kw, verify)
 
-    def _rows(self, ids, start, lora, kw):
+    def _rows(self, ids, start, lora, kw, verify=False):
         state = self._fill(ids[:start], self.backend.new_state(), lora=lora)
-        for pos in range(start, len(ids)):
-            row, state = self.backend.decode(ids[pos], pos, state, **kw)
-            yield row
+        pos, step = start, self.verify_tokens if verify else 0
+        while pos < len(ids):
+            real = min(step, len(ids) - pos)
+            if step and getattr(self.backend, "verify_any_length", False):
+                rows, state = self.backend.verify(None, ids[pos:pos + real], pos, state, **kw)
+            elif step and pos + step <= self.max_context:   # padded: slots past the text are
+                tokens = np.full(step, self.tokenizer.pad_id, np.int32)   # never read
+                tokens[:real] = ids[pos:pos + real]
+                rows, state = self.backend.verify(ct.verify_name(step), tokens, pos, state, **kw)
+            else:
+                real = 1
+                row, state = self.backend.decode(ids[pos], pos, state, **kw)
+                rows = row[None]
+            yield from rows[:real]
+            pos += real
+
+    @property
+    def verify_tokens(self) -> int:
+        """Tokens per verify call (`logits(..., verify=True)`): 0 where the artifact has no
+        verify signature."""
+        if not hasattr(self.backend, "verify"):
+            return 0
+        if getattr(self.backend, "verify_any_length", False):
+            return VERIFY_ROWS
+        lengths = self.manifest.contract.verify_lengths
+        return max(lengths) if lengths else 0
 
     def _ids(self, token_ids) -> list[int]:
         """Token ids as ints, each a token of this model's vocabulary (an id out of range would

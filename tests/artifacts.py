@@ -108,7 +108,7 @@ def checkpoint(spec: str):
 
 
 def exported(spec: str, targets, lengths=None, context=None, options=None, ck=None,
-             lora_rank: int = 0, lora_targets=None) -> Path:
+             lora_rank: int = 0, lora_targets=None, verify_lengths=()) -> Path:
     """The artifact directory of `compile.export.export(checkpoint(spec), Contract(...), targets,
     options)`; `lengths`/`context` default to the contract's. `ck` is the checkpoint itself when
     the caller has it already (it must be what `spec` names)."""
@@ -116,7 +116,8 @@ def exported(spec: str, targets, lengths=None, context=None, options=None, ck=No
     from runtime import contract as ct
     targets = list(targets)
     fields = dict(spec=spec, targets=targets, lengths=lengths, context=context,
-                  options=options or {}, lora_rank=lora_rank, lora_targets=lora_targets)
+                  options=options or {}, lora_rank=lora_rank, lora_targets=lora_targets,
+                  **({"verify_lengths": list(verify_lengths)} if verify_lengths else {}))
 
     def make(out: Path):
         c = ck if ck is not None else checkpoint(spec)
@@ -129,6 +130,8 @@ def exported(spec: str, targets, lengths=None, context=None, options=None, ck=No
             kw["lora_rank"] = lora_rank
         if lora_targets:
             kw["lora_targets"] = tuple(lora_targets)
+        if verify_lengths:
+            kw["verify_lengths"] = tuple(verify_lengths)
         ex.export(c, ct.Contract(c.config, **kw), targets, out, dict(options or {}),
                   log=lambda m: None)
 

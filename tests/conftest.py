@@ -164,21 +164,23 @@ REAL_XLA_LENGTHS, REAL_XLA_CONTEXT = (32,), 256
 def real_export(real_checkpoint):
     """(target, quant) -> the real 270M's artifact directory of that target alone. xla (exact)
     is one export (contract REAL_XLA_LENGTHS, REAL_XLA_CONTEXT); the default lossy forms
-    (tflite int8, onnx native, default contract, as `compile.export` makes them with no flag:
-    each must pass the quality gate, or the export fails) come from another, so the group
+    (tflite int8, onnx native, default contract with its verify_8, as `compile.export` makes
+    them with no flag: each must pass the quality gate, or the export fails) come from another, so the group
     traces and runs its references once; other quantizations accept the gate's verdict, which
     their manifests record. Each test gets a directory with its target alone
     (`artifacts.view`). (tflite and onnx `none` of the real model are not exported: each is
     80 CPU-s, and their export's own parity check against the JAX reference is what a test of
     them would repeat; the tiny models' fp32 artifacts are held to the reference.)"""
     from artifacts import exported, view
+    from runtime import contract as ct
 
     def get(target: str, quant: str) -> Path:
         if target == "xla":
             art = exported("real", ["xla"], REAL_XLA_LENGTHS, REAL_XLA_CONTEXT,
                            options={"quant": "none"}, ck=real_checkpoint)
         elif (target, quant) in (("tflite", "int8"), ("onnx", "native")):
-            art = exported("real", ["tflite", "onnx"], ck=real_checkpoint)
+            art = exported("real", ["tflite", "onnx"], ck=real_checkpoint,
+                           verify_lengths=ct.DEFAULT_VERIFY_LENGTHS)
         else:
             art = exported("real", [target], options={"quant": quant,
                                                       "accept_quality_loss": True},

@@ -180,7 +180,7 @@ def _edited_copy(src, dst, edit):
      r"field 'signatures.entries\[0\]' is not the 'prefill_4' signature"),
     (lambda m: m["artifacts"]["xla"]["files"]["weights"].update(bytes="12"),
      "field 'artifacts.xla.files.weights.bytes' must be an integer"),
-    (lambda m: m.update(schema_version=3), "schema version 3, this runtime reads versions 1, 2"),
+    (lambda m: m.update(schema_version=4), "schema version 4, this runtime reads versions 1, 2, 3"),
     (lambda m: m["model"]["config"].update(layer_types=["local"]),
      "field 'model.config.layer_types' must list 'local' or 'global' for each of the 7 layers"),
 ])

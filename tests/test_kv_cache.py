@@ -94,3 +94,30 @@ def test_past_slots():
     assert past_slots(0, None) == (0, 1) and past_slots(0, 7) == (0, 1)   # one masked slot
     assert past_slots(5, None) == (0, 5) and past_slots(5, 7) == (0, 5)
     assert past_slots(30, 7) == (23, 30) and past_slots(30, None) == (0, 30)
+
+
+def test_verify_signatures_score_every_position_on_every_target():
+    """verify_N on each target's fp32 artifact: the logits of every scored position equal the
+    full forward's, in calls of N tokens (the last padded; near the end of the cache, where N
+    would pass it, decode takes over) or, on onnx, of any length (`logit_index`). The export's
+    parity check held them to the reference too, beside decode."""
+    import json
+    import runtime
+    from artifacts import exported
+    from compile import export as ex
+    variant = "gemma3-270m-tiny"
+    out = exported(f"random:{variant}", ["xla", "tflite", "onnx"], (4, 8), 64,
+                   {"quant": "none"}, verify_lengths=(4,))
+    ck = ex.random_checkpoint(variant)
+    arts = json.loads((out / "manifest.json").read_text())["artifacts"]
+    tokens = np.random.default_rng(5).integers(0, ck.config.vocab_size, 64).astype(np.int32)
+    want = trace.reference_logits(ct.Contract(ck.config, (4, 8), 64), ck.params, tokens)
+    for target in ("xla", "tflite", "onnx"):
+        assert arts[target]["parity"]["verify"]["top1_agreement"] == 1.0, target
+        gen = runtime.load(out, target=target)
+        assert gen.verify_tokens == (64 if target == "onnx" else 4)
+        # positions 41..63: verify at 41, 45, ..., 57 (61 + 4 passes the cache: decode 61-63)
+        got = gen.logits(tokens, start=41, verify=True)
+        np.testing.assert_allclose(got, want[41:], atol=5e-5, rtol=0, err_msg=target)
+        short = gen.logits(tokens[:11], start=5, verify=True)   # 4 + 2 real in a padded call
+        np.testing.assert_allclose(short, want[5:11], atol=5e-5, rtol=0, err_msg=target)

@@ -137,8 +137,8 @@ def test_manifest_and_files(slotted):
     assert m["signatures"]["lora"] == {"rank": 4, "targets": ["q_proj", "k_proj", "v_proj",
                                                               "o_proj", "up_proj", "down_proj"]}
     names = [e["name"] for e in m["signatures"]["entries"]]
-    assert names == ["prefill_4", "prefill_8", "decode", "lora_prefill_4", "lora_prefill_8",
-                     "lora_decode"]
+    assert names == ["prefill_4", "prefill_8", "decode", "verify_8", "lora_prefill_4",
+                     "lora_prefill_8", "lora_decode", "lora_verify_8"]
     for e in m["signatures"]["entries"]:
         slot_inputs = [t for t in e["inputs"] if t["name"].startswith(ct.LORA_PREFIX)]
         assert bool(slot_inputs) == e["name"].startswith(ct.LORA_PREFIX)

@@ -23,6 +23,10 @@ def test_int8_quality_size_and_litert_lm_engine(real_tflite, tmp_path):
     q = art["quality"]
     assert q["passed"] and not q["accepted_loss"] and q["positions"] >= 511
     assert q["rule"] == "llama.cpp on the same weights"
+    # scored through verify_8 (64 calls, not 512 decodes), itself held to the reference by the
+    # parity check beside decode; LiteRT-LM's engine below runs the bundle with it inside
+    assert q["through"] == "verify, 8 tokens a call"
+    assert art["parity"]["verify"]["top1_agreement"] >= 0.95
     assert q["top1"] >= q["limits"]["min_top1"] and q["mean_kl"] <= q["limits"]["max_kl"]
     assert q["ppl_delta_rel"] <= q["limits"]["max_ppl_delta_rel"]
     recipe = art["recipe"]
@@ -100,6 +104,7 @@ def test_native_onnx_keeps_the_gguf_blocks_and_beats_llama_cpp_quality(real_onnx
     q = art["quality"]
     assert q["passed"] and not q["accepted_loss"] and q["positions"] >= 511
     assert q["top1"] >= q["limits"]["min_top1"] and q["mean_kl"] <= q["limits"]["max_kl"]
+    assert q["through"] == "verify, 64 tokens a call"       # any length: logit_index
     # stored integers and scales dequantize to what gguf dequantizes (Q4_K with its bias term)
     pairs = {"layers.0.o_proj": "blk.0.attn_output.weight",
              "layers.0.down_proj": "blk.0.ffn_down.weight", "layers.3.q_proj": "blk.3.attn_q.weight"}

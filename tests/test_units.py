@@ -65,6 +65,28 @@ def test_contract_shapes_and_names():
         ct.Contract(get_variant("gemma3-270m"), (32, 4096), 2048)
 
 
+def test_verify_signatures_in_the_contract_and_the_cli():
+    cfg = get_variant("gemma3-270m")
+    c = ct.Contract(cfg, (32,), 256, lora_rank=4, verify_lengths=(8, 4, 8))
+    assert c.verify_lengths == (4, 8)
+    assert [s.name for s in c.signatures()] == [
+        "prefill_32", "decode", "verify_4", "verify_8",
+        "lora_prefill_32", "lora_decode", "lora_verify_4", "lora_verify_8"]
+    v = c.signature("verify_8")
+    assert v.kind == ct.VERIFY and [t.shape for t in v.inputs[:2]] == [(1, 8), (8,)]
+    assert v.outputs[0].name == ct.LOGITS and v.outputs[0].shape == (1, 8, cfg.vocab_size)
+    back = ct.Contract.from_manifest({"model": {"config": cfg.__dict__},
+                                      "signatures": c.to_manifest()})
+    assert back.verify_lengths == (4, 8) and ct.Contract(cfg).verify_lengths == ()
+    with pytest.raises(ValueError, match="verify lengths must be integers from 1 to the max "
+                                         "context 256, got"):
+        ct.Contract(cfg, (32,), 256, verify_lengths=(512,))
+    from compile import export
+    assert export._parser().parse_args([]).verify_lengths == ct.DEFAULT_VERIFY_LENGTHS == (8,)
+    assert export._parser().parse_args(["--verify-lengths", "none"]).verify_lengths == ()
+    assert export._parser().parse_args(["--verify-lengths", "4,16"]).verify_lengths == (4, 16)
+
+
 @pytest.mark.parametrize("start,count,want", [
     (0, 0, []),
     (0, 3, [(4, 3)]),

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 import runtime
-from compile import checkpoints, export as ex, trace
+from compile import export as ex, trace
 from runtime import contract as ct
 from compile.config import get_variant
-from helpers import TINY_VARIANTS
 from runtime.manifest import sha256_file
 
 
@@ -30,7 +29,7 @@ def test_artifact_logits_match_reference(tiny_artifacts, variant):
 def test_manifest_records_files_parity_and_contract(tiny_artifacts):
     out = tiny_artifacts("gemma3-270m-tiny")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["schema_version"] == 2
+    assert m["schema_version"] == 3
     assert m["model"]["variant"] == "gemma3-270m-tiny"
     assert m["model"]["config"] == get_variant("gemma3-270m-tiny").to_dict()
     assert m["tokenizer"]["file"] == "tokenizer.model"

@@ -261,9 +261,11 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     def fn(tokens, input_pos, *rest):
         cache, weights = rest[:len(names_kv)], dict(zip(wnames, rest[len(names_kv):nw]))
         if slots:   # the run-time LoRA inputs (zeros: the base model)
-            weights.update(lora_params(slots, dict(zip([t.name for t in lora], rest[nw:]))))
+            weights.update(lora_params(slots, dict(zip([t.name for t in lora], rest[nw:-1]))))
+        # the positions whose logits are returned (`logit_index` [R]): the last for prefill
+        # and decode, every one for a verify call
         logits, new = gemma.forward(cfg, weights, tokens, input_pos, dict(zip(names_kv, cache)),
-                                    logits="last", cache_outputs=ct.ROWS, forms=forms)
+                                    logits=rest[-1], cache_outputs=ct.ROWS, forms=forms)
         return (logits.astype(jnp.float32),) + tuple(new[n] for n in names_kv)
 
     S = contract.max_context
@@ -272,8 +274,8 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
     assert len(local) <= 1, local
     # symbolic dims: T new tokens, P past slots of global layers, L of local ones (only those
     # used: jax.export refuses a dim that no input has)
-    names = ["T"] + (["P"] if None in windows else []) + (["L"] if local else [])
-    bounds = {"T": S, "P": S, "L": min(local[0], S) if local else S}
+    names = ["T", "R"] + (["P"] if None in windows else []) + (["L"] if local else [])
+    bounds = {"T": S, "R": S, "P": S, "L": min(local[0], S) if local else S}
     dims = dict(zip(names, jax.export.symbolic_shape(
         ", ".join(names), constraints=tuple(f"{n} <= {bounds[n]}" for n in names))))
     T = dims["T"]
@@ -282,11 +284,12 @@ def lower(contract: ct.Contract, wspecs: dict, path: Path) -> None:
                                               for w in windows})
     specs += [jax.ShapeDtypeStruct(*wspecs[k]) for k in wnames]
     specs += [jax.ShapeDtypeStruct(t.shape, jnp.dtype(t.dtype)) for t in lora]
+    specs += [jax.ShapeDtypeStruct((dims["R"],), jnp.int32)]
     _import_jax_plugins()
     with _scalable_jax2onnx(light=bool(cfg.num_experts)), _quiet_serializer():
         to_onnx(fn, specs, model_name=cfg.name, return_mode="file", output_path=str(path),
                 input_names=[ct.TOKENS, ct.INPUT_POS] + list(names_kv) + wnames
-                + [t.name for t in lora],
+                + [t.name for t in lora] + [ct.LOGIT_INDEX],
                 output_names=[ct.LOGITS] + [ct.rows_name(n) for n in names_kv])
 
 

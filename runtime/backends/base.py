@@ -26,6 +26,12 @@ class Backend(Protocol):
     def decode(self, token: int, pos: int, state: Any) -> tuple[np.ndarray, Any]:
         """One token at `pos`: returns (logits [V] float32, new state)."""
 
+    def verify(self, signature: str, tokens: np.ndarray, start: int, state: Any
+               ) -> tuple[np.ndarray, Any]:
+        """Optional. Run `signature` (a verify_N) on tokens [N] at positions start..start+N-1:
+        returns (logits [N, V] float32 of every position, new state). A backend whose
+        `verify_any_length` is true takes any N (the name is then ignored)."""
+
 
 def physical_cores() -> int:
     """Physical cores (the interpreter's default is a single thread)."""

@@ -64,6 +64,10 @@ class OnnxBackend:
         self.num_threads = so.intra_op_num_threads
         self.max_length = int(record.get("max_length", manifest.max_context))
         self._cache = RowsCache(manifest.contract.kv, self.max_length)
+        # the graph returns the logits of the positions fed as logit_index; one exported
+        # before that input (schema version 2) returns the last position's, and the runtime
+        # scores a text through it one decode at a time
+        self.verify_any_length = ct.LOGIT_INDEX in {i.name for i in self.session.get_inputs()}
         self._rows = {name: ct.rows_name(name) for name in self._cache.layout.names}
         # io.get_outputs() follows the order of the bind_output calls in _run
         self._output_order = list(self._rows.values()) + [ct.LOGITS]
@@ -81,7 +85,7 @@ class OnnxBackend:
         """Full-length numpy buffers [1, K, S, H] per cache, written in place."""
         return self._cache.new()
 
-    def _run(self, tokens, start, state, want_logits, lora=None):
+    def _run(self, tokens, start, state, want_logits, lora=None, every=False):
         n = tokens.shape[0]
         if start + n > self.max_length:
             raise ValueError(f"positions {start}..{start + n - 1} exceed the cache length "
@@ -94,13 +98,16 @@ class OnnxBackend:
             io.bind_output(self._rows[name], "cpu")
         for name, value in (self._zeros if lora is None else lora).items():
             io.bind_ortvalue_input(name, value)
+        if self.verify_any_length:   # every position's logits, or the last one's
+            io.bind_cpu_input(ct.LOGIT_INDEX, np.arange(n, dtype=np.int32) if every
+                              else np.array([n - 1], np.int32))
         io.bind_output(ct.LOGITS, "cpu")
         self.session.run_with_iobinding(io)
         outputs = dict(zip(self._output_order, io.get_outputs()))
         self._cache.write(state, start, {name: outputs[out].numpy()        # [1, K, T, H]
                                          for name, out in self._rows.items()})
-        logits = outputs[ct.LOGITS].numpy()[0, -1] if want_logits else None
-        return logits, state
+        logits = outputs[ct.LOGITS].numpy()[0] if want_logits else None     # [R, V]
+        return (logits if every or logits is None else logits[-1]), state
 
     def prefill(self, signature, tokens, start, state, lora=None):
         return self.prefill_tokens(tokens, start, state, lora)
@@ -111,3 +118,7 @@ class OnnxBackend:
 
     def decode(self, token, pos, state, lora=None):
         return self._run(np.array([token], np.int32), pos, state, True, lora)
+
+    def verify(self, signature, tokens, start, state, lora=None):
+        """(logits [n, V] of each of the n tokens, state): any n (`verify_any_length`)."""
+        return self._run(np.asarray(tokens, np.int32), start, state, True, lora, every=True)

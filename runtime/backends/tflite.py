@@ -138,9 +138,11 @@ class TfliteBackend:
                              self.model.create_input_buffer_by_name(s.name, ct.INPUT_POS))
                     for s in contract.signatures()}
         self._logits = self.model.create_output_buffer_by_name(ct.DECODE, ct.LOGITS)
+        self._verify = {s.name: self.model.create_output_buffer_by_name(s.name, ct.LOGITS)
+                        for s in contract.signatures() if s.kind == ct.VERIFY and not s.lora}
         with quiet_native_logs():   # the first write creates LiteRT's process-wide environment
             self._io[ct.DECODE][0].write(np.zeros((1, 1), np.int32))
-        # (the LoRA signatures' logits have the decode's shape: one buffer serves both)
+        # (a LoRA signature's logits have its base's shape: one buffer serves both)
         self._lock = threading.Lock()
 
     def new_state(self):
@@ -183,3 +185,12 @@ class TfliteBackend:
                       {ct.LOGITS: self._logits}, lora)
             logits = self._logits.read(self.vocab_size, np.float32)
         return logits, state
+
+    def verify(self, signature, tokens, start, state, lora=None):
+        """(logits [N, V] of each token, state) through `signature` (verify_N, N tokens)."""
+        tokens = np.asarray(tokens, np.int32)
+        out = self._verify[signature]
+        with self._lock:
+            self._run(signature, tokens, start, state, {ct.LOGITS: out}, lora)
+            logits = out.read(len(tokens) * self.vocab_size, np.float32)
+        return logits.reshape(len(tokens), self.vocab_size), state

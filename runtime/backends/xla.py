@@ -29,7 +29,7 @@ def unsupported(record: dict, machine) -> str | None:
 
 
 class JaxSignatures:
-    """prefill/decode over `_run(name, tokens [T] int32, start, state, lora) -> (outputs,
+    """prefill/decode/verify over `_run(name, tokens [T] int32, start, state, lora) -> (outputs,
     state)`, shared by the JAX backends; with `lora` (slot inputs from `lora_inputs`) they run
     the LoRA signatures."""
 
@@ -41,6 +41,12 @@ class JaxSignatures:
         name = ct.DECODE if lora is None else ct.lora_name(ct.DECODE)
         out, state = self._run(name, np.array([token], np.int32), pos, state, lora)
         return np.asarray(out[ct.LOGITS][0, 0]), state
+
+    def verify(self, signature, tokens, start, state, lora=None):
+        """(logits [N, V] of each token, state) through `signature` (verify_N, N tokens)."""
+        name = signature if lora is None else ct.lora_name(signature)
+        out, state = self._run(name, np.asarray(tokens, np.int32), start, state, lora)
+        return np.asarray(out[ct.LOGITS][0]), state
 
 
 class XlaBackend(JaxSignatures):
