@@ -160,6 +160,23 @@ class Generator:
         self._loras = _loras or _Loras(backend, manifest, verify, log)
         self.adapter, self.adapter_scale = adapter, adapter_scale
         self._lora(adapter, adapter_scale)   # a bad name or scale fails here, not mid-request
+        self.draft, self.draft_tokens = None, 0
+
+    def with_draft(self, draft: "Generator", draft_tokens: int | None = None) -> "Generator":
+        """This generator with `draft` proposing tokens that it checks in one verify call
+        (`runtime.speculative`); the draft must share its vocabulary. draft_tokens: proposals
+        per call (default: its verify length - 1; 4 on onnx, whose verify takes any length)."""
+        from . import speculative
+        most = speculative.check_pair(self, draft)
+        k = most if draft_tokens is None else draft_tokens
+        limit = VERIFY_ROWS - 1 if getattr(self.backend, "verify_any_length", False) else most
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= limit:
+            raise ValueError(f"draft_tokens must be an integer from 1 to {limit} (the target "
+                             f"checks them and the token before in one verify call), got {k!r}")
+        out = Generator(self.backend, self.manifest, self.tokenizer, self.adapter,
+                        self.adapter_scale, _loras=self._loras)
+        out.draft, out.draft_tokens = draft, int(k)
+        return out
 
     @property
     def target(self) -> str:
@@ -293,8 +310,16 @@ class Generator:
         ids = self._ids(prompt_ids)
         self._check_fits(len(ids), max_new_tokens)
         rng = np.random.default_rng(sampling.check_seed(seed))
+        if self.draft is not None and (self.adapter if adapter is _BOUND else adapter) \
+                is not None:
+            raise ValueError("speculative decoding does not combine with a LoRA adapter yet: "
+                             "the draft would propose for the base model")
         lora = self._lora(adapter, adapter_scale)
         stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "finish_reason": "length"}
+        if self.draft is not None:
+            from . import speculative
+            return Generation(stats, speculative.tokens(self, ids, max_new_tokens, temperature,
+                                                        top_k, top_p, rng, stats))
         return Generation(stats, self._tokens(ids, max_new_tokens, temperature, top_k, top_p, rng,
                                               stats, lora))
 

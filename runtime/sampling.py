@@ -57,6 +57,14 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = Non
         if not math.isfinite(float(logits[token])):
             _non_finite(logits)
         return token
+    p = probabilities(logits, temperature, top_k, top_p)
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(rng.choice(p.size, p=p))
+
+
+def probabilities(logits: np.ndarray, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> np.ndarray:
+    """The distribution `sample` draws from at temperature > 0: float64 [V], summing to 1."""
     z = logits.astype(np.float64) / temperature
     top = z.max()
     if not math.isfinite(top):
@@ -74,5 +82,4 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = Non
         mask = np.zeros_like(p)
         mask[keep] = p[keep]
         p = mask / mask.sum()
-    rng = rng if rng is not None else np.random.default_rng()
-    return int(rng.choice(p.size, p=p))
+    return p
