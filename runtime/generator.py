@@ -247,19 +247,32 @@ class Generator:
         state = self._fill(ids[:start], self.backend.new_state(), lora=lora)
         pos, step = start, self.verify_tokens if verify else 0
         while pos < len(ids):
-            real = min(step, len(ids) - pos)
-            if step and getattr(self.backend, "verify_any_length", False):
-                rows, state = self.backend.verify(None, ids[pos:pos + real], pos, state, **kw)
-            elif step and pos + step <= self.max_context:   # padded: slots past the text are
-                tokens = np.full(step, self.tokenizer.pad_id, np.int32)   # never read
-                tokens[:real] = ids[pos:pos + real]
-                rows, state = self.backend.verify(ct.verify_name(step), tokens, pos, state, **kw)
+            chunk = ids[pos:pos + step]
+            if step and self.verify_fits(pos, len(chunk)):
+                rows, state = self.verify_call(chunk, pos, state, **kw)
             else:
-                real = 1
                 row, state = self.backend.decode(ids[pos], pos, state, **kw)
                 rows = row[None]
-            yield from rows[:real]
-            pos += real
+            yield from rows
+            pos += len(rows)
+
+    def verify_fits(self, pos: int, n: int) -> bool:
+        """Whether a verify call of n tokens at `pos` stays inside the cache (a fixed verify_N
+        writes N slots, padding included)."""
+        any_length = getattr(self.backend, "verify_any_length", False)
+        return pos + (n if any_length else self.verify_tokens) <= self.max_context
+
+    def verify_call(self, tokens, pos: int, state, **kw):
+        """(logits [n, V] of the n tokens at pos.., state) in one verify call: any n on a
+        backend that takes it, else padded into verify_N (the slots past them are never read
+        before they are written again, the contract's rule)."""
+        n = len(tokens)
+        if getattr(self.backend, "verify_any_length", False):
+            return self.backend.verify(None, tokens, pos, state, **kw)
+        padded = np.full(self.verify_tokens, self.tokenizer.pad_id, np.int32)
+        padded[:n] = tokens
+        rows, state = self.backend.verify(ct.verify_name(len(padded)), padded, pos, state, **kw)
+        return rows[:n], state
 
     @property
     def verify_tokens(self) -> int:

@@ -30,7 +30,6 @@ import time
 
 import numpy as np
 
-from . import contract as ct
 from . import sampling
 
 DEFAULT_ANY_LENGTH_TOKENS = 4   # k for a target whose verify takes any length (onnx)
@@ -80,7 +79,7 @@ def tokens(gen, ids, max_new_tokens, temperature, top_k, top_p, rng, stats):
                 dstate, filled = _catch_up(draft, seq, filled, dstate)
                 props, qs, dstate = _propose(draft, seq, k, dstate, temperature, top_k, top_p,
                                              rng)
-                rows, state = _verify(gen, seq, props, state)
+                rows, state = gen.verify_call([seq[-1]] + props, len(seq) - 1, state)
                 out = _accept(props, qs, rows, temperature, top_k, top_p, rng)
                 accepted = len(out) - 1
                 stats["draft_proposed"] += k
@@ -101,8 +100,7 @@ def _round_size(gen, length: int, left: int) -> int:
     """Proposals this round: at most left - 1 (a round emits k + 1 tokens), and none where the
     verify call would pass the end of the cache."""
     k = min(gen.draft_tokens, left - 1)
-    calls = k + 1 if getattr(gen.backend, "verify_any_length", False) else gen.verify_tokens
-    return k if k > 0 and length - 1 + calls <= gen.max_context else 0
+    return k if k > 0 and gen.verify_fits(length - 1, k + 1) else 0
 
 
 def _catch_up(draft, seq, filled, dstate):
@@ -126,18 +124,6 @@ def _propose(draft, seq, k, dstate, temperature, top_k, top_p, rng):
             qs.append(q)
         props.append(token)
     return props, qs, dstate
-
-
-def _verify(gen, seq, props, state):
-    """The target's logits [k + 1, V] at the last accepted token and each proposal."""
-    tokens = [seq[-1]] + props
-    if getattr(gen.backend, "verify_any_length", False):
-        return gen.backend.verify(None, tokens, len(seq) - 1, state)
-    n = gen.verify_tokens
-    padded = np.full(n, gen.tokenizer.pad_id, np.int32)   # slots past them are never read
-    padded[:len(tokens)] = tokens
-    rows, state = gen.backend.verify(ct.verify_name(n), padded, len(seq) - 1, state)
-    return rows[:len(tokens)], state
 
 
 def _accept(props, qs, rows, temperature, top_k, top_p, rng) -> list[int]:
