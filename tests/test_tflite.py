@@ -1,7 +1,6 @@
 """TFLite target: every signature vs the JAX reference, the op list, quantization, the bundle."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -233,7 +232,9 @@ def test_litertlm_bundle_structure(tmp_path):
 def test_weights_over_2gb_export_and_run(tmp_path):
     """Past the 2 GB limits of flatbuffers and protobuf, in one export for both targets (one
     checkpoint, one reference): tflite stores its buffers after the flatbuffer, onnx its weights
-    as external data."""
+    as external data. Each ran through the runtime in the export's parity check (runtime.load
+    on the staged files, prefill and decode against the reference); loading the published
+    copies again (13 s) would repeat it."""
     from helpers import synthetic_over_2gb
     ck = synthetic_over_2gb()
     out = tmp_path / "big"
@@ -245,6 +246,4 @@ def test_weights_over_2gb_export_and_run(tmp_path):
     for target in ("tflite", "onnx"):
         assert arts[target]["parity"]["top1_agreement"] == 1.0, target
         assert arts[target]["parity"]["max_rel_diff"] < 2e-4, target
-        gen = runtime.load(out, target=target)
-        assert gen.logits([2, 70, 80]).shape == (3, ck.config.vocab_size)
-        del gen
+        assert arts[target]["parity"]["decode_steps"] >= 4, target
