@@ -99,3 +99,23 @@ def test_bad_pairs_are_refused(pair, tmp_path):
     with pytest.raises(ValueError, match="does not combine with a LoRA adapter"):
         target.with_draft(runtime.load(draft, target="onnx")).stream_ids(
             PROMPT, max_new_tokens=8, adapter="any")
+
+
+def test_generate_cli_with_a_draft(pair):
+    """`python -m runtime.generate --draft DIR` (in process): the target's greedy text, what the
+    draft did, and a bad draft as one line."""
+    from helpers import cli
+    art, draft = pair
+    plain = cli("runtime.generate", "--artifacts", art, "--target", "onnx", "--prompt", "a b c",
+                "--max-new-tokens", "12")
+    r = cli("runtime.generate", "--artifacts", art, "--target", "onnx", "--prompt", "a b c",
+            "--max-new-tokens", "12", "--draft", draft, "--draft-target", "onnx",
+            "--draft-tokens", "3")
+    assert r.returncode == 0 and plain.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout
+    assert "[gemma3-1b-tiny on onnx, drafted by gemma2-2b-tiny on onnx (3 a call)]" in r.stderr
+    assert " draft tokens kept; finish: length" in r.stderr
+    bad = cli("runtime.generate", "--artifacts", draft, "--target", "xla", "--prompt", "a",
+              "--draft", art, "--draft-target", "xla")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: the target artifact (gemma2-2b-tiny, xla) has no verify signature")
