@@ -458,8 +458,8 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     under the same names (`runtime.contract`).
 
     Returns (logits, new_cache): logits [B, T, V] for "all", [B, 1, V] for "last", [B, k, V] for an
-    int k (the last k positions), [B, R, V] for an int32 array [R] of positions within the call
-    (negative ones count from the end: [-1] is "last"), None for "none".
+    int k (the last k positions), [B, R, V] for an int32 array [R] of positions within the call,
+    None for "none".
     """
     if cache_outputs not in ct.CACHE_OUTPUTS:
         raise ValueError(f"cache_outputs {cache_outputs!r}: expected one of {ct.CACHE_OUTPUTS}")
@@ -480,8 +480,7 @@ def forward(cfg: GemmaConfig, params: dict, tokens, positions, cache: dict | Non
     if isinstance(logits, str) and logits == "none":
         return None, new_cache
     if not isinstance(logits, (str, int)):                # rows chosen at run time
-        T = x.shape[1]
-        x = jnp.take(x, jnp.where(logits < 0, logits + T, logits), axis=1)   # [B, R, D]
+        x = jnp.take(x, logits, axis=1)                                      # [B, R, D]
     elif logits != "all":
         x = x[:, -(1 if logits == "last" else int(logits)):, :]
     return head(cfg, params["final_norm"], params["embed"], x, forms), new_cache

@@ -169,7 +169,7 @@ class Generator:
         from . import speculative
         most = speculative.check_pair(self, draft)
         k = most if draft_tokens is None else draft_tokens
-        limit = VERIFY_ROWS - 1 if getattr(self.backend, "verify_any_length", False) else most
+        limit = VERIFY_ROWS - 1 if self.verify_any_length else most
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= limit:
             raise ValueError(f"draft_tokens must be an integer from 1 to {limit} (the target "
                              f"checks them and the token before in one verify call), got {k!r}")
@@ -259,15 +259,14 @@ class Generator:
     def verify_fits(self, pos: int, n: int) -> bool:
         """Whether a verify call of n tokens at `pos` stays inside the cache (a fixed verify_N
         writes N slots, padding included)."""
-        any_length = getattr(self.backend, "verify_any_length", False)
-        return pos + (n if any_length else self.verify_tokens) <= self.max_context
+        return pos + (n if self.verify_any_length else self.verify_tokens) <= self.max_context
 
     def verify_call(self, tokens, pos: int, state, **kw):
         """(logits [n, V] of the n tokens at pos.., state) in one verify call: any n on a
         backend that takes it, else padded into verify_N (the slots past them are never read
         before they are written again, the contract's rule)."""
         n = len(tokens)
-        if getattr(self.backend, "verify_any_length", False):
+        if self.verify_any_length:
             return self.backend.verify(None, tokens, pos, state, **kw)
         padded = np.full(self.verify_tokens, self.tokenizer.pad_id, np.int32)
         padded[:n] = tokens
@@ -275,12 +274,17 @@ class Generator:
         return rows[:n], state
 
     @property
+    def verify_any_length(self) -> bool:
+        """Whether one verify call takes any number of tokens (onnx's graph), not N."""
+        return bool(getattr(self.backend, "verify_any_length", False))
+
+    @property
     def verify_tokens(self) -> int:
         """Tokens per verify call (`logits(..., verify=True)`): 0 where the artifact has no
         verify signature."""
         if not hasattr(self.backend, "verify"):
             return 0
-        if getattr(self.backend, "verify_any_length", False):
+        if self.verify_any_length:
             return VERIFY_ROWS
         lengths = self.manifest.contract.verify_lengths
         return max(lengths) if lengths else 0

@@ -54,7 +54,7 @@ def check_pair(target, draft) -> int:
             f"the target artifact ({target.manifest.variant}, {target.target}) has no verify "
             f"signature to check a draft's proposals with; export it with --verify-lengths "
             f"(the default, 8)")
-    if getattr(target.backend, "verify_any_length", False):
+    if target.verify_any_length:
         return DEFAULT_ANY_LENGTH_TOKENS
     return n - 1
 
