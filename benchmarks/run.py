@@ -673,6 +673,8 @@ FIELDS = ("prefill", "ttft", "decode_short", "decode_long", "peak_rss_mb", "load
 
 def summarize(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
+    if not runs:
+        return {"error": "not timed (--reps 0)"}
     if not ok:
         return {"error": runs[-1].get("error", "failed")}
     return {k: statistics.median(r[k] for r in ok) for k in ok[0]}
@@ -756,7 +758,8 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="llama.cpp,litert-lm,onnxruntime-genai")
     p.add_argument("--gguf", default=None, help="llama.cpp's model (default: the embedded GGUF)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3,
+                   help="timed repetitions per engine (0: quality only)")
     p.add_argument("--prefill", default="128,512")
     p.add_argument("--short", type=int, default=32, help="prompt tokens before short-context decode")
     p.add_argument("--long", type=int, default=1024, help="prompt tokens before long-context decode")

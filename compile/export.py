@@ -263,7 +263,9 @@ def _parser() -> argparse.ArgumentParser:
                         "for LiteRT's kernels, which quantize activations to int8 per token "
                         "(docs/quality.md): rotate (Hadamard rotation of every matmul's "
                         "input), rotate-smooth (and SmoothQuant scales calibrated on the fp32 "
-                        "model, folded into the norms; the default) or plain")
+                        "model, folded into the norms; int4's default), rotate-smooth-gptq (and "
+                        "the int8 values rounded by GPTQ for the calibration's inputs; int8's "
+                        "default) or plain")
     p.add_argument("--float-embedding", action="store_true",
                    help="keep the tied embedding/output layer in float when quantizing")
     p.add_argument("--tpu-topology", default=None,

@@ -25,6 +25,16 @@ transforms change what the kernel sees, never the float model's function:
           max|x_j| comes from the fp32 reference on calibration text (`calibrate`): tokens of
           the evaluation text after the quality gate's slice, never the held-out text.
 
+  gptq    (rotate-smooth-gptq, int8's default) the rotated, smoothed projections are rounded
+          to int8_rows' grid by GPTQ (`weights.quant.int8_rows_gptq`) rather than to nearest:
+          each input's rounding error is carried into the inputs not yet rounded, weighted by
+          the second moments X^T X of the inputs the stored weight sees (the calibration's, in
+          the stored form: `Recipe.input_moments`), with a large damping (GPTQ_DAMP x the mean
+          of the diagonal) so that 1,022 calibration tokens do not fit it to their text. The
+          head stays rounded to nearest: GPTQ there measured worse (its table is the lookup's
+          too). `Recipe.rounded` holds the results for the target; calibration runs a layer at
+          a time over all windows (`trace.run_windows`), so one layer's moments are held.
+
 A run-time LoRA slot reads the matmul's original input and adds to its original output: the
 graph multiplies its input by s and divides its output by the folded output scale.
 
@@ -42,14 +52,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NAMES = ("plain", "rotate", "rotate-smooth")
-DEFAULT = "rotate-smooth"
+from .weights import quant as wq
+
+NAMES = ("plain", "rotate", "rotate-smooth", "rotate-smooth-gptq")
+GPTQ = "rotate-smooth-gptq"   # rotate-smooth, int8 values rounded by GPTQ (`weights.quant`)
+DEFAULT = {"int8": GPTQ, "int4": "rotate-smooth"}   # per stored quantization
+GPTQ_DAMP = 3.0        # chosen on the evaluation text's rows outside the calibration (1 / 3 / 10)
 ROTATE_BLOCK = 128
 ALPHA = 0.5            # chosen on the evaluation text (0.35 / 0.5 / 0.65 measured)
 CALIBRATION_START = 512        # the quality gate measures the first 512 tokens: calibrate after
 CALIBRATION_TOKENS = 1022       # two windows of <bos> + 511 tokens
 CALIBRATION_WINDOW = 512
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   # one input each
 HEAD = "embed"         # the output projection's name among the scales
 
 
@@ -108,6 +123,8 @@ class Recipe:
                 down_proj's s; v_proj: o_proj's s per KV head)
     norms       full norm name -> the s folded into it
     calibration what the scales were measured on (for the manifest)
+    rounded     full matmul name -> its int8 form (q [out, in], scale [out]) rounded by GPTQ
+                (rotate-smooth-gptq): the target stores these instead of rounding to nearest
     """
     name: str = "plain"
     plus_one: bool = True
@@ -117,6 +134,7 @@ class Recipe:
     norms: dict = field(default_factory=dict)
     alpha: float | None = None
     calibration: dict | None = None
+    rounded: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         out = {"name": self.name}
@@ -126,7 +144,15 @@ class Recipe:
         if self.scales:
             out["smoothing"] = {"alpha": self.alpha, "matmuls": len(self.scales),
                                 "calibration": self.calibration}
+        if self.name == GPTQ:
+            out["rounding"] = {"kind": "gptq", "damp": GPTQ_DAMP, "block": wq.GPTQ_BLOCK,
+                               "matmuls": len(self.rounded), "calibration": self.calibration}
         return out
+
+    def int8(self, name: str):
+        """The int8 form (q [out, in], scale [out]) this recipe rounded for matmul `name`, or
+        None where the target rounds to nearest (`weights.quant.int8_rows`)."""
+        return self.rounded.get(name)
 
     def transform(self, name: str, w: np.ndarray) -> np.ndarray:
         """The tensor `name` as this recipe stores it before quantization: linear weights in the
@@ -150,6 +176,17 @@ class Recipe:
                 c = c * s_in[None, :]
             out[r:r + step] = rotate_rows(c) if name in self.rotated else c
         return out if name == HEAD else np.ascontiguousarray(out.T)
+
+    def input_moments(self, name: str, moments: np.ndarray) -> np.ndarray:
+        """X^T X [in, in] of matmul `name`'s original inputs -> that of the inputs its stored
+        weight sees, x' = rotate(x / s): R^T (X^T X / s s^T) R (R symmetric)."""
+        h = np.asarray(moments, np.float32)
+        if name in self.scales:
+            s = self.scales[name]
+            h = h / np.outer(s, s)
+        if name in self.rotated:
+            h = rotate_rows(rotate_rows(h).T)
+        return h
 
     # ------------------------------------------------------------------ the graph's side
     def project(self, x, p: dict, name: str, layer: int):
@@ -187,7 +224,8 @@ def plan(name: str, cfg, quantized: set[str], params=None, tokenizer_model: byte
     """The recipe `name` for the matmuls in `quantized` (full names; HEAD when the output
     projection is quantized). rotate-smooth calibrates on the fp32 reference (`params`, read a
     layer at a time) with the checkpoint's tokenizer, unless given the maxima as `stats` (full
-    matmul name -> max|x| per input channel)."""
+    matmul name -> max|x| per input channel); rotate-smooth-gptq always calibrates, and rounds
+    each layer's projections as soon as the layer has seen the calibration windows."""
     if name not in NAMES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(NAMES)}")
     if name == "plain":
@@ -196,12 +234,38 @@ def plan(name: str, cfg, quantized: set[str], params=None, tokenizer_model: byte
     rotated = frozenset(n for n in mats if block_of(_inputs(cfg, n)) > 1)
     if name == "rotate":
         return Recipe(name, cfg.norm_plus_one, rotated)
+    rounded: dict = {}
+    if name == GPTQ and stats is not None:
+        raise ValueError(f"recipe {GPTQ} rounds with the calibration's input moments: it "
+                         f"calibrates itself (no given maxima)")
+
+    def gptq(layer: int, stats: dict, moments: dict) -> None:
+        # the layer's smoothing (what `smoothing` below gives it again), its weights in
+        # their stored form, rounded for their stored inputs' moments; matmuls that read
+        # one input (q/k/v, gate/up) are rounded as one matrix: GPTQ treats rows alike and
+        # apart, so that is the same rounding for one factorization of H
+        pre = f"layers.{layer}."
+        mine = {n for n in mats if n.startswith(pre) and n in moments}
+        part = Recipe(name, cfg.norm_plus_one, rotated,
+                      *smoothing(cfg, params, stats, mine, ALPHA))
+        groups = [[pre + n for n in g if pre + n in mine] for g in SHARED_INPUTS]
+        groups += [[n] for n in sorted(mine - {n for g in groups for n in g})]
+        for group in filter(None, groups):
+            rows = [np.asarray(part.transform(n, params[n]), np.float32).T     # [out, in]
+                    for n in group]
+            q, scale = wq.int8_rows_gptq(np.concatenate(rows), part.input_moments(
+                group[0], moments[group[0]]), GPTQ_DAMP)
+            at = np.cumsum([0] + [len(r) for r in rows])
+            for n, lo, hi in zip(group, at[:-1], at[1:]):
+                rounded[n] = (q[lo:hi], scale[lo:hi])
     if stats is None:
-        stats, record = calibrate(cfg, params, tokenizer_model, bos, progress)
+        stats, record = calibrate(cfg, params, tokenizer_model, bos, progress,
+                                  gptq if name == GPTQ else None)
     else:
         record = {"given": True}
     scales, out_scales, norms = smoothing(cfg, params, stats, mats, ALPHA)
-    return Recipe(name, cfg.norm_plus_one, rotated, scales, out_scales, norms, ALPHA, record)
+    return Recipe(name, cfg.norm_plus_one, rotated, scales, out_scales, norms, ALPHA, record,
+                  rounded)
 
 
 def _inputs(cfg, full: str) -> int:
@@ -277,13 +341,17 @@ def calibration_windows(tokenizer_model: bytes, bos: int) -> tuple[list[np.ndarr
                   start + len(part)], "window": CALIBRATION_WINDOW}
 
 
-def calibrate(cfg, params, tokenizer_model: bytes, bos: int, progress=None
+def calibrate(cfg, params, tokenizer_model: bytes, bos: int, progress=None, on_layer=None
               ) -> tuple[dict[str, np.ndarray], dict]:
     """max |x| per input channel of every projection and of the head, over the calibration
-    windows, from the fp32 reference run a layer at a time (its weights read just before use)."""
+    windows, from the fp32 reference run a layer at a time (its weights read just before use).
+    With `on_layer(layer, stats, moments)`, also X^T X of each projection's input (full name ->
+    float64 [in, in]), handed over once the layer has seen every window (with the maxima so
+    far) and dropped after: one layer's moments are held at a time."""
     from . import model, trace
     wins, record = calibration_windows(tokenizer_model, bos)
     stats: dict[str, np.ndarray] = {}
+    moments: dict[str, np.ndarray] = {}
 
     def seen(full, a):
         a = np.asarray(a, np.float32)
@@ -293,16 +361,26 @@ def calibrate(cfg, params, tokenizer_model: bytes, bos: int, progress=None
         if progress else None
 
     def block(cfg, layer, p, x, positions, shared, ple):
-        x, segments, maxima = _recording_block(cfg, trace.program_layer(cfg, layer), p, x,
-                                               positions, shared, ple)
+        x, segments, maxima, moms = _recording_block(cfg, trace.program_layer(cfg, layer), p,
+                                                     x, positions, shared, ple,
+                                                     on_layer is not None)
         for name, a in maxima.items():
             seen(f"layers.{layer}.{name}", a)
+        for name, m in moms.items():
+            full = f"layers.{layer}.{name}"
+            moments[full] = moments.get(full, 0.0) + np.asarray(m, np.float64)
         if bar:
             bar.update()
         return x, segments
 
-    for w in wins:
-        x = trace.run_layers(cfg, params, np.asarray(w, np.int32)[None], block)   # [1, T, D]
+    def after_layer(layer):
+        if on_layer:
+            on_layer(layer, stats, dict(moments))
+            moments.clear()
+
+    xs = trace.run_windows(cfg, params, [np.asarray(w, np.int32)[None] for w in wins], block,
+                           after_layer)                                        # [1, T, D] each
+    for x in xs:
         seen(HEAD, _channel_max(model.norm(cfg, x, jnp.asarray(params["final_norm"]))))
     if bar:
         bar.close()
@@ -314,19 +392,24 @@ def _channel_max(x):
     return jnp.abs(x).reshape(-1, x.shape[-1]).max(axis=0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _recording_block(cfg, layer, p, x, positions, shared, ple):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _recording_block(cfg, layer, p, x, positions, shared, ple, moments: bool):
     """The reference's layer `layer` (`trace.program_layer`'s representative: the index chooses
-    no computation) and, per matmul name, max |input| per channel: (x, segments, {name: [in]})."""
+    no computation) and, per matmul name, max |input| per channel and (with `moments`) the
+    input's X^T X: (x, segments, {name: [in]}, {name: [in, in]})."""
     from . import model
-    maxima = {}
+    maxima, moms = {}, {}
 
     class Recorder(model.Forms):
         def project(self, x, p, name, layer):
             a = _channel_max(x)
             maxima[name] = a if name not in maxima else jnp.maximum(maxima[name], a)
+            if moments:
+                x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)               # [T, in]
+                m = jnp.matmul(x2.T, x2)                                          # [in, in]
+                moms[name] = m if name not in moms else moms[name] + m
             return super().project(x, p, name, layer)
 
     x, _, segments = model.block(cfg, p, layer, x, positions, forms=Recorder(), shared=shared,
                                  ple=ple)
-    return x, segments, maxima
+    return x, segments, maxima, moms

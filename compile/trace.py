@@ -153,29 +153,45 @@ def run_layers(cfg, params, ids: np.ndarray, block=None):
     `params` just before use; `block(cfg, layer, p, x, positions, shared, ple) -> (x, segments)`
     runs one layer (default: the jitted reference, compiled once per `program_layer`;
     calibration passes one that records)."""
+    return run_windows(cfg, params, [ids], block)[0]
+
+
+def run_windows(cfg, params, windows: list[np.ndarray], block=None, after_layer=None
+                ) -> list:
+    """`run_layers` over several windows [1, T] at once, a layer at a time: each layer's weights
+    are read once for all windows, and `after_layer(i)` runs when layer i has seen every window
+    (calibration's per-layer statistics are then complete, and can be used and dropped before
+    the next layer's)."""
     block = block or (lambda cfg, i, *args: _block(cfg, program_layer(cfg, i), *args))
-    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
-    # the lookup as model.embed does it (a row gather, then one float32 multiply); the table is
-    # never whole in memory (31B's is 5.6 GB in float32): the tokens' rows, then row slices
-    x = jnp.asarray(take_rows(params, "embed", ids) * np.float32(cfg.embed_scale))  # [1, T, D]
-    ple = None
-    if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
-        ple = _per_layer_inputs(cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
-                                      "ple_model_proj": params["ple_model_proj"],
-                                      "ple_proj_norm": params["ple_proj_norm"]},
-                                np.arange(ids.shape[1], dtype=np.int32)[None], x)
-    segments = {}
+    states = []   # per window: [x [1, T, D], positions, ple, {producer layer: key segments}]
+    for ids in windows:
+        positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
+        # the lookup as model.embed does it (a row gather, then one float32 multiply); the
+        # table is never whole in memory (31B's is 5.6 GB in float32): the tokens' rows, then
+        # row slices
+        x = jnp.asarray(take_rows(params, "embed", ids) * np.float32(cfg.embed_scale))
+        ple = None
+        if cfg.ple_dim:   # Gemma 4: only the tokens' rows of the per-layer table
+            ple = _per_layer_inputs(cfg, {"ple_embed": take_rows(params, "ple_embed", ids[0]),
+                                          "ple_model_proj": params["ple_model_proj"],
+                                          "ple_proj_norm": params["ple_proj_norm"]},
+                                    np.arange(ids.shape[1], dtype=np.int32)[None], x)
+        states.append([x, positions, ple, {}])
     for a in cfg.attention():
         i = a.layer
         # each tensor onto the device as it is read, its host copy dropped at once: a 26B-A4B
         # layer's float expert stacks are 3 GB, held twice when the whole host dict was passed
         prefix = f"layers.{i}."
         p = {n[len(prefix):]: jnp.asarray(params[n]) for n in params if n.startswith(prefix)}
-        x, segments[i] = block(cfg, i, p, x, positions,
-                               None if a.owner == i else segments[a.owner],
-                               None if ple is None else ple[:, :, i])
+        for st in states:
+            x, positions, ple, segments = st
+            st[0], segments[i] = block(cfg, i, p, x, positions,
+                                       None if a.owner == i else segments[a.owner],
+                                       None if ple is None else ple[:, :, i])
         del p   # before the next layer's are read
-    return x
+        if after_layer:
+            after_layer(i)
+    return [st[0] for st in states]
 
 
 def program_layer(cfg, i: int) -> int:

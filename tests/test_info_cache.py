@@ -109,7 +109,7 @@ def test_benchmark_tells_same_kind_artifacts_apart(tiny_artifacts, tmp_path):
     shutil.copytree(t1, t2)
     args.artifacts, args.peers = [str(t1), str(t2)], ["litert-lm"]
     names = [e["name"] for e in engines(args)]   # the recipe is named (compile.recipes)
-    assert names == [f"gemma-aot tflite (int8, rotate-smooth) [{t1}]",
-                     f"LiteRT-LM engine (int8, rotate-smooth) [{t1}]",
-                     f"gemma-aot tflite (int8, rotate-smooth) [{t2}]",
-                     f"LiteRT-LM engine (int8, rotate-smooth) [{t2}]"]
+    assert names == [f"gemma-aot tflite (int8, rotate-smooth-gptq) [{t1}]",
+                     f"LiteRT-LM engine (int8, rotate-smooth-gptq) [{t1}]",
+                     f"gemma-aot tflite (int8, rotate-smooth-gptq) [{t2}]",
+                     f"LiteRT-LM engine (int8, rotate-smooth-gptq) [{t2}]"]

@@ -178,6 +178,10 @@ def test_recipe_option_is_checked_per_target():
         for recipe in ("plain", "rotate", "rotate-smooth"):
             targets.check_options(tfl, {"quant": quant, "recipe": recipe})
     targets.check_options(tfl, {"quant": "none", "recipe": "plain"})
+    targets.check_options(tfl, {"quant": "int8", "recipe": "rotate-smooth-gptq"})
+    with pytest.raises(ValueError, match=r"^--recipe rotate-smooth-gptq: GPTQ rounds to per-row "
+                                         r"int8; with --quant int4 use rotate-smooth$"):
+        targets.check_options(tfl, {"quant": "int4", "recipe": "rotate-smooth-gptq"})
     with pytest.raises(ValueError, match=r"^--recipe rotate: tflite --quant none keeps the weights "
                                          r"in float, which no recipe changes; recipes apply to "
                                          r"int8 and int4$"):

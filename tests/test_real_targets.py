@@ -19,7 +19,8 @@ def test_int8_quality_size_and_litert_lm_engine(real_tflite, tmp_path):
     assert art["parity"]["top1_agreement"] >= 0.95 and art["parity"]["decode_steps"] >= 32
     assert art["files"]["model"]["bytes"] < 0.45 * art["weights_bytes_fp32"]
     # the default export (no flag) passed the quality gate: at least llama.cpp's figures on the
-    # same weights, thanks to its recipe (rotation and smoothing before int8, compile.recipes)
+    # same weights, thanks to its recipe (rotation and smoothing before int8, the int8 values
+    # rounded by GPTQ: compile.recipes)
     q = art["quality"]
     assert q["passed"] and not q["accepted_loss"] and q["positions"] >= 511
     assert q["rule"] == "llama.cpp on the same weights"
@@ -30,8 +31,9 @@ def test_int8_quality_size_and_litert_lm_engine(real_tflite, tmp_path):
     assert q["top1"] >= q["limits"]["min_top1"] and q["mean_kl"] <= q["limits"]["max_kl"]
     assert q["ppl_delta_rel"] <= q["limits"]["max_ppl_delta_rel"]
     recipe = art["recipe"]
-    assert recipe["name"] == "rotate-smooth" and recipe["rotation"]["matmuls"] == 7 * 18 + 1
+    assert recipe["name"] == "rotate-smooth-gptq" and recipe["rotation"]["matmuls"] == 7 * 18 + 1
     assert recipe["smoothing"]["calibration"]["tokens"][0] >= 512   # after the gate's slice
+    assert recipe["rounding"]["matmuls"] == 7 * 18   # every projection; the head to nearest
 
     gen = runtime.load(out)
     assert gen.target == "tflite"

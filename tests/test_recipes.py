@@ -25,7 +25,7 @@ def test_hadamard_blocks_are_orthogonal_and_rotate_rows_as_the_graph_rotates_inp
     np.testing.assert_allclose(np.asarray(recipes.rotate(jnp.asarray(x, jnp.float32))) @
                                recipes.rotate_rows(w).T, x @ w.T, atol=1e-5)
     with pytest.raises(ValueError, match="unknown recipe 'best'; choose one of plain, rotate, "
-                                         "rotate-smooth"):
+                                         "rotate-smooth, rotate-smooth-gptq$"):
         recipes.plan("best", None, set())
 
 
@@ -78,3 +78,70 @@ def test_transformed_weights_compute_the_reference(variant):
     want = _forward(cfg, {**params, **lora}, tokens)
     got = _forward(cfg, {**stored, **lora}, tokens, forms)
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_gptq_rounds_each_projection_for_the_inputs_its_stored_weight_sees():
+    """rotate-smooth-gptq on the tiny Gemma 3: the calibration's input moments, carried into the
+    stored inputs' form (divided by s, rotated: `Recipe.input_moments`), equal those measured on
+    the stored model's own inputs over the same windows; every projection is rounded on
+    int8_rows' grid (the head, to nearest, by the target), closer than nearest in that norm."""
+    from compile.weights import quant as wq
+    ck = ex.load_checkpoint("random:gemma3-270m-tiny")
+    cfg = ck.config
+    params = {k: np.asarray(ck.params[k], np.float32) for k in ck.params}
+    quantized = tflite.quantized_names(params, "int8", False)
+    raw = {}
+    real_calibrate = recipes.calibrate
+
+    def calibrate(*args, **kw):          # keep the moments the plan is handed, layer by layer
+        on_layer = args[5] if len(args) > 5 else kw.get("on_layer")
+
+        def keep(layer, stats, moments):
+            raw.update(moments)
+            on_layer(layer, stats, moments)
+        return real_calibrate(*args[:5], on_layer=keep)
+    recipes.calibrate = calibrate
+    try:
+        r = recipes.plan(recipes.GPTQ, cfg, quantized, params, ck.tokenizer_model,
+                         ck.special_ids["bos"])
+    finally:
+        recipes.calibrate = real_calibrate
+    projections = {n for n in quantized if n != "embed"}
+    assert set(r.rounded) == projections == set(raw) and "embed" not in r.rounded
+    assert r.record()["rounding"] == {"kind": "gptq", "damp": recipes.GPTQ_DAMP,
+                                      "block": wq.GPTQ_BLOCK, "matmuls": len(projections),
+                                      "calibration": r.calibration}
+    with pytest.raises(ValueError, match="recipe rotate-smooth-gptq rounds with the "
+                                         "calibration's input moments"):
+        recipes.plan(recipes.GPTQ, cfg, quantized, params, stats={})
+
+    stored = {k: r.transform(k, v) for k, v in params.items()}
+    seen = {}
+
+    class Inputs(tflite.Forms):      # what each stored weight multiplies, on the stored model
+        def project(self, x, p, name, layer):
+            full = f"layers.{layer}.{name}"
+            xs = recipes.rotate(x) if full in r.rotated else x
+            x2 = np.asarray(xs, np.float64).reshape(-1, xs.shape[-1])
+            seen[full] = seen.get(full, 0.0) + x2.T @ x2
+            return super().project(x, p, name, layer)
+
+    wins, _ = recipes.calibration_windows(ck.tokenizer_model, ck.special_ids["bos"])
+    for w in wins:
+        _forward(cfg, stored, w, Inputs(stored, r))
+    total = {"gptq": 0.0, "nearest": 0.0}
+    for n in sorted(projections):
+        h = r.input_moments(n, raw[n])
+        np.testing.assert_allclose(h, seen[n], rtol=2e-3, atol=2e-3 * np.abs(seen[n]).max())
+        rows = np.asarray(stored[n], np.float32).T                                # [out, in]
+        q, scale = r.int8(n)
+        nearest, nearest_scale = wq.int8_rows(rows)
+        np.testing.assert_array_equal(scale, nearest_scale)
+
+        def loss(qq):
+            e = rows - qq * scale[:, None]
+            return float(np.einsum("oi,ij,oj->", e, seen[n], e))
+        assert loss(q) <= loss(nearest), n
+        total["gptq"] += loss(q)
+        total["nearest"] += loss(nearest)
+    assert total["gptq"] < 0.9 * total["nearest"], total

@@ -7,7 +7,7 @@ import pytest
 
 import runtime
 from litert_converter import schema_py_generated as S
-from compile import export as ex, trace
+from compile import export as ex, recipes, trace
 from runtime import contract as ct
 
 CONTRACT = dict(prefill_lengths=(4, 8), max_context=64)
@@ -80,10 +80,10 @@ def test_quantized_tflite(tmp_path, quant):
     ops = it._get_ops_details()
     fc = [details[o["inputs"][1]] for o in ops if o["op_name"] == "FULLY_CONNECTED"]
     assert {t["dtype"] for t in fc} - {np.float32} == {np.int8}  # int4 is packed in int8 storage
-    # the default recipe (rotate-smooth) rotates matmul inputs by float Hadamard blocks, one
-    # small FULLY_CONNECTED each
+    # the default recipe (int8: rotate-smooth-gptq, int4: rotate-smooth) rotates matmul inputs
+    # by float Hadamard blocks, one small FULLY_CONNECTED each
     rotations = [t for t in fc if t["dtype"] == np.float32]
-    assert art["recipe"]["name"] == "rotate-smooth" and rotations
+    assert art["recipe"]["name"] == recipes.DEFAULT[quant] and rotations
     for t in rotations:   # [out, in] = H, the lookup's 1 / s folded in per output row
         w = np.abs(it.get_tensor(t["index"]))
         assert w.shape[0] == w.shape[1] and w.shape[0] & (w.shape[0] - 1) == 0
@@ -118,7 +118,9 @@ def _stored_weights(path):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
     """Every matmul weight in the file is the streaming quantizer's output for the checkpoint's
-    tensor as the export's recipe transformed it (rotate-smooth, recalibrated here), bit for bit, with its scales; and every matmul weight is quantized."""
+    tensor as the export's recipe transformed it (its default, recalibrated here), bit for bit,
+    with its scales (int8: rounded by the recipe's GPTQ, the head to nearest); and every matmul
+    weight is quantized."""
     from compile import recipes
     from compile.model import is_linear
     from compile.targets import tflite
@@ -136,7 +138,7 @@ def test_stored_weights_equal_the_numpy_quantizer(tmp_path, quant):
         rows = w if name == "embed" else w.T                                  # [out, in]
         assert tuple(t.shape) == rows.shape
         if quant == "int8":
-            q, scale = wq.int8_rows(rows)
+            q, scale = recipe.int8(name) or wq.int8_rows(rows)   # GPTQ's rounding, or nearest
             assert t.type == S.TensorType.INT8
             np.testing.assert_array_equal(np.frombuffer(data, np.int8).reshape(rows.shape), q)
             np.testing.assert_array_equal(t.quantization.scale, scale)

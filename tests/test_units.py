@@ -198,6 +198,46 @@ def test_int8_rows_exact():
     np.testing.assert_array_equal(q, [[127, -38, 32], [0, 0, 0], [-127, 64, 0]])  # rint: ties to even
 
 
+def test_int8_rows_gptq_spreads_rounding_errors_over_correlated_inputs():
+    """GPTQ on the per-row int8 grid: exact small arrays, then against a column-by-column float64
+    GPTQ written out here (blocks of 128 exercised), never worse than rounding to nearest in the
+    calibration's norm |(W - Q) X^T|."""
+    from compile.weights.quant import GPTQ_BLOCK, int8_rows, int8_rows_gptq
+    h = np.array([[1, 0, 0], [0, 1, 0.9], [0, 0.9, 1]], np.float32)   # inputs 1 and 2 move together
+    q, scale = int8_rows_gptq(np.array([[127.0, 0.4, 0.4], [0.0, 0.0, 0.0]]), h, 0.0)
+    np.testing.assert_array_equal(scale, np.float32([1.0, 1.0]))       # int8_rows' scales
+    # input 1 rounds 0.4 -> 0; its error, carried through H, lifts input 2 to 0.76 -> 1
+    np.testing.assert_array_equal(q, [[127, 0, 1], [0, 0, 0]])
+    # a damping that dwarfs H is rounding to nearest
+    np.testing.assert_array_equal(int8_rows_gptq(np.array([[127.0, 0.4, 0.4]]), h, 1e9)[0],
+                                  [[127, 0, 0]])
+    dead = h.copy()
+    dead[0, 0] = 0.0          # an input no calibration token reached: rounded to nearest
+    np.testing.assert_array_equal(int8_rows_gptq(np.array([[126.6, 0.6, 0.4]]), dead, 0.0)[0],
+                                  [[127, 1, 0]])
+
+    rng = np.random.default_rng(0)
+    N, K, T = 24, GPTQ_BLOCK + 172, 200                  # fewer tokens than inputs: H singular
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = (rng.standard_normal((T, K)) @ rng.standard_normal((K, K)) * 0.1).astype(np.float32)
+    h = x.T @ x
+    q, scale = int8_rows_gptq(w, h, 0.5)
+    np.testing.assert_array_equal(scale, int8_rows(w)[1])
+    H = h.astype(np.float64)
+    H[np.diag_indices(K)] += 0.5 * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    W, want, s = w.astype(np.float64), np.zeros((N, K)), scale.astype(np.float64)[:, None]
+    for i in range(K):
+        want[:, i] = np.clip(np.rint(W[:, i] / s[:, 0]), -127, 127)
+        e = (W[:, i:i + 1] - want[:, i:i + 1] * s) / U[i, i]
+        W[:, i + 1:] -= e * U[i, i + 1:][None, :]
+    assert (q != want).mean() < 1e-3 and np.abs(q - want).max() <= 1   # float32 vs float64 ties
+
+    def loss(qq):
+        return float(np.sum(((w - qq * scale[:, None]) @ x.T) ** 2))
+    assert loss(q) < 0.8 * loss(int8_rows(w)[0])
+
+
 def test_int4_blocks_exact_and_packing():
     from compile.weights.quant import int4_blocks, pack_int4, unpack_int4
     w = np.array([[7.0, -3.5, 1.0, 0.0, 0.5, -1.0, 0.25, 0.0]], np.float32)

@@ -4,6 +4,10 @@ Formats (symmetric, zero point 0; a tensor is quantized along its rows, [out, in
 kernels read it):
 
   int8_rows    int8, one float32 scale per row (per output channel): max|row| / 127
+  int8_rows_gptq  the same grid and scales, each row's values rounded by GPTQ (Frantar et al.
+               2022) instead of to nearest: the inputs in turn, each rounding error spread over
+               the inputs not yet rounded through the inverse of H = X^T X of calibration inputs
+               X, which minimises |X W^T - X Q^T| rather than |W - Q|
   int_blocks   int4 or int8 values, one scale per block of `block` consecutive inputs of a row:
                max|block| / 7 (or / 127; with `search`, the least-error of max / 127 ... max /
                112, so a coarser grid the values already lie on is kept); float32 scales
@@ -83,6 +87,54 @@ def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q[r] = np.clip(np.rint(t / s[:, None]), -127, 127)
         scale[r] = s
     return q, scale
+
+
+GPTQ_BLOCK = 128   # inputs whose rounding errors are spread lazily, a block at a time
+
+
+def int8_rows_gptq(rows: np.ndarray, hessian: np.ndarray, damp: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`int8_rows`' grid (the same per-row scales, max|row| / 127), values rounded by GPTQ for
+    the inputs whose second moments are `hessian` [in, in] (X^T X over calibration tokens, in
+    the inputs' stored form). `damp` adds damp * mean(diag H) to the diagonal: with fewer
+    calibration tokens than inputs H is singular, and a large damping keeps the rounding from
+    fitting the calibration text (damp -> inf is round-to-nearest). Inputs never seen (a zero
+    diagonal) are rounded to nearest. rows [out, in] -> (q int8 [out, in], scale float32 [out])."""
+    w = np.array(rows, np.float32)                                                 # [N, K]
+    N, K = w.shape
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    h = np.array(hessian, np.float32)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(K)] += damp * float(np.mean(np.diag(h)))
+    # U, the upper Cholesky factor of H^-1 (row i: how input i's error moves inputs > i), as the
+    # inverse of the upper factor of H = A A^T, got by reversing the inputs around a lower
+    # Cholesky factorization: one factorization and one triangular solve, no inverse of H
+    from scipy.linalg import cholesky, lapack
+    a = cholesky(h[::-1, ::-1], lower=True, check_finite=False)[::-1, ::-1]        # upper
+    u, info = lapack.strtri(np.ascontiguousarray(a), lower=0)
+    if info:
+        raise ValueError(f"GPTQ: the damped input moments are singular (LAPACK info {info})")
+    u = np.ascontiguousarray(u, np.float32)
+    u[dead] = 0.0
+    u[dead, dead] = 1.0
+    # inputs as rows ([in, out]): each step reads and updates whole contiguous rows
+    wt = np.ascontiguousarray(w.T)                                                 # [K, N]
+    del w
+    qt = np.empty((K, N), np.int8)
+    for b0 in range(0, K, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, K)
+        err = np.empty((b1 - b0, N), np.float32)
+        for j in range(b0, b1):
+            col = np.clip(np.rint(wt[j] / scale), -127, 127)
+            qt[j] = col
+            e = err[j - b0]
+            np.subtract(wt[j], col * scale, out=e)
+            e /= u[j, j]
+            wt[j + 1:b1] -= u[j, j + 1:b1, None] * e[None, :]
+        wt[b1:] -= u[b0:b1, b1:].T @ err
+    return np.ascontiguousarray(qt.T), scale
 
 
 SEARCH = 16   # int_blocks(search=True): how many grids per block (max -> top, top-1, ...)
