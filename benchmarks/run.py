@@ -693,6 +693,12 @@ def table(results: list[dict], args, bandwidth: float) -> str:
     for r in results:
         m = r["median"]
         if "error" in m:
+            if r.get("quality") and not r["runs"]:   # --reps 0: quality only
+                lines.append(f"{r['name']:<{w}}{'(not timed)':>46}{'':>18}"
+                             f"{r['artifact_bytes'] / 1e6:>9.0f}{_quality(r['quality'])}"
+                             + "".join(_quality_short(r["quality"].get(t))
+                                       for t in args.quality_texts[1:]))
+                continue
             lines.append(f"{r['name']:<{w}}failed: {m['error']}")
             continue
         roof = bandwidth * 1e9 / r["bytes_per_token"]["short"]
